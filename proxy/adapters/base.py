@@ -1,0 +1,151 @@
+"""The seam between the proxy and an upstream: one job in, one lazily read response out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import orjson
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from proxy.config import ProxyConfig
+
+Endpoint = Literal["chat", "completions", "embeddings", "passthrough"]
+
+JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
+SSE_HEADERS: Mapping[str, str] = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+@dataclass(slots=True)
+class Job:
+    """One inbound request, authenticated and resolved, ready for an upstream.
+
+    ``body`` is the exact bytes to send for OpenAI-compatible upstreams (``model`` already
+    rewritten); ``payload`` is the parsed JSON object (``None`` for pass-through requests that
+    carry no JSON). ``model`` is the public name the client asked for, ``upstream_model`` the
+    name the upstream knows. ``headers`` holds only client headers that are safe to forward.
+    """
+
+    endpoint: Endpoint
+    method: str
+    path: str
+    query: str
+    body: bytes
+    payload: dict[str, Any] | None
+    model: str | None
+    upstream_model: str | None
+    stream: bool
+    headers: Mapping[str, str]
+    request_id: str
+
+
+@dataclass(slots=True)
+class Usage:
+    """What an answer cost, filled in by the adapter as the body is produced (for metrics)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class UpstreamResponse:
+    """An upstream answer whose body is produced lazily.
+
+    ``chunks()`` yields body bytes as they arrive and may raise a ``ProxyError`` part-way
+    (the relay turns that into a final SSE error event once bytes have been sent).
+    ``release()`` frees the upstream connection or engine request; it is idempotent and the
+    relay always calls it, also when the client has gone.
+    """
+
+    __slots__ = ("status", "headers", "stream", "usage", "_chunks", "_release")
+
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        chunks: AsyncIterator[bytes],
+        *,
+        stream: bool,
+        release: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+        self.usage = Usage()
+        self._chunks = chunks
+        self._release = release
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self._chunks]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            result = release()
+            if result is not None:
+                await result
+
+    @classmethod
+    def from_json(cls, obj: Any, status: int = 200) -> UpstreamResponse:
+        return cls(status, JSON_HEADERS, _once(orjson.dumps(obj)), stream=False)
+
+    @classmethod
+    def from_sse(
+        cls,
+        events: AsyncIterator[bytes],
+        release: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> UpstreamResponse:
+        return cls(200, SSE_HEADERS, events, stream=True, release=release)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class Adapter(ABC):
+    """Talks to one upstream on behalf of one configuration.
+
+    The registry builds it as ``cls(config, session)``; ``session`` is the proxy's shared
+    ``aiohttp.ClientSession`` (keep-alive pool). ``start`` runs once before the first request
+    (load an engine, check a key), ``close`` once after the last. ``send`` is called once per
+    attempt: a retry layer may call it again for the same job, so per-attempt work (request
+    signatures, fresh nonces) belongs inside it. Adapters raise only ``proxy.errors`` types,
+    chained to the cause, and know nothing of aiohttp.web, retries or metrics.
+    """
+
+    name: ClassVar[str] = ""
+    #: Whether ``/v1/*`` paths the proxy does not know are forwarded to this upstream unchanged.
+    passthrough: ClassVar[bool] = False
+
+    def __init__(self, config: ProxyConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.session = session
+
+    async def start(self) -> None:
+        """Acquire what the adapter needs before serving; raise ``ProxyError`` if it cannot."""
+
+    async def close(self) -> None:
+        """Release everything ``start`` acquired; called once, after the last request."""
+
+    @abstractmethod
+    async def send(self, job: Job) -> UpstreamResponse:
+        """Start one attempt at ``job`` and return as soon as the status is known."""
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The upstream's own model objects (OpenAI ``/v1/models`` shape), if it has a list."""
+        return []
+
+    async def check_ready(self) -> None:
+        """Raise ``UpstreamError`` with a reason when the upstream cannot serve right now."""
+
+    def stats(self) -> Mapping[str, float]:
+        """Gauges about the upstream (e.g. an engine's running requests), exported as metrics."""
+        return {}

@@ -1,0 +1,121 @@
+"""The project's few error types, and how each one reads on the wire.
+
+Every error a client can see is a :class:`ProxyError`: an HTTP status plus the fields of an
+OpenAI error body ``{"error": {"message", "type", "param", "code"}}``. One middleware renders
+them (``proxy.middleware``); after a stream has started, ``proxy.sse`` renders the same body as a
+final ``data:`` event. Specialise only where a caller branches::
+
+    ProxyError                 any status; the base the middleware renders
+    ├── BadRequest        400  the request itself is wrong (JSON, fields, unsupported params)
+    ├── Unauthorized      401  missing or bad inbound credentials / signature
+    ├── NotFound          404  unknown model or path
+    ├── PayloadTooLarge   413  body or header over a configured limit
+    ├── Overloaded        429  the proxy's own queue is full (``retry_after``; never retried)
+    └── UpstreamError     502  the upstream failed: refused, reset, bad answer, error status
+        └── UpstreamTimeout 504  connect / first byte / idle / total timeout
+
+    ConfigError                not HTTP: a bad model_backend.yaml, one line per problem
+
+``UpstreamError`` is the only family the retry layer looks at: it retries when ``retryable`` is
+true (set for connection failures, timeouts before the first byte, and upstream statuses 429,
+502, 503, 504). Raise with ``from exc`` so the cause stays in the chain for logs, never in the
+message: messages are shown to clients and must hold no secrets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status and an OpenAI-shaped body."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+    code = "unauthorized"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class UpstreamError(ProxyError):
+    """The upstream did not give a usable answer."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, retryable: bool = False, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = retryable
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
