@@ -15,7 +15,7 @@ from proxy.config import BaseConfig
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.middleware import UNCOUNTED
 from proxy.relay import relay
-from proxy.state import RUNTIME, Backend
+from proxy.state import ENDPOINT, MODEL, RUNTIME, Backend
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",
@@ -32,7 +32,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     backend = runtime.current()
     config = backend.config
     endpoint = ENDPOINTS[request.path]
-    request["endpoint"] = endpoint
+    request[ENDPOINT] = endpoint
     body = await read_body(request, config.limits.max_body_bytes)
     payload = parse_object(body)
     model = payload.get("model")
@@ -45,7 +45,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", param="stream")
     upstream_model = resolve_model(config, model)
-    request["model"] = backend.model_label
+    request[MODEL] = backend.model_label
     if upstream_model != model:
         payload["model"] = upstream_model
         body = orjson.dumps(payload)
@@ -57,7 +57,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     backend = runtime.current()
-    request["endpoint"] = "passthrough"
+    request[ENDPOINT] = "passthrough"
     if request.path in ENDPOINTS or request.path == "/v1/models":
         raise ProxyError(f"method not allowed: {request.method} {request.path}", status=405,
                          type="invalid_request_error", code="method_not_allowed")
@@ -80,7 +80,7 @@ async def models(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     backend = runtime.current()
     config = backend.config
-    request["endpoint"] = "models"
+    request[ENDPOINT] = "models"
     ready = await readiness(request.app) is None
     metadata = {
         "backend_provider": config.backend_provider,
@@ -114,12 +114,12 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    request["endpoint"] = UNCOUNTED
+    request[ENDPOINT] = UNCOUNTED
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    request["endpoint"] = UNCOUNTED
+    request[ENDPOINT] = UNCOUNTED
     reason = await readiness(request.app)
     if reason is None:
         return web.json_response({"status": "ready"})
@@ -127,7 +127,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request["endpoint"] = UNCOUNTED
+    request[ENDPOINT] = UNCOUNTED
     runtime = request.app[RUNTIME]
     if not runtime.current().config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")

@@ -16,12 +16,12 @@ import orjson
 from aiohttp import web
 
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
-from proxy.state import RUNTIME
+from proxy.state import ENDPOINT, MODEL, RUNTIME
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: ``request["endpoint"]`` value for paths that are not counted (probes, scrapes).
+#: ``request[ENDPOINT]`` value for paths that are not counted (probes, scrapes).
 UNCOUNTED = ""
 
 
@@ -50,10 +50,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         metrics.in_flight.dec()
-        endpoint = request.get("endpoint", "other")
+        endpoint = request.get(ENDPOINT, "other")
         if endpoint != UNCOUNTED:
             metrics.observe_request(
-                endpoint, request.get("model", "none"), status, time.perf_counter() - start
+                endpoint, request.get(MODEL, "none"), status, time.perf_counter() - start
             )
 
 

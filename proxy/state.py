@@ -48,3 +48,6 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+#: Per-request labels for metrics, set by handlers: the endpoint and the configured model name.
+ENDPOINT = web.RequestKey("endpoint", str)
+MODEL = web.RequestKey("model", str)
