@@ -197,7 +197,8 @@ class BaseConfig(Section):
 
     @model_validator(mode="after")
     def _credentials_do_not_collide(self) -> BaseConfig:
-        if self.api_key and self.bearer_token and self.api_key_header_name.lower() == "authorization":
+        header = self.api_key_header_name.lower()
+        if self.api_key and self.bearer_token and header == "authorization":
             raise ValueError(
                 "api_key and bearer_token would both be sent as Authorization; "
                 "keep one, or set api_key_header"
