@@ -1,0 +1,43 @@
+"""Load generator: ``python -m bench.load URL COUNT CONCURRENCY STREAM AUTH`` → prints errors."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import aiohttp
+import uvloop
+
+BODY = (b'{"model":"bench","messages":[{"role":"user","content":"Tell me something short."}],'
+        b'"max_tokens":64,"temperature":0.2%s}')
+
+
+async def run(url: str, count: int, concurrency: int, stream: bool, auth: str) -> int:
+    body = BODY % (b',"stream":true' if stream else b"")
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = f"Bearer {auth}"
+    left = count
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal left, errors
+        while left > 0:
+            left -= 1
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                errors += resp.status != 200
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return errors
+
+
+def main() -> None:
+    url, count, concurrency, stream, auth = sys.argv[1:6]
+    errors = uvloop.run(run(url, int(count), int(concurrency), stream == "1", auth))
+    print(errors)
+
+
+if __name__ == "__main__":
+    main()
