@@ -44,11 +44,14 @@ class Reloader:
         #: Backends replaced by a reload that still have requests in flight.
         self.retired: list[Backend] = []
         self._lock = asyncio.Lock()
+        #: Wakes the background task: for a requested reload, or to watch a new retiree.
         self._wake = asyncio.Event()
+        self._requested = False
         self._stamp = self._file_stamp()
 
     def trigger(self) -> None:
         """Ask the background task for a reload (safe to call from a signal handler)."""
+        self._requested = True
         self._wake.set()
 
     async def reload(self) -> bool:
@@ -87,6 +90,7 @@ class Reloader:
         runtime.pipeline.limiter.configure(config.limits)
         if old is not None:
             self.retired.append(old)
+            self._wake.set()
         metrics.reloads.labels("ok").inc()
         log.info("config reloaded from %s (%s)", path, config.backend_provider)
         await self._close_idle()
@@ -134,8 +138,9 @@ class Reloader:
                     await self._wake.wait()
             except TimeoutError:
                 pass
-            if self._wake.is_set():
-                self._wake.clear()
+            self._wake.clear()
+            if self._requested:
+                self._requested = False
                 await self.reload()
             elif watching and self._file_stamp() != self._stamp:
                 await self.reload()
