@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,10 +12,15 @@ from prometheus_client import CollectorRegistry
 from proxy import handlers
 from proxy.adapters import load_adapter_class
 from proxy.config import BaseConfig
+from proxy.drain import Drain
+from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.middleware import observe, render_errors
-from proxy.pipeline import Pipeline
-from proxy.state import RUNTIME, Backend, Runtime
+from proxy.pipeline import Pipeline, model_label
+from proxy.reload import RELOADER, Reloader, reloading
+from proxy.state import RUNTIME, Runtime
+
+log = logging.getLogger("model_proxy")
 
 #: aiohttp's own cap; the configured limit (which can change on reload) is enforced per request.
 CLIENT_MAX_SIZE = 1 << 30
@@ -34,9 +40,17 @@ def create_app(
     app = web.Application(middlewares=[observe, render_errors], client_max_size=CLIENT_MAX_SIZE)
     metrics = Metrics(registry)
     runtime = Runtime(config=config, metrics=metrics, config_path=config_path)
-    runtime.pipeline = Pipeline(metrics)
+    limiter = Limiter(config.limits)
+    pipeline = runtime.pipeline = Pipeline(metrics, limiter)
+    drain = runtime.drain = Drain()
     app[RUNTIME] = runtime
+    app[RELOADER] = Reloader(runtime)
     app[handlers.READY_CACHE] = handlers.ReadyCache()
+    metrics.watch_gauges(
+        in_flight=lambda: limiter.active,
+        queued=lambda: limiter.waiting,
+        circuit_state=lambda: runtime.backend.breaker.state if runtime.backend else 0,
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -45,7 +59,7 @@ def create_app(
         adapter = adapter_class(config, session)
         try:
             await adapter.start()
-            runtime.backend = Backend(config, adapter, model_label(config))
+            runtime.backend = pipeline.backend(config, adapter)
             metrics.watch_stats(lambda: runtime.backend.adapter.stats() if runtime.backend else {})
             yield
         finally:
@@ -54,7 +68,18 @@ def create_app(
             await (backend.adapter if backend else adapter).close()
             await session.close()
 
+    async def drain_requests(app: web.Application) -> None:
+        # Runs after the listening sockets are closed and before aiohttp waits for handlers.
+        runtime.shutting_down = True
+        ended = await drain.shutdown(
+            runtime.config.server.shutdown_grace, lambda: limiter.active + limiter.waiting > 0
+        )
+        if ended:
+            log.warning("shutdown: ended %d unfinished streams with an error event", ended)
+
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(reloading)
+    app.on_shutdown.append(drain_requests)
     router = app.router
     for path in handlers.ENDPOINTS:
         router.add_post(path, handlers.inference)
@@ -66,5 +91,4 @@ def create_app(
     return app
 
 
-def model_label(config: BaseConfig) -> str:
-    return config.public_name or config.upstream_name or "any"
+__all__ = ["CLIENT_MAX_SIZE", "create_app", "model_label"]

@@ -73,7 +73,11 @@ class TimeoutsSection(Section):
 
 
 class RetriesSection(Section):
+    """Retries of upstream errors and 429/502/503/504 answers, before the client sees a byte."""
+
+    #: Attempts in all, the first included; 1 turns retries off.
     attempts: int = Field(3, ge=1, le=20)
+    #: Backoff window before the first retry; it doubles each retry (full jitter), up to the max.
     backoff_initial: float = Field(0.2, ge=0)
     backoff_max: float = Field(5.0, ge=0)
     #: Budget for all attempts of one request, waits included.
@@ -82,9 +86,24 @@ class RetriesSection(Section):
     retry_after_cap: float = Field(10.0, ge=0)
 
 
+class CircuitSection(Section):
+    """The circuit breaker in front of the upstream.
+
+    A failed attempt is an upstream error (refused, reset, timeout) or a 502/503/504 answer;
+    any other answer counts as a success and resets the count.
+    """
+
+    #: Consecutive failed attempts that open the circuit; 0 turns the breaker off.
+    failures: int = Field(default=5, ge=0)
+    #: Seconds an open circuit answers 503 at once before it lets one probe request through.
+    cooldown: PositiveSeconds = 10.0
+
+
 class LimitsSection(Section):
+    #: Upstream requests in flight at once; more wait in a queue of ``max_queue``, then 429.
     max_concurrency: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=0)
+    #: Longest wait in the queue before the request is answered 429.
     queue_timeout: PositiveSeconds = 30.0
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(64, ge=2)
@@ -182,6 +201,7 @@ class BaseConfig(Section):
     timeouts: TimeoutsSection = TimeoutsSection()
     retries: RetriesSection = RetriesSection()
     limits: LimitsSection = LimitsSection()
+    circuit: CircuitSection = CircuitSection()
     auth: AuthSection = AuthSection()
     metrics: MetricsSection = MetricsSection()
     determinism: DeterminismSection = DeterminismSection()

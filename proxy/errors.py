@@ -11,20 +11,25 @@ final ``data:`` event. Specialise only where a caller branches::
     ├── NotFound          404  unknown model or path
     ├── PayloadTooLarge   413  body or header over a configured limit
     ├── Overloaded        429  the proxy's own queue is full (``retry_after``; never retried)
+    ├── Unavailable       503  the upstream's circuit is open, or the proxy is shutting down
     └── UpstreamError     502  the upstream failed: refused, reset, bad answer, error status
         └── UpstreamTimeout 504  connect / first byte / idle / total timeout
 
     ConfigError                not HTTP: a bad model_backend.yaml, one line per problem
 
 ``UpstreamError`` is the only family the retry layer looks at: it retries when ``retryable`` is
-true (set for connection failures, timeouts before the first byte, and upstream statuses 429,
-502, 503, 504). Raise with ``from exc`` so the cause stays in the chain for logs, never in the
-message: messages are shown to clients and must hold no secrets.
+true (set for connection failures and timeouts before the first byte); it also retries an
+upstream answer whose status is in :data:`RETRYABLE_STATUSES`. Raise with ``from exc`` so the
+cause stays in the chain for logs, never in the message: messages are shown to clients and
+must hold no secrets.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+#: Upstream statuses worth another attempt: the upstream is busy or briefly gone.
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class ProxyError(Exception):
@@ -93,6 +98,12 @@ class Overloaded(ProxyError):
     status = 429
     type = "rate_limit_error"
     code = "overloaded"
+
+
+class Unavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
 
 
 class UpstreamError(ProxyError):

@@ -71,9 +71,14 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
 async def _forward(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
-    assert runtime.pipeline is not None
-    upstream = await runtime.pipeline.call(backend, job)
-    return await relay(request, upstream, job, runtime.metrics)
+    pipeline = runtime.pipeline
+    assert pipeline is not None and runtime.drain is not None
+    probe = await pipeline.enter(backend)
+    try:
+        upstream = await pipeline.call(backend, job)
+        return await relay(request, upstream, job, runtime.metrics, runtime.drain)
+    finally:
+        pipeline.leave(backend, probe)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -143,6 +148,9 @@ async def readiness(app: web.Application) -> str | None:
     backend = runtime.backend
     if backend is None:
         return "starting"
+    circuit = backend.breaker.reason()
+    if circuit is not None:
+        return circuit
     cached = app[READY_CACHE]
     now = time.monotonic()
     if cached.backend is backend and now - cached.at < READY_CACHE_SECONDS:

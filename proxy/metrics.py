@@ -57,8 +57,12 @@ class Metrics:
         self.upstream_errors = Counter(
             "model_proxy_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r,
         )
+        # in_flight / queued / circuit_state are read at scrape time (``watch_gauges``), so the
+        # request path pays nothing for them. in_flight counts upstream requests holding a
+        # concurrency slot (bounded by limits.max_concurrency), not probes or scrapes.
         self.in_flight = Gauge(
-            "model_proxy_in_flight_requests", "Requests being answered now.", registry=r,
+            "model_proxy_in_flight_requests",
+            "Upstream requests holding a concurrency slot now.", registry=r,
         )
         self.queued = Gauge(
             "model_proxy_queued_requests", "Requests waiting for an upstream slot.", registry=r,
@@ -81,6 +85,32 @@ class Metrics:
         Info("model_proxy_build", "Build information.", registry=r).info({"version": __version__})
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
+        self._upstream_latency_children: dict[str, Histogram] = {}
+        self._upstream_error_children: dict[str, Counter] = {}
+
+    def watch_gauges(
+        self, in_flight: Callable[[], float], queued: Callable[[], float],
+        circuit_state: Callable[[], float],
+    ) -> None:
+        """Read these gauges from the live objects at scrape time."""
+        self.in_flight.set_function(in_flight)
+        self.queued.set_function(queued)
+        self.circuit_state.set_function(circuit_state)
+
+    def observe_upstream(self, endpoint: str, seconds: float) -> None:
+        hist = self._upstream_latency_children.get(endpoint)
+        if hist is None:
+            hist = self._upstream_latency_children[endpoint] = self.upstream_latency.labels(
+                endpoint
+            )
+        hist.observe(seconds)
+
+    def count_upstream_error(self, kind: str) -> None:
+        """``kind`` is an error code from ``proxy.errors``: a fixed set, never client input."""
+        child = self._upstream_error_children.get(kind)
+        if child is None:
+            child = self._upstream_error_children[kind] = self.upstream_errors.labels(kind)
+        child.inc()
 
     def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         key = (endpoint, model, status)

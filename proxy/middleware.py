@@ -40,7 +40,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[RUNTIME].metrics
     start = time.perf_counter()
     status = 500
-    metrics.in_flight.inc()
     try:
         response = await handler(request)
         status = response.status
@@ -49,7 +48,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 499  # the client went away first
         raise
     finally:
-        metrics.in_flight.dec()
         endpoint = request.get(ENDPOINT, "other")
         if endpoint != UNCOUNTED:
             metrics.observe_request(

@@ -1,32 +1,102 @@
 """The one layer between handlers and adapters: every upstream attempt goes through here.
 
-``Pipeline.call`` turns a job into an upstream response that is safe to relay: a
-non-streamed body is read in full here, so that anything that fails before the client has
-seen a byte surfaces as an exception in this layer, where retries and limits live.
+A request passes ``enter`` (circuit breaker, then a concurrency slot or a place in the queue),
+``call`` (attempts, with retries while the client has seen nothing), and ``leave`` (always,
+in a ``finally``). ``call`` returns an upstream response that is safe to relay: a non-streamed
+body is read in full inside the attempt, so anything that fails before the client has seen a
+byte surfaces here, where it can still be retried. A stream's status and headers are known
+when ``call`` returns; its body is relayed afterwards and never retried.
 """
 
 from __future__ import annotations
 
 import time
 
-from proxy.adapters.base import Job, UpstreamResponse
-from proxy.errors import UpstreamError
+from proxy.adapters.base import Adapter, Job, UpstreamResponse
+from proxy.breaker import Breaker
+from proxy.config import BaseConfig
+from proxy.errors import RETRYABLE_STATUSES, UpstreamError
+from proxy.limits import Limiter
 from proxy.metrics import Metrics
+from proxy.retry import RetryPolicy
 from proxy.state import Backend
+
+#: Answers that count against the circuit breaker (as do raised ``UpstreamError``s).
+FAILED_STATUSES = frozenset({502, 503, 504})
 
 
 class Pipeline:
-    def __init__(self, metrics: Metrics) -> None:
+    """Admission, attempts and retries for every upstream request of one application."""
+
+    def __init__(self, metrics: Metrics, limiter: Limiter) -> None:
         self.metrics = metrics
+        self.limiter = limiter
+
+    def backend(self, config: BaseConfig, adapter: Adapter) -> Backend:
+        """A backend for a started ``adapter``, with its own breaker and retry policy."""
+        breaker = Breaker(config.circuit)
+        policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics)
+        return Backend(config, adapter, model_label(config), breaker, policy)
+
+    async def enter(self, backend: Backend) -> bool:
+        """Admit a request or raise ``Unavailable`` / ``Overloaded``; pair with ``leave``.
+
+        Returns whether the request is the circuit breaker's probe.
+        """
+        probe = backend.breaker.admit()
+        try:
+            await self.limiter.acquire()
+        except BaseException:
+            if probe:
+                backend.breaker.abandon()
+            raise
+        backend.active += 1
+        return probe
+
+    def leave(self, backend: Backend, probe: bool) -> None:
+        self.limiter.release()
+        backend.active -= 1
+        if probe:
+            backend.breaker.abandon()
 
     async def call(self, backend: Backend, job: Job) -> UpstreamResponse:
+        """The upstream's answer to ``job`` after any retries; raises the last error."""
         start = time.perf_counter()
+        try:
+            response = await self._attempt(backend, job)
+        except UpstreamError as exc:
+            if not exc.retryable:
+                raise
+            first: UpstreamResponse | UpstreamError = exc
+        else:
+            if response.status not in RETRYABLE_STATUSES:
+                return response
+            first = response
+
+        async def again() -> UpstreamResponse:
+            return await self._attempt(backend, job)
+
+        return await backend.retry.run(first, again, time.perf_counter() - start)
+
+    async def _attempt(self, backend: Backend, job: Job) -> UpstreamResponse:
+        start = time.perf_counter()
+        breaker = backend.breaker
         try:
             response = await backend.adapter.send(job)
             if not response.stream:
                 await response.buffer()
         except UpstreamError as exc:
-            self.metrics.upstream_errors.labels(exc.code or "upstream_error").inc()
+            self.metrics.count_upstream_error(exc.code or "upstream_error")
+            breaker.failure()
             raise
-        self.metrics.upstream_latency.labels(job.endpoint).observe(time.perf_counter() - start)
+        if response.status in FAILED_STATUSES:
+            breaker.failure()
+        else:
+            breaker.success()
+        self.metrics.observe_upstream(job.endpoint, time.perf_counter() - start)
         return response
+
+
+def model_label(config: BaseConfig) -> str:
+    """The ``model`` metric label: a configured name, never a client's input."""
+    return config.public_name or config.upstream_name or "any"

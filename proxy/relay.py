@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -9,6 +10,7 @@ from aiohttp import web
 
 from proxy import sse
 from proxy.adapters.base import Job, UpstreamResponse
+from proxy.drain import SHUTTING_DOWN, Drain
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 
@@ -16,12 +18,13 @@ log = logging.getLogger("model_proxy")
 
 
 async def relay(
-    request: web.Request, upstream: UpstreamResponse, job: Job, metrics: Metrics
+    request: web.Request, upstream: UpstreamResponse, job: Job, metrics: Metrics, drain: Drain
 ) -> web.StreamResponse:
     """Send ``upstream`` to the client; always releases it, also when the client leaves.
 
     A failure after the first byte cannot change the status any more: for a stream it
-    becomes a final SSE error event, then the stream ends.
+    becomes a final SSE error event, then the stream ends. A stream still running when the
+    shutdown grace is over (``drain``) ends the same way.
     """
     try:
         if not upstream.stream:
@@ -31,6 +34,9 @@ async def relay(
         await response.prepare(request)
         start = time.perf_counter()
         first = True
+        task = asyncio.current_task()
+        assert task is not None
+        drain.streams.add(task)
         try:
             async for chunk in upstream.chunks():
                 if first:
@@ -39,8 +45,15 @@ async def relay(
                 await response.write(chunk)
         except ProxyError as exc:
             log.warning("stream %s ended early: %s", job.request_id, exc.message)
-            metrics.upstream_errors.labels(exc.code or "upstream_error").inc()
+            metrics.count_upstream_error(exc.code or "upstream_error")
             await response.write(sse.error_event(exc))
+        except asyncio.CancelledError:
+            if not drain.ending:
+                raise  # the client went away
+            task.uncancel()
+            await response.write(sse.error_event(SHUTTING_DOWN))
+        finally:
+            drain.streams.discard(task)
         await response.write_eof()
         return response
     finally:

@@ -11,14 +11,19 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import BaseConfig
+from proxy.drain import FINAL_WRITE_SECONDS
 from proxy.logs import AccessLogger
+from proxy.reload import RELOADER
 from proxy.state import RUNTIME
 
 log = logging.getLogger("model_proxy")
 
 
 def run(config: BaseConfig, *, config_path: str | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for ``server.shutdown_grace`` seconds."""
+    """Serve until SIGTERM or SIGINT, then drain for ``server.shutdown_grace`` seconds.
+
+    SIGHUP reloads the configuration file (``proxy.reload``).
+    """
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -33,7 +38,9 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
-        shutdown_timeout=config.server.shutdown_grace,
+        # The grace itself is spent in the app's on_shutdown drain (proxy.drain), which then
+        # ends the remaining streams; this is only the time left for those final writes.
+        shutdown_timeout=FINAL_WRITE_SECONDS,
         access_log_class=AccessLogger,
         max_field_size=config.limits.max_header_bytes,
     )
@@ -49,9 +56,10 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, app[RELOADER].trigger)
         await stop.wait()
         log.info("shutting down: draining in-flight requests for up to %gs",
-                 config.server.shutdown_grace)
+                 runtime.config.server.shutdown_grace)
         runtime.shutting_down = True
     finally:
         await runner.cleanup()

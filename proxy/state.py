@@ -12,19 +12,30 @@ if TYPE_CHECKING:
     import aiohttp
 
     from proxy.adapters.base import Adapter
+    from proxy.breaker import Breaker
     from proxy.config import BaseConfig
+    from proxy.drain import Drain
     from proxy.metrics import Metrics
     from proxy.pipeline import Pipeline
+    from proxy.retry import RetryPolicy
 
 
 @dataclass(slots=True)
 class Backend:
-    """One configuration and the adapter built from it; replaced whole on reload."""
+    """One configuration and the adapter built from it; replaced whole on reload.
+
+    A request keeps the backend it started on to the end, so after a reload the old one
+    serves its in-flight requests (counted in ``active``) and is closed when that reaches 0.
+    """
 
     config: BaseConfig
     adapter: Adapter
     #: Metric label for the model: a configured name, never a client's input.
     model_label: str
+    breaker: Breaker
+    retry: RetryPolicy
+    #: Requests between ``Pipeline.enter`` and ``Pipeline.leave`` on this backend.
+    active: int = 0
 
 
 @dataclass(slots=True)
@@ -36,6 +47,7 @@ class Runtime:
     config_path: str | None = None
     backend: Backend | None = None
     pipeline: Pipeline | None = None
+    drain: Drain | None = None
     session: aiohttp.ClientSession | None = None
     shutting_down: bool = False
     started_at: float = field(default_factory=time.time)

@@ -15,11 +15,10 @@ from yarl import URL
 
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import RETRYABLE_STATUSES, UpstreamError, UpstreamTimeout
 from proxy.headers import request_headers, response_headers
 
-#: Statuses worth another attempt: the upstream is busy or briefly gone.
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+__all__ = ["RETRYABLE_STATUSES", "HTTPUpstream", "OpenAIAdapter", "VllmServerAdapter"]
 
 
 class HTTPUpstream(Adapter):
@@ -65,17 +64,22 @@ class HTTPUpstream(Adapter):
         """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
         idle = self.config.timeouts.idle
         content = response.content
+        gap: asyncio.Timeout | None = None
         try:
             while True:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(idle) as gap:
                     chunk = await content.readany()
                 if not chunk:
                     return
                 yield chunk
         except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream at {self.where} sent nothing for {idle:g} s mid-answer"
-            ) from exc
+            # Either our idle gap expired, or aiohttp's per-attempt total deadline did.
+            if gap is not None and gap.expired():
+                message = f"upstream at {self.where} sent nothing for {idle:g} s mid-answer"
+            else:
+                message = (f"upstream at {self.where} did not finish within "
+                           f"{self.config.timeouts.total:g} s")
+            raise UpstreamTimeout(message) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(
                 f"upstream at {self.where} broke off mid-answer: {_reason(exc)}"

@@ -1,0 +1,102 @@
+"""Backpressure: at most ``max_concurrency`` upstream requests at once, a bounded FIFO queue.
+
+A request that finds every slot taken waits in the queue (``max_queue`` long, at most
+``queue_timeout`` seconds); a request that finds the queue full is refused at once with
+``Overloaded`` (429 with ``Retry-After``). A released slot is handed straight to the oldest
+waiter, so a newcomer cannot overtake the queue. Sizes can change on reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from proxy.config import LimitsSection
+from proxy.errors import Overloaded
+
+#: ``Retry-After`` for a full queue: slots turn over in seconds, so ask for a short wait.
+RETRY_AFTER_SECONDS = 1.0
+
+
+class Limiter:
+    """Counts upstream slots; ``acquire`` and ``release`` must pair exactly.
+
+    ``active`` and ``waiting`` are read by the metrics gauges at scrape time, so the request
+    path pays no gauge updates.
+    """
+
+    __slots__ = ("_waiters", "active", "max_active", "max_waiting", "queue_timeout")
+
+    def __init__(self, limits: LimitsSection) -> None:
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.max_active = limits.max_concurrency
+        self.max_waiting = limits.max_queue
+        self.queue_timeout = limits.queue_timeout
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def configure(self, limits: LimitsSection) -> None:
+        """Apply new sizes; waiters that now fit get their slot at once."""
+        self.max_active = limits.max_concurrency
+        self.max_waiting = limits.max_queue
+        self.queue_timeout = limits.queue_timeout
+        while self._waiters and self.active < self.max_active:
+            if self._hand_over():
+                self.active += 1
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in the queue if need be; raise ``Overloaded`` when full.
+
+        Cancellation while waiting leaves no trace: the waiter is removed, and a slot that was
+        handed over in the same instant is passed on.
+        """
+        if self.active < self.max_active and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise Overloaded(
+                f"the upstream is at its limit of {self.max_active} concurrent requests and "
+                f"{self.max_waiting} waiting; try again shortly",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return  # the slot arrived as the timer fired: keep it
+            raise Overloaded(
+                f"waited {self.queue_timeout:g} s for an upstream slot; try again shortly",
+                retry_after=RETRY_AFTER_SECONDS,
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over, but nobody will use it
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass  # already taken off by ``release``
+
+    def release(self) -> None:
+        """Give a slot back: to the oldest waiter if there is one, else to the pool."""
+        if self.active <= self.max_active:
+            while self._waiters:
+                if self._hand_over():
+                    return  # the slot moves on; ``active`` is unchanged
+        self.active -= 1
+
+    def _hand_over(self) -> bool:
+        waiter = self._waiters.popleft()
+        if waiter.done():
+            return False  # timed out or cancelled in the meantime
+        waiter.set_result(None)
+        return True
