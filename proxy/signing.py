@@ -23,7 +23,6 @@ library errors they replace can quote their input.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from eth_account import Account
 from eth_account.messages import defunct_hash_message, encode_defunct
@@ -41,6 +41,7 @@ from eth_keys.exceptions import BadSignature
 from eth_utils.exceptions import ValidationError
 
 from proxy.errors import Unauthorized
+from proxy.nonces import NonceCache
 
 HEADER_ADDRESS = "X-Address"
 HEADER_SIGNATURE = "X-Signature"
@@ -121,17 +122,24 @@ class Signer:
         Raises ``ValueError`` naming the file, never quoting its content."""
         name = os.fspath(path)
         try:
-            text = Path(path).read_text(encoding="utf-8").strip()
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(
                 f"cannot read key file {name}: {type(exc).__name__}"
             ) from None
-        if text[:1] in ("{", "["):
-            text = _key_from_json(text, name)
         try:
-            return cls(text, clock=clock)
+            return cls.from_text(text, clock=clock)
         except ValueError as exc:
             raise ValueError(f"key file {name}: {exc}") from None
+
+    @classmethod
+    def from_text(cls, text: str, *, clock: Callable[[], float] = time.time) -> Signer:
+        """Load a key given as text: 64 hex digits (``0x`` optional) or a key file's JSON.
+        Raises ``ValueError`` that never quotes the text."""
+        text = text.strip()
+        if text[:1] in ("{", "["):
+            text = _key_from_json(text)
+        return cls(text, clock=clock)
 
     @property
     def address(self) -> str:
@@ -169,15 +177,15 @@ class Signer:
         raise TypeError("Signer holds a private key and cannot be pickled")
 
 
-def _key_from_json(text: str, name: str) -> str:
+def _key_from_json(text: str) -> str:
     try:
         document = json.loads(text)
     except ValueError:
-        raise ValueError(f"key file {name} is not valid JSON") from None
+        raise ValueError("the key is not valid JSON") from None
     key = document.get("private_key") if isinstance(document, dict) else None
     if isinstance(key, str):
         return key
-    raise ValueError(f'key file {name} has no "private_key" string')
+    raise ValueError('the key JSON has no "private_key" string')
 
 
 def _load_account(private_key: str | bytes) -> LocalAccount:
@@ -232,54 +240,6 @@ def generate_key_file(path: str | os.PathLike[str]) -> str:
     return str(account.address)
 
 
-class NonceCache:
-    """Remembers ``(address, nonce)`` pairs until their signed timestamp leaves the window.
-
-    Bounded in time: an entry is kept until ``timestamp + window``, after which the timestamp
-    check alone rejects a replay. Bounded in memory: at ``max_entries`` the entry closest to
-    expiry is dropped and its expiry becomes the *horizon*; any message whose own expiry is not
-    past the horizon is refused (``replay_cache_full``), which covers every forgotten entry. So a
-    full cache narrows the accepted window instead of opening a replay hole.
-    """
-
-    __slots__ = ("_expiry", "_heap", "horizon", "max_entries", "window")
-
-    def __init__(self, window: float, max_entries: int) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self.window = window
-        self.max_entries = max_entries
-        self.horizon = float("-inf")
-        self._expiry: dict[tuple[str, str], float] = {}
-        self._heap: list[tuple[float, tuple[str, str]]] = []
-
-    def __len__(self) -> int:
-        return len(self._expiry)
-
-    def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self._expiry
-
-    def expire(self, now: float) -> None:
-        """Forget entries whose timestamp the window no longer accepts."""
-        heap = self._heap
-        while heap and heap[0][0] < now:
-            _, key = heapq.heappop(heap)
-            del self._expiry[key]
-
-    def covers(self, timestamp: int) -> bool:
-        """Whether a message with ``timestamp`` can still be told apart from a replay."""
-        return timestamp + self.window > self.horizon
-
-    def add(self, key: tuple[str, str], timestamp: int) -> None:
-        expiry = timestamp + self.window
-        while len(self._expiry) >= self.max_entries:
-            dropped, old = heapq.heappop(self._heap)
-            del self._expiry[old]
-            self.horizon = max(self.horizon, dropped)
-        self._expiry[key] = expiry
-        heapq.heappush(self._heap, (expiry, key))
-
-
 class Verifier:
     """Checks inbound signature headers against an allow-list of addresses.
 
@@ -321,17 +281,42 @@ class Verifier:
     def nonces(self) -> NonceCache:
         return self._nonces
 
+    def precheck(self, headers: Mapping[str, str]) -> None:
+        """Run every check that needs no body (all but the signature itself), so a caller can
+        refuse a request before reading its body. ``verify`` repeats them; this is optional."""
+        self._claim(headers)
+
     def verify(self, headers: Mapping[str, str], body: bytes) -> str:
         """Authenticate one request; see the class docstring for the contract."""
+        claim = self._claim(headers)
+        message = encode_defunct(
+            text=signing_message(body, claim.timestamp_text, claim.nonce)
+        )
+        try:
+            recovered = str(Account.recover_message(message, signature=claim.signature))
+        except (BadSignature, ValidationError, ValueError) as exc:
+            raise Unauthorized(
+                f"{HEADER_SIGNATURE} does not recover to a public key",
+                code="bad_signature",
+            ) from exc
+        if recovered.lower() != claim.address:
+            raise Unauthorized(
+                f"{HEADER_SIGNATURE} does not match {HEADER_ADDRESS} "
+                "for this body, timestamp and nonce",
+                code="bad_signature",
+            )
+        self._nonces.add((claim.address, claim.nonce), claim.timestamp)
+        return recovered
+
+    def _claim(self, headers: Mapping[str, str]) -> _Claim:
         values: dict[str, str] = {}
         for name in SIGNATURE_HEADERS:
             value = headers.get(name)
             if not value:
                 raise Unauthorized(f"missing {name} header", code="missing_header")
             values[name] = value
-        address, signature_hex = values[HEADER_ADDRESS], values[HEADER_SIGNATURE]
-        timestamp_text, nonce = values[HEADER_TIMESTAMP], values[HEADER_NONCE]
-
+        address, timestamp_text = values[HEADER_ADDRESS], values[HEADER_TIMESTAMP]
+        nonce = values[HEADER_NONCE]
         if not _ADDRESS_RE.fullmatch(address):
             raise Unauthorized(
                 f"{HEADER_ADDRESS} must be 0x followed by 40 hex digits",
@@ -344,56 +329,52 @@ class Verifier:
             )
         if not _NONCE_RE.fullmatch(nonce):
             raise Unauthorized(
-                f"{HEADER_NONCE} must be 1 to 128 printable ASCII characters without spaces",
+                f"{HEADER_NONCE} must be 1 to 128 printable ASCII characters "
+                "without spaces",
                 code="bad_nonce",
             )
-        signature = _decode_signature(signature_hex)
-
-        key = (address.lower(), nonce)
-        if key[0] not in self._allowed:
+        signature = _decode_signature(values[HEADER_SIGNATURE])
+        address = address.lower()
+        if address not in self._allowed:
             raise Unauthorized(
                 f"{HEADER_ADDRESS} is not an allowed signer", code="unknown_address"
             )
-
         now = self._clock()
         self._nonces.expire(now)
         timestamp = int(timestamp_text)
         if now - timestamp > self.window:
             raise Unauthorized(
-                f"{HEADER_TIMESTAMP} is {int(now - timestamp)} s old; the window is {self.window:g} s",
+                f"{HEADER_TIMESTAMP} is {int(now - timestamp)} s old; "
+                f"the window is {self.window:g} s",
                 code="stale",
             )
         if timestamp - now > self.window:
             raise Unauthorized(
-                f"{HEADER_TIMESTAMP} is {int(timestamp - now)} s in the future; the window is {self.window:g} s",
+                f"{HEADER_TIMESTAMP} is {int(timestamp - now)} s in the future; "
+                f"the window is {self.window:g} s",
                 code="future",
             )
-        if key in self._nonces:
+        if (address, nonce) in self._nonces:
             raise Unauthorized(
                 f"{HEADER_NONCE} was already used by this signer", code="replayed"
             )
         if not self._nonces.covers(timestamp):
             raise Unauthorized(
-                f"{HEADER_TIMESTAMP} is older than the replay cache can vouch for while it is full; "
-                "sign again with a current timestamp",
+                f"{HEADER_TIMESTAMP} is older than the replay cache can vouch for "
+                "while it is full; sign again with a current timestamp",
                 code="replay_cache_full",
             )
+        return _Claim(address, timestamp, timestamp_text, nonce, signature)
 
-        message = encode_defunct(text=signing_message(body, timestamp_text, nonce))
-        try:
-            recovered = str(Account.recover_message(message, signature=signature))
-        except (BadSignature, ValidationError, ValueError) as exc:
-            raise Unauthorized(
-                f"{HEADER_SIGNATURE} does not recover to a public key",
-                code="bad_signature",
-            ) from exc
-        if recovered.lower() != key[0]:
-            raise Unauthorized(
-                f"{HEADER_SIGNATURE} does not match {HEADER_ADDRESS} for this body, timestamp and nonce",
-                code="bad_signature",
-            )
-        self._nonces.add(key, timestamp)
-        return recovered
+
+class _Claim(NamedTuple):
+    """What the headers say, checked for form, allow-list, window and replay."""
+
+    address: str  # lower-case
+    timestamp: int
+    timestamp_text: str
+    nonce: str
+    signature: bytes
 
 
 def _decode_signature(text: str) -> bytes:

@@ -13,10 +13,10 @@ from aiohttp.pytest_plugin import AiohttpClient
 from eth_keys.constants import SECPK1_N
 
 from proxy.errors import Unauthorized
+from proxy.nonces import NonceCache
 from proxy.signing import (
     REASONS,
     SIGNATURE_HEADERS,
-    NonceCache,
     Signer,
     Verifier,
     eip191_digest,
@@ -297,6 +297,18 @@ def test_replay_rejected(signer: Signer, other: Signer, verifier: Verifier) -> N
     assert reason(verifier, headers) == "replayed"
     # The same nonce from another signer is that signer's own, not a replay.
     assert verifier.verify(other.headers(BODY, timestamp=str(NOW), nonce="once"), BODY)
+
+
+def test_precheck_needs_no_body(signer: Signer, verifier: Verifier) -> None:
+    headers = signer.headers(BODY)
+    verifier.precheck(headers)
+    with pytest.raises(Unauthorized) as info:
+        verifier.precheck({**headers, "X-Timestamp": str(NOW - 1000)})
+    assert info.value.code == "stale"
+    assert verifier.verify(headers, BODY) == signer.address  # precheck used nothing up
+    with pytest.raises(Unauthorized) as info:
+        verifier.precheck(headers)
+    assert info.value.code == "replayed"
 
 
 def test_failed_attempt_does_not_burn_nonce(signer: Signer, verifier: Verifier) -> None:
