@@ -39,6 +39,7 @@ from eth_keys.constants import SECPK1_N
 from eth_keys.datatypes import PrivateKey
 from eth_keys.exceptions import BadSignature
 from eth_utils.exceptions import ValidationError
+from multidict import MultiMapping
 
 from proxy.errors import Unauthorized
 from proxy.nonces import NonceCache
@@ -59,6 +60,7 @@ SIGNATURE_HEADERS: tuple[str, ...] = (
 REASONS: frozenset[str] = frozenset(
     {
         "missing_header",
+        "duplicate_header",
         "bad_address",
         "bad_timestamp",
         "bad_nonce",
@@ -107,9 +109,7 @@ class Signer:
 
     __slots__ = ("_account", "_clock")
 
-    def __init__(
-        self, private_key: str | bytes, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, private_key: str | bytes, *, clock: Callable[[], float] = time.time) -> None:
         self._account = _load_account(private_key)
         self._clock = clock
 
@@ -124,9 +124,7 @@ class Signer:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(
-                f"cannot read key file {name}: {type(exc).__name__}"
-            ) from None
+            raise ValueError(f"cannot read key file {name}: {type(exc).__name__}") from None
         try:
             return cls.from_text(text, clock=clock)
         except ValueError as exc:
@@ -156,12 +154,8 @@ class Signer:
         if not _TIMESTAMP_RE.fullmatch(ts):
             raise ValueError("timestamp must be Unix seconds in decimal digits")
         if not _NONCE_RE.fullmatch(nc):
-            raise ValueError(
-                "nonce must be 1 to 128 printable ASCII characters without spaces"
-            )
-        signed = self._account.sign_message(
-            encode_defunct(text=signing_message(body, ts, nc))
-        )
+            raise ValueError("nonce must be 1 to 128 printable ASCII characters without spaces")
+        signed = self._account.sign_message(encode_defunct(text=signing_message(body, ts, nc)))
         return {
             HEADER_ADDRESS: self.address,
             HEADER_SIGNATURE: bytes(signed.signature).hex(),
@@ -193,9 +187,7 @@ def _load_account(private_key: str | bytes) -> LocalAccount:
         text = private_key.strip()
         text = text[2:] if text[:2] in ("0x", "0X") else text
         if len(text) != 64 or not _HEX_RE.fullmatch(text):
-            raise ValueError(
-                "private key must be 32 bytes as 64 hex digits (0x prefix optional)"
-            )
+            raise ValueError("private key must be 32 bytes as 64 hex digits (0x prefix optional)")
         raw = bytes.fromhex(text)
     else:
         raw = bytes(private_key)
@@ -226,9 +218,7 @@ def generate_key_file(path: str | os.PathLike[str]) -> str:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags, 0o600)
     try:
-        os.fchmod(
-            fd, 0o600
-        )  # the umask may only remove bits; make the mode exact anyway
+        os.fchmod(fd, 0o600)  # the umask may only remove bits; make the mode exact anyway
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             fd = -1
             handle.write(json.dumps(document, indent=2) + "\n")
@@ -260,13 +250,12 @@ class Verifier:
         window: float = 300.0,
         max_nonces: int = 100_000,
         clock: Callable[[], float] = time.time,
+        nonces: NonceCache | None = None,
     ) -> None:
         allowed: set[str] = set()
         for index, address in enumerate(addresses):
             if not isinstance(address, str) or not _ADDRESS_RE.fullmatch(address):
-                raise ValueError(
-                    f"allowed address #{index} is not 0x followed by 40 hex digits"
-                )
+                raise ValueError(f"allowed address #{index} is not 0x followed by 40 hex digits")
             allowed.add(address.lower())
         if not allowed:
             raise ValueError("the allow-list of signer addresses is empty")
@@ -274,7 +263,11 @@ class Verifier:
             raise ValueError("the timestamp window must be positive")
         self._allowed = frozenset(allowed)
         self.window = window
-        self._nonces = NonceCache(window, max_nonces)
+        if nonces is None:
+            nonces = NonceCache(window, max_nonces)
+        else:  # a reloaded config keeps what the old one saw, so nothing can be replayed
+            nonces.retune(window, max_nonces)
+        self._nonces = nonces
         self._clock = clock
 
     @property
@@ -289,9 +282,7 @@ class Verifier:
     def verify(self, headers: Mapping[str, str], body: bytes) -> str:
         """Authenticate one request; see the class docstring for the contract."""
         claim = self._claim(headers)
-        message = encode_defunct(
-            text=signing_message(body, claim.timestamp_text, claim.nonce)
-        )
+        message = encode_defunct(text=signing_message(body, claim.timestamp_text, claim.nonce))
         try:
             recovered = str(Account.recover_message(message, signature=claim.signature))
         except (BadSignature, ValidationError, ValueError) as exc:
@@ -314,6 +305,9 @@ class Verifier:
             value = headers.get(name)
             if not value:
                 raise Unauthorized(f"missing {name} header", code="missing_header")
+            # Two copies of a header could be read differently by us and by whoever signed.
+            if isinstance(headers, MultiMapping) and len(headers.getall(name, ())) > 1:
+                raise Unauthorized(f"{name} is given more than once", code="duplicate_header")
             values[name] = value
         address, timestamp_text = values[HEADER_ADDRESS], values[HEADER_TIMESTAMP]
         nonce = values[HEADER_NONCE]
@@ -329,16 +323,13 @@ class Verifier:
             )
         if not _NONCE_RE.fullmatch(nonce):
             raise Unauthorized(
-                f"{HEADER_NONCE} must be 1 to 128 printable ASCII characters "
-                "without spaces",
+                f"{HEADER_NONCE} must be 1 to 128 printable ASCII characters without spaces",
                 code="bad_nonce",
             )
         signature = _decode_signature(values[HEADER_SIGNATURE])
         address = address.lower()
         if address not in self._allowed:
-            raise Unauthorized(
-                f"{HEADER_ADDRESS} is not an allowed signer", code="unknown_address"
-            )
+            raise Unauthorized(f"{HEADER_ADDRESS} is not an allowed signer", code="unknown_address")
         now = self._clock()
         self._nonces.expire(now)
         timestamp = int(timestamp_text)
@@ -355,9 +346,7 @@ class Verifier:
                 code="future",
             )
         if (address, nonce) in self._nonces:
-            raise Unauthorized(
-                f"{HEADER_NONCE} was already used by this signer", code="replayed"
-            )
+            raise Unauthorized(f"{HEADER_NONCE} was already used by this signer", code="replayed")
         if not self._nonces.covers(timestamp):
             raise Unauthorized(
                 f"{HEADER_TIMESTAMP} is older than the replay cache can vouch for "
@@ -388,13 +377,9 @@ def _decode_signature(text: str) -> bytes:
         )
     signature = bytes.fromhex(digits)
     if signature[64] not in (27, 28):
-        raise Unauthorized(
-            f"{HEADER_SIGNATURE} recovery byte v must be 27 or 28", code="bad_v"
-        )
+        raise Unauthorized(f"{HEADER_SIGNATURE} recovery byte v must be 27 or 28", code="bad_v")
     # A high-s twin of a valid signature verifies too; every honest signer emits low s
     # (EIP-2), so refusing the twin keeps one valid encoding per signed message.
     if int.from_bytes(signature[32:64], "big") > _HALF_N:
-        raise Unauthorized(
-            f"{HEADER_SIGNATURE} is not canonical (high s)", code="bad_signature"
-        )
+        raise Unauthorized(f"{HEADER_SIGNATURE} is not canonical (high s)", code="bad_signature")
     return signature

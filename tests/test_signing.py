@@ -6,11 +6,13 @@ import json
 import os
 import pickle
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from eth_keys.constants import SECPK1_N
+from multidict import CIMultiDict
 
 from proxy.errors import Unauthorized
 from proxy.nonces import NonceCache
@@ -31,9 +33,7 @@ from tests.fakes.fxn_node import (
 )
 from tests.fakes.fxn_node import eip191_digest as independent_digest
 
-KEY_A = bytes.fromhex(
-    "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
-)
+KEY_A = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")
 KEY_B = bytes(31) + b"\x07"
 NOW = 1_750_000_000
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
@@ -69,7 +69,7 @@ def verifier(clock: Clock, signer: Signer, other: Signer) -> Verifier:
     return Verifier([signer.address, other.address], clock=clock)
 
 
-def reason(verifier: Verifier, headers: dict[str, str], body: bytes = BODY) -> str:
+def reason(verifier: Verifier, headers: Mapping[str, str], body: bytes = BODY) -> str:
     with pytest.raises(Unauthorized) as info:
         verifier.verify(headers, body)
     assert info.value.status == 401
@@ -77,9 +77,7 @@ def reason(verifier: Verifier, headers: dict[str, str], body: bytes = BODY) -> s
     return str(info.value.code)
 
 
-def with_signature_byte(
-    headers: dict[str, str], index: int, value: int
-) -> dict[str, str]:
+def with_signature_byte(headers: dict[str, str], index: int, value: int) -> dict[str, str]:
     raw = bytearray(bytes.fromhex(headers["X-Signature"]))
     raw[index] = value
     return {**headers, "X-Signature": raw.hex()}
@@ -109,10 +107,7 @@ def test_signature_matches_independent_signer(signer: Signer) -> None:
     raw = bytes.fromhex(ours["X-Signature"])
     assert len(raw) == 65 and raw[64] in (27, 28)
     assert not ours["X-Signature"].startswith("0x")
-    assert (
-        recover_signer(BODY, "1750000000", "abc123", ours["X-Signature"])
-        == signer.address
-    )
+    assert recover_signer(BODY, "1750000000", "abc123", ours["X-Signature"]) == signer.address
 
 
 # -- round trip -----------------------------------------------------------------------------
@@ -146,9 +141,7 @@ def test_each_call_has_fresh_timestamp_and_nonce(signer: Signer, clock: Clock) -
     ],
     ids=["0x-prefix", "upper-hex", "lower-address", "upper-address"],
 )
-def test_accepted_spellings(
-    signer: Signer, verifier: Verifier, variant: object
-) -> None:
+def test_accepted_spellings(signer: Signer, verifier: Verifier, variant: object) -> None:
     assert callable(variant)
     assert verifier.verify(variant(signer.headers(BODY)), BODY) == signer.address
 
@@ -177,10 +170,7 @@ def test_timestamp_changed(signer: Signer, verifier: Verifier) -> None:
 
 def test_nonce_changed(signer: Signer, verifier: Verifier) -> None:
     headers = signer.headers(BODY)
-    assert (
-        reason(verifier, {**headers, "X-Nonce": headers["X-Nonce"] + "0"})
-        == "bad_signature"
-    )
+    assert reason(verifier, {**headers, "X-Nonce": headers["X-Nonce"] + "0"}) == "bad_signature"
 
 
 def test_address_changed(signer: Signer, other: Signer, verifier: Verifier) -> None:
@@ -199,10 +189,7 @@ def test_unlisted_signer(verifier: Verifier) -> None:
 def test_signature_byte_flipped(signer: Signer, verifier: Verifier, index: int) -> None:
     headers = signer.headers(BODY)
     original = bytes.fromhex(headers["X-Signature"])[index]
-    assert (
-        reason(verifier, with_signature_byte(headers, index, original ^ 0x01))
-        == "bad_signature"
-    )
+    assert reason(verifier, with_signature_byte(headers, index, original ^ 0x01)) == "bad_signature"
 
 
 def test_v_value(signer: Signer, verifier: Verifier) -> None:
@@ -236,18 +223,13 @@ def test_high_s_twin_refused(signer: Signer, verifier: Verifier) -> None:
 def test_malformed_signature(
     signer: Signer, verifier: Verifier, signature: str, expected: str
 ) -> None:
-    assert (
-        reason(verifier, {**signer.headers(BODY), "X-Signature": signature}) == expected
-    )
+    assert reason(verifier, {**signer.headers(BODY), "X-Signature": signature}) == expected
 
 
 @pytest.mark.parametrize("name", SIGNATURE_HEADERS)
 def test_missing_or_empty_header(signer: Signer, verifier: Verifier, name: str) -> None:
     headers = signer.headers(BODY)
-    assert (
-        reason(verifier, {k: v for k, v in headers.items() if k != name})
-        == "missing_header"
-    )
+    assert reason(verifier, {k: v for k, v in headers.items() if k != name}) == "missing_header"
     assert reason(verifier, {**headers, name: ""}) == "missing_header"
 
 
@@ -322,9 +304,7 @@ def test_failed_attempt_does_not_burn_nonce(signer: Signer, verifier: Verifier) 
     ("offset", "expected"),
     [(-301, "stale"), (-10_000, "stale"), (301, "future"), (10_000, "future")],
 )
-def test_outside_window(
-    signer: Signer, verifier: Verifier, offset: int, expected: str
-) -> None:
+def test_outside_window(signer: Signer, verifier: Verifier, offset: int, expected: str) -> None:
     headers = signer.headers(BODY, timestamp=str(NOW + offset))
     assert reason(verifier, headers) == expected
 
@@ -340,9 +320,7 @@ def test_custom_window(signer: Signer, clock: Clock) -> None:
     assert narrow.verify(signer.headers(BODY, timestamp=str(NOW - 5)), BODY)
 
 
-def test_replay_after_expiry_is_stale(
-    signer: Signer, verifier: Verifier, clock: Clock
-) -> None:
+def test_replay_after_expiry_is_stale(signer: Signer, verifier: Verifier, clock: Clock) -> None:
     headers = signer.headers(BODY)
     verifier.verify(headers, BODY)
     clock.now += 301
@@ -352,9 +330,7 @@ def test_replay_after_expiry_is_stale(
 # -- the nonce cache's bounds ---------------------------------------------------------------
 
 
-def test_cache_bounded_in_time(
-    signer: Signer, verifier: Verifier, clock: Clock
-) -> None:
+def test_cache_bounded_in_time(signer: Signer, verifier: Verifier, clock: Clock) -> None:
     for i in range(50):
         verifier.verify(signer.headers(BODY, nonce=f"t-{i}"), BODY)
     assert len(verifier.nonces) == 50
@@ -378,9 +354,7 @@ def test_cache_expiry_follows_signed_timestamp(
     assert len(verifier.nonces) == 0
 
 
-def test_cache_bounded_in_memory_without_replay_hole(
-    signer: Signer, clock: Clock
-) -> None:
+def test_cache_bounded_in_memory_without_replay_hole(signer: Signer, clock: Clock) -> None:
     verifier = Verifier([signer.address], max_nonces=3, clock=clock)
     sent = []
     for i in range(10):
@@ -404,7 +378,7 @@ def test_nonce_cache_unit_bounds() -> None:
     cache.add(("a", "2"), 105)
     cache.add(("a", "3"), 103)
     assert len(cache) == 2 and ("a", "1") not in cache
-    assert cache.horizon == 110
+    assert cache.horizon == 100
     assert not cache.covers(100) and cache.covers(101)
     cache.expire(113.5)
     assert len(cache) == 1 and ("a", "2") in cache
@@ -412,6 +386,24 @@ def test_nonce_cache_unit_bounds() -> None:
     assert len(cache) == 0
     with pytest.raises(ValueError, match="at least 1"):
         NonceCache(window=10, max_entries=0)
+
+
+def test_nonce_cache_survives_new_limits(signer: Signer, clock: Clock) -> None:
+    # A reloaded config builds a new verifier around the old cache: no replay hole opens,
+    # even when the window grows.
+    old = Verifier([signer.address], window=10, clock=clock)
+    headers = signer.headers(BODY, timestamp=str(NOW - 5))
+    old.verify(headers, BODY)
+    new = Verifier([signer.address], window=600, max_nonces=5, clock=clock, nonces=old.nonces)
+    clock.now += 100
+    assert reason(new, headers) == "replayed"
+    assert new.nonces.max_entries == 5
+
+
+def test_duplicate_signature_headers(signer: Signer, verifier: Verifier) -> None:
+    headers = CIMultiDict(signer.headers(BODY))
+    headers.add("X-Nonce", "second")
+    assert reason(verifier, headers) == "duplicate_header"
 
 
 def test_verifier_configuration_errors() -> None:
@@ -472,9 +464,7 @@ def test_generate_key_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     document = json.loads(path.read_text())
     assert document["address"] == address
-    assert (
-        document["public_key"].startswith("04") and len(document["public_key"]) == 130
-    )
+    assert document["public_key"].startswith("04") and len(document["public_key"]) == 130
     assert len(document["private_key"]) == 64
     loaded = Signer.from_file(path)
     assert loaded.address == address
@@ -552,9 +542,7 @@ async def test_fake_node_accepts_our_signatures(
 ) -> None:
     app = create_fake_node(allowed=[signer.address], fail_first=1)
     client = await aiohttp_client(app)
-    live = Signer(
-        KEY_A
-    )  # real clock: the fake node checks the window against time.time()
+    live = Signer(KEY_A)  # real clock: the fake node checks the window against time.time()
 
     async def post(headers: dict[str, str], body: bytes = BODY) -> int:
         response = await client.post("/v1/chat/completions", data=body, headers=headers)
@@ -562,9 +550,7 @@ async def test_fake_node_accepts_our_signatures(
         return response.status
 
     assert await post({}) == 401
-    assert (
-        await post(live.headers(BODY)) == 503
-    )  # told to fail the first signed request
+    assert await post(live.headers(BODY)) == 503  # told to fail the first signed request
     signed = live.headers(BODY)
     assert await post(signed) == 200
     assert await post(signed) == 401  # the fake node refuses replays too
@@ -580,9 +566,7 @@ async def test_fake_node_streams(aiohttp_client: AiohttpClient) -> None:
     client = await aiohttp_client(create_fake_node(stream_chunks=2))
     body = b'{"model":"m","stream":true,"messages":[]}'
     live = Signer(KEY_A)
-    response = await client.post(
-        "/v1/chat/completions", data=body, headers=live.headers(body)
-    )
+    response = await client.post("/v1/chat/completions", data=body, headers=live.headers(body))
     assert response.headers["Content-Type"] == "text/event-stream"
     text = (await response.read()).decode()
     assert text.count("data: ") == 3 and text.endswith("data: [DONE]\n\n")

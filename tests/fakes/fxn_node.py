@@ -99,7 +99,7 @@ class FakeNode:
     nonces: set[tuple[str, str]] = field(default_factory=set)
 
     def check(self, request_headers: dict[str, str], body: bytes) -> str | None:
-        """The signer's address, or ``None`` when unsigned and not required; else ``PermissionError``."""
+        """The signer, or ``None`` when unsigned and not required; else ``PermissionError``."""
         names = ("X-Address", "X-Signature", "X-Timestamp", "X-Nonce")
         present = [request_headers.get(name) for name in names]
         if not any(present) and not self.require_signature:
@@ -187,9 +187,7 @@ def _error(status: int, message: str, code: str) -> web.Response:
             "code": code,
         }
     }
-    return web.json_response(
-        body, status=status, dumps=lambda obj: orjson.dumps(obj).decode()
-    )
+    return web.json_response(body, status=status, dumps=lambda obj: orjson.dumps(obj).decode())
 
 
 @web.middleware
@@ -247,8 +245,7 @@ async def _embeddings(request: web.Request) -> web.Response:
     raw_input = payload.get("input", "")
     items = raw_input if isinstance(raw_input, list) else [raw_input]
     data = [
-        {"object": "embedding", "index": i, "embedding": [0.0, 0.5, 1.0]}
-        for i in range(len(items))
+        {"object": "embedding", "index": i, "embedding": [0.0, 0.5, 1.0]} for i in range(len(items))
     ]
     body = {
         "object": "list",
@@ -262,9 +259,7 @@ async def _embeddings(request: web.Request) -> web.Response:
 async def _models(request: web.Request) -> web.Response:
     body = {
         "object": "list",
-        "data": [
-            {"id": "fxn-model-1", "object": "model", "created": 0, "owned_by": "fxn"}
-        ],
+        "data": [{"id": "fxn-model-1", "object": "model", "created": 0, "owned_by": "fxn"}],
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
