@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.adapters import load_adapter_class
+from proxy.auth import AUTH, AuthState, authenticate
 from proxy.config import BaseConfig
+from proxy.limits import guard
 from proxy.metrics import Metrics
 from proxy.middleware import observe, render_errors
 from proxy.pipeline import Pipeline
@@ -31,12 +33,17 @@ def create_app(
     Raises ``ConfigError`` if the configured adapter cannot be imported.
     """
     adapter_class = load_adapter_class(config)
-    app = web.Application(middlewares=[observe, render_errors], client_max_size=CLIENT_MAX_SIZE)
+    # Outermost first: count everything, render every error, then refuse cheaply (oversized
+    # headers, missing credentials) before a handler reads a byte of the body.
+    app = web.Application(
+        middlewares=[observe, render_errors, guard, authenticate], client_max_size=CLIENT_MAX_SIZE
+    )
     metrics = Metrics(registry)
     runtime = Runtime(config=config, metrics=metrics, config_path=config_path)
     runtime.pipeline = Pipeline(metrics)
     app[RUNTIME] = runtime
     app[handlers.READY_CACHE] = handlers.ReadyCache()
+    app[AUTH] = AuthState()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.app import create_app
+from proxy.auth import check_exposure
 from proxy.config import BaseConfig
 from proxy.logs import AccessLogger
 from proxy.state import RUNTIME
@@ -28,6 +29,7 @@ def run(config: BaseConfig, *, config_path: str | None = None) -> None:
 
 
 async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
+    check_exposure(config)
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
     runner = web.AppRunner(
