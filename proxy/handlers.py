@@ -188,9 +188,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
     Read once per request: a layer that needed it first (signature checks) left it here.
     """
-    body = request.get(BODY)
-    if body is not None:
-        return body
+    if BODY in request:
+        return request[BODY]
     length = request.content_length
     if length is not None:
         if length > limit:
