@@ -194,11 +194,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-def check_exposure(config: BaseConfig) -> None:
-    """Refuse to serve a non-loopback address without inbound auth, unless the config says
-    ``auth.allow_unauthenticated: true`` (then say so loudly). Raises ``ConfigError``."""
+def check_exposure(config: BaseConfig) -> str | None:
+    """Refuse (``ConfigError``) to serve a non-loopback address without inbound auth unless
+    ``auth.allow_unauthenticated: true``; in that case return the warning to show loudly."""
     if config.auth.enabled or config.is_loopback():
-        return
+        return None
     host = config.server.host
     if not config.auth.allow_unauthenticated:
         raise ConfigError(
@@ -208,8 +208,7 @@ def check_exposure(config: BaseConfig) -> None:
                 "auth.allow_unauthenticated: true to serve anyone who can connect"
             ]
         )
-    log.warning(
-        "SERVING WITHOUT AUTHENTICATION on %s: anyone who can reach this address can use the "
-        "backend (auth.allow_unauthenticated is true)",
-        host,
+    return (
+        f"SERVING WITHOUT AUTHENTICATION on {host}: anyone who can reach this address can use "
+        "the backend (auth.allow_unauthenticated is true)"
     )

@@ -52,13 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError([f"{path}: {line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
-        if args.command == "check":
-            check_exposure(config)
+        exposure = check_exposure(config)  # refused here, before logging or binding
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
+        if exposure:
+            print(f"warning: {exposure}", file=sys.stderr)
         return _check(config, path, probe=args.probe)
     from proxy.logs import setup_logging
     from proxy.server import run
@@ -66,10 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.logging)
     try:
         run(config, config_path=str(path))
-    except ConfigError as exc:  # refused before binding (e.g. a public address without auth)
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return EXIT_CONFIG
     except OSError as exc:
         print(f"model-proxy: cannot serve on {config.server.host}:{config.server.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)

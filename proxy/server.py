@@ -29,7 +29,9 @@ def run(config: BaseConfig, *, config_path: str | None = None) -> None:
 
 
 async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
-    check_exposure(config)
+    warning = check_exposure(config)
+    if warning:
+        log.warning(warning)
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
     runner = web.AppRunner(
