@@ -43,7 +43,7 @@ def signed(
     return {**headers, "Content-Type": "application/json"}
 
 
-async def post(client: TestClient, headers: dict[str, str], body: bytes = BODY) -> tuple[int, Any]:
+async def post(client: TestClient[Any, Any], headers: dict[str, str], body: bytes = BODY) -> tuple[int, Any]:
     resp = await client.post("/v1/chat/completions", data=body, headers=headers)
     return resp.status, await resp.json()
 
@@ -53,7 +53,7 @@ def refused(status: int, answer: Any, reason: str) -> bool:
     return (status, error["type"], error["code"]) == (401, "authentication_error", reason)
 
 
-async def failures(client: TestClient) -> dict[str, float]:
+async def failures(client: TestClient[Any, Any]) -> dict[str, float]:
     text = await (await client.get("/metrics")).text()
     pattern = r'model_proxy_auth_failures_total\{reason="([^"]+)"\} (\S+)'
     return {reason: float(count) for reason, count in re.findall(pattern, text)}
