@@ -198,6 +198,12 @@ def _check_url(url: str | None) -> str | None:
         raise ValueError("give the base URL without /v1; the proxy adds the path itself")
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
+    if parts.username is not None or parts.password is not None:
+        # The URL is shown in messages and `check` output, and aiohttp refuses URL credentials
+        # next to an Authorization header: credentials belong in the secret keys.
+        raise ValueError(
+            "must not carry credentials (user:password@); use api_key or bearer_token"
+        )
     return url.rstrip("/")
 
 

@@ -43,7 +43,9 @@ def signed(
     return {**headers, "Content-Type": "application/json"}
 
 
-async def post(client: TestClient[Any, Any], headers: dict[str, str], body: bytes = BODY) -> tuple[int, Any]:
+async def post(
+    client: TestClient[Any, Any], headers: dict[str, str], body: bytes = BODY
+) -> tuple[int, Any]:
     resp = await client.post("/v1/chat/completions", data=body, headers=headers)
     return resp.status, await resp.json()
 

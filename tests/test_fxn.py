@@ -163,3 +163,15 @@ def test_unusable_key_is_a_config_error(tmp_path: Path, key: str) -> None:
     text = "\n".join(info.value.problems)
     assert "fxn.private_key" in text
     assert key not in text and "5c5c5c" not in text
+
+
+async def test_readiness_probe_is_signed(start_proxy: StartProxy, aiohttp_server: Any) -> None:
+    server, fake = await node(aiohttp_server, allowed=[ADDRESS])
+    client = await start_proxy(fxn(server))
+    assert (await client.get("/readyz")).status == 200
+    assert fake.received[-1].path == "/v1/models" and fake.received[-1].signer == ADDRESS
+    fake.allowed = frozenset({"0x" + "44" * 20})
+    other = await start_proxy(fxn(server))  # a fresh app: readiness is cached for a second
+    resp = await other.get("/readyz")
+    assert resp.status == 503
+    assert "refused this node's signature" in (await resp.json())["reason"]

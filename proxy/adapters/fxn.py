@@ -14,8 +14,9 @@ from collections.abc import Mapping
 import aiohttp
 
 from proxy.adapters.base import Job, UpstreamResponse
-from proxy.adapters.openai import HTTPUpstream
+from proxy.adapters.openai import HTTPUpstream, _release
 from proxy.config import BaseConfig, FxnConfig
+from proxy.errors import UpstreamError
 from proxy.headers import request_headers
 from proxy.signing import Signer
 
@@ -43,6 +44,21 @@ class FxnAdapter(HTTPUpstream):
             # Signed over exactly the bytes sent; no body is signed as the empty string.
             headers = {**(headers or {}), **self.signer.headers(body or b"")}
         return await super().request(method, path, body=body, headers=headers)
+
+    async def check_ready(self) -> None:
+        # Any answer below 500 shows the node is up, except a refusal of our credentials,
+        # which would refuse every job too. Gateways need not list models, so 404 is fine.
+        response = await self.request("GET", "/v1/models")
+        _release(response)
+        if response.status in (401, 403):
+            raise UpstreamError(
+                f"upstream at {self.where} refused this node's signature or credentials "
+                f"({response.status})"
+            )
+        if response.status >= 500:
+            raise UpstreamError(
+                f"upstream at {self.where} answered /v1/models with {response.status}"
+            )
 
     async def send(self, job: Job) -> UpstreamResponse:
         response = await self.request(

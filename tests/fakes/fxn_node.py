@@ -93,6 +93,8 @@ class FakeNode:
     allowed: frozenset[str] | None = None
     require_signature: bool = True
     fail_first: int = 0
+    #: Seconds to wait before answering a verified request (to provoke timeouts).
+    delay: float = 0.0
     window: int = 300
     stream_chunks: int = 3
     received: list[Received] = field(default_factory=list)
@@ -201,6 +203,8 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
     except PermissionError as exc:
         record.status = 401
         return _error(401, str(exc), "unauthorized")
+    if node.delay:
+        await asyncio.sleep(node.delay)
     if node.fail_first > 0:
         node.fail_first -= 1
         record.status = 503
