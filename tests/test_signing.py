@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import stat
 from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
-from aiohttp.pytest_plugin import AiohttpClient
 from eth_keys.constants import SECPK1_N
 from multidict import CIMultiDict
 
 from proxy.errors import Unauthorized
-from proxy.nonces import NonceCache
 from proxy.signing import (
     REASONS,
     SIGNATURE_HEADERS,
     Signer,
     Verifier,
     eip191_digest,
-    generate_key_file,
     signing_message,
 )
+from tests.fakes.fxn_node import eip191_digest as independent_digest
 from tests.fakes.fxn_node import (
-    FAKE_NODE,
-    create_fake_node,
     gateway_headers,
     recover_signer,
 )
-from tests.fakes.fxn_node import eip191_digest as independent_digest
 
 KEY_A = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")
 KEY_B = bytes(31) + b"\x07"
@@ -372,22 +362,6 @@ def test_cache_bounded_in_memory_without_replay_hole(signer: Signer, clock: Cloc
     assert len(verifier.nonces) == 3
 
 
-def test_nonce_cache_unit_bounds() -> None:
-    cache = NonceCache(window=10, max_entries=2)
-    cache.add(("a", "1"), 100)
-    cache.add(("a", "2"), 105)
-    cache.add(("a", "3"), 103)
-    assert len(cache) == 2 and ("a", "1") not in cache
-    assert cache.horizon == 100
-    assert not cache.covers(100) and cache.covers(101)
-    cache.expire(113.5)
-    assert len(cache) == 1 and ("a", "2") in cache
-    cache.expire(115.5)
-    assert len(cache) == 0
-    with pytest.raises(ValueError, match="at least 1"):
-        NonceCache(window=10, max_entries=0)
-
-
 def test_nonce_cache_survives_new_limits(signer: Signer, clock: Clock) -> None:
     # A reloaded config builds a new verifier around the old cache: no replay hole opens,
     # even when the window grows.
@@ -417,156 +391,3 @@ def test_verifier_configuration_errors() -> None:
 
 def test_reason_codes_are_a_fixed_set() -> None:
     assert all(code.isidentifier() and code.islower() for code in REASONS)
-
-
-# -- keys -----------------------------------------------------------------------------------
-
-
-def test_signer_does_not_reveal_key(signer: Signer) -> None:
-    secret = KEY_A.hex()
-    assert secret not in repr(signer) and secret not in str(signer)
-    assert signer.address in repr(signer)
-    with pytest.raises(TypeError, match="cannot be pickled"):
-        pickle.dumps(signer)
-
-
-@pytest.mark.parametrize(
-    "key",
-    [
-        "0x" + "ab" * 31,
-        "ab" * 32 + "a",
-        "xy" * 32,
-        "00" * 32,
-        format(SECPK1_N, "064x"),
-        b"\x01" * 31,
-    ],
-    ids=["short", "odd", "not-hex", "zero", "order", "short-bytes"],
-)
-def test_bad_keys_refused_without_echo(key: str | bytes) -> None:
-    with pytest.raises(ValueError) as info:
-        Signer(key)
-    shown = key if isinstance(key, str) else key.hex()
-    assert shown.removeprefix("0x") not in str(info.value)
-    assert info.value.__cause__ is None
-    assert info.value.__context__ is None or info.value.__suppress_context__
-
-
-def test_signer_rejects_unsendable_fields(signer: Signer) -> None:
-    with pytest.raises(ValueError, match="timestamp"):
-        signer.headers(BODY, timestamp="soon")
-    with pytest.raises(ValueError, match="nonce"):
-        signer.headers(BODY, nonce="two words")
-
-
-def test_generate_key_file(tmp_path: Path) -> None:
-    path = tmp_path / "nodekey.json"
-    address = generate_key_file(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    document = json.loads(path.read_text())
-    assert document["address"] == address
-    assert document["public_key"].startswith("04") and len(document["public_key"]) == 130
-    assert len(document["private_key"]) == 64
-    loaded = Signer.from_file(path)
-    assert loaded.address == address
-    assert Verifier([address]).verify(loaded.headers(BODY), BODY) == address
-
-
-def test_generate_key_file_refuses_overwrite_and_symlinks(tmp_path: Path) -> None:
-    path = tmp_path / "nodekey.json"
-    path.write_text("keep me")
-    with pytest.raises(FileExistsError):
-        generate_key_file(path)
-    assert path.read_text() == "keep me"
-    link = tmp_path / "link.json"
-    link.symlink_to(tmp_path / "elsewhere.json")
-    with pytest.raises(FileExistsError):
-        generate_key_file(link)
-    assert not (tmp_path / "elsewhere.json").exists()
-
-
-def test_generated_keys_differ(tmp_path: Path) -> None:
-    assert generate_key_file(tmp_path / "a") != generate_key_file(tmp_path / "b")
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        KEY_A.hex(),
-        "0x" + KEY_A.hex() + "\n",
-        json.dumps({"private_key": KEY_A.hex(), "address": "ignored"}),
-        json.dumps({"private_key": "0x" + KEY_A.hex()}),
-    ],
-    ids=["hex", "0x-hex-newline", "json", "json-0x"],
-)
-def test_key_file_formats(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "key"
-    path.write_text(content)
-    assert Signer.from_file(path).address == Signer(KEY_A).address
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("{not json", "not valid JSON"),
-        (json.dumps({"key": KEY_A.hex()}), 'no "private_key"'),
-        (json.dumps([KEY_A.hex()]), 'no "private_key"'),
-        (KEY_A.hex()[:-2], "64 hex digits"),
-    ],
-    ids=["broken-json", "no-key", "json-list", "short-hex"],
-)
-def test_bad_key_files(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "key"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message) as info:
-        Signer.from_file(path)
-    assert KEY_A.hex()[:-2] not in str(info.value)
-    assert str(path) in str(info.value)
-
-
-def test_unreadable_key_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="cannot read key file"):
-        Signer.from_file(tmp_path / "absent")
-    if os.geteuid() != 0:  # root reads anything; the mode check would not bite
-        path = tmp_path / "locked"
-        path.write_text(KEY_A.hex())
-        path.chmod(0)
-        with pytest.raises(ValueError, match="PermissionError"):
-            Signer.from_file(path)
-
-
-# -- over HTTP, against a fake network node that verifies on its own ------------------------
-
-
-async def test_fake_node_accepts_our_signatures(
-    aiohttp_client: AiohttpClient, signer: Signer
-) -> None:
-    app = create_fake_node(allowed=[signer.address], fail_first=1)
-    client = await aiohttp_client(app)
-    live = Signer(KEY_A)  # real clock: the fake node checks the window against time.time()
-
-    async def post(headers: dict[str, str], body: bytes = BODY) -> int:
-        response = await client.post("/v1/chat/completions", data=body, headers=headers)
-        await response.read()
-        return response.status
-
-    assert await post({}) == 401
-    assert await post(live.headers(BODY)) == 503  # told to fail the first signed request
-    signed = live.headers(BODY)
-    assert await post(signed) == 200
-    assert await post(signed) == 401  # the fake node refuses replays too
-    assert await post(live.headers(BODY), BODY + b" ") == 401
-    assert await post(Signer(KEY_B).headers(BODY)) == 401
-    received = app[FAKE_NODE].received
-    assert [r.status for r in received] == [401, 503, 200, 401, 401, 401]
-    assert received[2].signer == signer.address
-    assert received[1].headers["X-Nonce"] != received[2].headers["X-Nonce"]
-
-
-async def test_fake_node_streams(aiohttp_client: AiohttpClient) -> None:
-    client = await aiohttp_client(create_fake_node(stream_chunks=2))
-    body = b'{"model":"m","stream":true,"messages":[]}'
-    live = Signer(KEY_A)
-    response = await client.post("/v1/chat/completions", data=body, headers=live.headers(body))
-    assert response.headers["Content-Type"] == "text/event-stream"
-    text = (await response.read()).decode()
-    assert text.count("data: ") == 3 and text.endswith("data: [DONE]\n\n")
