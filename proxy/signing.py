@@ -30,19 +30,18 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from eth_account import Account
-from eth_account.messages import defunct_hash_message, encode_defunct
-from eth_account.signers.local import LocalAccount
-from eth_keys.constants import SECPK1_N
-from eth_keys.datatypes import PrivateKey
-from eth_keys.exceptions import BadSignature
-from eth_utils.exceptions import ValidationError
 from multidict import MultiMapping
 
 from proxy.errors import Unauthorized
 from proxy.nonces import NonceCache
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+# eth-account and eth-keys take about a second to import, so they are imported where they
+# are used: only configs that sign or verify pay for them, not every start of the CLI.
 
 HEADER_ADDRESS = "X-Address"
 HEADER_SIGNATURE = "X-Signature"
@@ -82,7 +81,9 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,15}")
 # Printable ASCII without space: what random-string nonces are made of, and nothing that could
 # smuggle control characters into logs. The cap bounds the replay cache's memory per entry.
 _NONCE_RE = re.compile(r"[\x21-\x7e]{1,128}")
-_HALF_N = SECPK1_N // 2
+#: secp256k1's group order (SEC 2, section 2.4.1); checked against eth-keys in the tests.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_HALF_N = SECP256K1_N // 2
 
 
 def signing_message(body: bytes, timestamp: str, nonce: str) -> str:
@@ -92,6 +93,8 @@ def signing_message(body: bytes, timestamp: str, nonce: str) -> str:
 
 def eip191_digest(message: str) -> bytes:
     """The 32-byte EIP-191 (personal-sign) hash of ``message``: what the key actually signs."""
+    from eth_account.messages import defunct_hash_message
+
     return bytes(defunct_hash_message(text=message))
 
 
@@ -155,6 +158,8 @@ class Signer:
             raise ValueError("timestamp must be Unix seconds in decimal digits")
         if not _NONCE_RE.fullmatch(nc):
             raise ValueError("nonce must be 1 to 128 printable ASCII characters without spaces")
+        from eth_account.messages import encode_defunct
+
         signed = self._account.sign_message(encode_defunct(text=signing_message(body, ts, nc)))
         return {
             HEADER_ADDRESS: self.address,
@@ -183,6 +188,8 @@ def _key_from_json(text: str) -> str:
 
 
 def _load_account(private_key: str | bytes) -> LocalAccount:
+    from eth_account import Account
+
     if isinstance(private_key, str):
         text = private_key.strip()
         text = text[2:] if text[:2] in ("0x", "0X") else text
@@ -193,7 +200,7 @@ def _load_account(private_key: str | bytes) -> LocalAccount:
         raw = bytes(private_key)
         if len(raw) != 32:
             raise ValueError("private key must be 32 bytes")
-    if not 0 < int.from_bytes(raw, "big") < SECPK1_N:
+    if not 0 < int.from_bytes(raw, "big") < SECP256K1_N:
         raise ValueError("private key is out of range for secp256k1")
     # Validated above, so eth-account has nothing left to refuse (its messages could quote
     # the key if it did).
@@ -208,6 +215,9 @@ def generate_key_file(path: str | os.PathLike[str]) -> str:
     Refuses to overwrite or follow a symlink (``FileExistsError``); the file is created with its
     final permissions, so the key is never readable by others, not even for a moment.
     """
+    from eth_account import Account
+    from eth_keys.datatypes import PrivateKey
+
     account: LocalAccount = Account.create()
     public_key = PrivateKey(bytes(account.key)).public_key.to_bytes()
     document = {
@@ -282,6 +292,11 @@ class Verifier:
     def verify(self, headers: Mapping[str, str], body: bytes) -> str:
         """Authenticate one request; see the class docstring for the contract."""
         claim = self._claim(headers)
+        from eth_account import Account
+        from eth_account.messages import encode_defunct
+        from eth_keys.exceptions import BadSignature
+        from eth_utils.exceptions import ValidationError
+
         message = encode_defunct(text=signing_message(body, claim.timestamp_text, claim.nonce))
         try:
             recovered = str(Account.recover_message(message, signature=claim.signature))

@@ -11,6 +11,7 @@ from multidict import CIMultiDict
 from proxy.errors import Unauthorized
 from proxy.signing import (
     REASONS,
+    SECP256K1_N,
     SIGNATURE_HEADERS,
     Signer,
     Verifier,
@@ -80,6 +81,10 @@ def test_eip191_known_answer() -> None:
     expected = "3e2d111c8c52a5ef0ba64fe4d85e32a5153032367ec44aaae0a4e2d1bfb9bebd"
     assert eip191_digest("test message").hex() == expected
     assert independent_digest(b"test message").hex() == expected
+
+
+def test_curve_order_matches_eth_keys() -> None:
+    assert SECP256K1_N == SECPK1_N
 
 
 def test_message_layout() -> None:
