@@ -11,8 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.adapters import load_adapter_class
+from proxy.auth import AUTH, AuthState, authenticate
 from proxy.config import BaseConfig
 from proxy.drain import Drain
+from proxy.inputs import guard
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.middleware import observe, render_errors
@@ -37,7 +39,11 @@ def create_app(
     Raises ``ConfigError`` if the configured adapter cannot be imported.
     """
     adapter_class = load_adapter_class(config)
-    app = web.Application(middlewares=[observe, render_errors], client_max_size=CLIENT_MAX_SIZE)
+    # Outermost first: count everything, render every error, then refuse cheaply (oversized
+    # headers, missing credentials) before a handler reads a byte of the body.
+    app = web.Application(
+        middlewares=[observe, render_errors, guard, authenticate], client_max_size=CLIENT_MAX_SIZE
+    )
     metrics = Metrics(registry)
     runtime = Runtime(config=config, metrics=metrics, config_path=config_path)
     limiter = Limiter(config.limits)
@@ -46,6 +52,7 @@ def create_app(
     app[RUNTIME] = runtime
     app[RELOADER] = Reloader(runtime)
     app[handlers.READY_CACHE] = handlers.ReadyCache()
+    app[AUTH] = AuthState()
     metrics.watch_gauges(
         in_flight=lambda: limiter.active,
         queued=lambda: limiter.waiting,

@@ -1,4 +1,4 @@
-"""``model-proxy``: serve and check."""
+"""``model-proxy``: serve and check; keygen and sign (``proxy.keytool``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from proxy import __version__
+from proxy import __version__, keytool
 from proxy.adapters import load_adapter_class
+from proxy.auth import check_exposure
 from proxy.config import BaseConfig, ProxyConfig, ServerSection
 from proxy.configfile import default_path, load_config
 from proxy.errors import ConfigError
@@ -37,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--probe", action="store_true",
                        help="also ask the upstream whether it is ready to serve")
 
+    keytool.add_commands(commands)
+
     args = parser.parse_args(argv)
+    if args.command in ("keygen", "sign"):  # these need no config file
+        return keytool.run(args)
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
@@ -47,11 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError([f"{path}: {line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
+        exposure = check_exposure(config)  # refused here, before logging or binding
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
+        if exposure:
+            print(f"warning: {exposure}", file=sys.stderr)
         return _check(config, path, probe=args.probe)
     from proxy.logs import setup_logging
     from proxy.server import run

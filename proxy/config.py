@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import ipaddress
+import re
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -32,6 +33,8 @@ ENTRY_POINT_GROUP = "model_backend_proxy.adapters"
 SECRET_KEYS = ("api_key", "bearer_token", "private_key", "api_keys")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+_ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
+_API_KEY = re.compile(r"[\x21-\x7e]{1,512}")
 
 
 class Section(BaseModel):
@@ -112,10 +115,22 @@ class LimitsSection(Section):
 
 
 class FxnSignaturesSection(Section):
+    """Inbound Function Network request signatures (``proxy.signing``)."""
+
+    #: Addresses of the gateways/schedulers whose signed requests are accepted (any case).
     allowed_addresses: tuple[str, ...] = Field(min_length=1)
     #: Accepted clock difference, in seconds, between the signer and this node.
     window: PositiveSeconds = 300.0
+    #: Most nonces remembered at once; when full, the accepted window narrows (no replays).
     nonce_cache_size: int = Field(100_000, ge=1)
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, address in enumerate(value):
+            if not _ADDRESS.fullmatch(address):
+                raise ValueError(f"[{i}] must be 0x followed by 40 hex digits")
+        return value
 
 
 class AuthSection(Section):
@@ -123,6 +138,16 @@ class AuthSection(Section):
     api_keys: tuple[SecretStr, ...] = ()
     fxn_signatures: FxnSignaturesSection | None = None
     allow_unauthenticated: bool = False
+
+    @field_validator("api_keys")
+    @classmethod
+    def _header_safe(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, key in enumerate(value):  # the message names the position, never the key
+            if not _API_KEY.fullmatch(key.get_secret_value()):
+                raise ValueError(
+                    f"[{i}] must be 1 to 512 printable ASCII characters without spaces"
+                )
+        return value
 
     @property
     def enabled(self) -> bool:
@@ -151,8 +176,18 @@ class OllamaSection(Section):
 
 
 class FxnSection(Section):
-    #: Key that signs outbound requests to the Function Network (hex, 32 bytes).
+    #: Key that signs outbound requests to the Function Network: 64 hex digits, or (through
+    #: ``private_key_file``) a file with them or a ``model-proxy keygen`` / node key JSON.
     private_key: SecretStr | None = None
+
+    @field_validator("private_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from proxy.signing import Signer  # eth-account loads only for fxn configs
+
+            Signer.from_text(value.get_secret_value())  # its errors never quote the key
+        return value
 
 
 class EngineSection(Section):
@@ -182,6 +217,12 @@ def _check_url(url: str | None) -> str | None:
         raise ValueError("give the base URL without /v1; the proxy adds the path itself")
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
+    if parts.username is not None or parts.password is not None:
+        # The URL is shown in messages and `check` output, and aiohttp refuses URL credentials
+        # next to an Authorization header: credentials belong in the secret keys.
+        raise ValueError(
+            "must not carry credentials (user:password@); use api_key or bearer_token"
+        )
     return url.rstrip("/")
 
 

@@ -13,9 +13,10 @@ from aiohttp import web
 from proxy.adapters.base import Endpoint, Job
 from proxy.config import BaseConfig
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
+from proxy.inputs import check_payload
 from proxy.middleware import UNCOUNTED
 from proxy.relay import relay
-from proxy.state import ENDPOINT, MODEL, RUNTIME, Backend
+from proxy.state import BODY, ENDPOINT, MODEL, RUNTIME, Backend
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",
@@ -44,6 +45,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", param="stream")
+    check_payload(endpoint, payload, body, config.limits)
     upstream_model = resolve_model(config, model)
     request[MODEL] = backend.model_label
     if upstream_model != model:
@@ -190,18 +192,26 @@ def resolve_model(config: BaseConfig, requested: str) -> str:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
+
+    Read once per request: a layer that needed it first (signature checks) left it here.
+    """
+    if BODY in request:
+        return request[BODY]
     length = request.content_length
     if length is not None:
         if length > limit:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-        return await request.read()
-    chunks = bytearray()
-    async for chunk in request.content.iter_any():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    return bytes(chunks)
+        body = await request.read()
+    else:
+        chunks = bytearray()
+        async for chunk in request.content.iter_any():
+            chunks += chunk
+            if len(chunks) > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        body = bytes(chunks)
+    request[BODY] = body
+    return body
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

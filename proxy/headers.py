@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 FORWARDED_REQUEST_HEADERS = frozenset(
     {"content-type", "accept", "x-request-id", "traceparent", "tracestate"}
@@ -29,13 +29,28 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 
 def request_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The client headers that may be sent upstream."""
-    return {k: v for k, v in incoming.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+    hop = _connection_tokens(incoming)
+    return {
+        k: v
+        for k, v in incoming.items()
+        if k.lower() in FORWARDED_REQUEST_HEADERS and k.lower() not in hop
+    }
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream headers relayed to the client."""
+    hop = _connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in upstream.items():
-        if key.lower() not in DROPPED_RESPONSE_HEADERS:
+        if key.lower() not in DROPPED_RESPONSE_HEADERS and key.lower() not in hop:
             out.add(key, value)
     return out
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Headers the sender declared hop-by-hop in ``Connection`` (RFC 9110 section 7.6.1)."""
+    if isinstance(headers, MultiMapping):
+        values = headers.getall("Connection", [])
+    else:
+        values = [v for k, v in headers.items() if k.lower() == "connection"]
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())

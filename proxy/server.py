@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.app import create_app
+from proxy.auth import check_exposure
 from proxy.config import BaseConfig
 from proxy.drain import FINAL_WRITE_SECONDS
 from proxy.logs import AccessLogger
@@ -33,6 +34,9 @@ def run(config: BaseConfig, *, config_path: str | None = None) -> None:
 
 
 async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
+    warning = check_exposure(config)
+    if warning:
+        log.warning(warning)
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
     runner = web.AppRunner(

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 Endpoint = Literal["chat", "completions", "embeddings", "passthrough"]
 
 JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
-SSE_HEADERS: Mapping[str, str] = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+SSE_HEADERS: Mapping[str, str] = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass(slots=True)

@@ -1,16 +1,64 @@
-"""Function Network endpoints (``backend_provider: fxn``): OpenAI format, ``model`` = ``fxn_id``."""
+"""Function Network endpoints (``backend_provider: fxn``): OpenAI format, ``model`` = ``fxn_id``.
+
+With ``fxn.private_key`` (or ``fxn.private_key_file``) configured, every request this
+adapter sends is signed as the network signs them (``proxy.signing``): inference attempts,
+model lists and readiness probes alike. Signing happens per request inside ``request``, so
+each retry of a job carries a fresh timestamp and nonce and is never taken for a replay.
+The client's own signature headers never travel on; ``proxy.headers`` drops them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import aiohttp
+
 from proxy.adapters.base import Job, UpstreamResponse
-from proxy.adapters.openai import HTTPUpstream
+from proxy.adapters.openai import HTTPUpstream, _release
+from proxy.config import BaseConfig, FxnConfig
+from proxy.errors import UpstreamError
 from proxy.headers import request_headers
+from proxy.signing import Signer
 
 
 class FxnAdapter(HTTPUpstream):
     """Forwards to a Function Network node or gateway; the resolver already set ``fxn_id``."""
 
     name = "fxn"
+
+    def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, session)
+        key = config.fxn.private_key if isinstance(config, FxnConfig) else None
+        # The config has already proved the key loads; this cannot raise for a valid config.
+        self.signer = None if key is None else Signer.from_text(key.get_secret_value())
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        if self.signer is not None:
+            # Signed over exactly the bytes sent; no body is signed as the empty string.
+            headers = {**(headers or {}), **self.signer.headers(body or b"")}
+        return await super().request(method, path, body=body, headers=headers)
+
+    async def check_ready(self) -> None:
+        # Any answer below 500 shows the node is up, except a refusal of our credentials,
+        # which would refuse every job too. Gateways need not list models, so 404 is fine.
+        response = await self.request("GET", "/v1/models")
+        _release(response)
+        if response.status in (401, 403):
+            raise UpstreamError(
+                f"upstream at {self.where} refused this node's signature or credentials "
+                f"({response.status})"
+            )
+        if response.status >= 500:
+            raise UpstreamError(
+                f"upstream at {self.where} answered /v1/models with {response.status}"
+            )
 
     async def send(self, job: Job) -> UpstreamResponse:
         response = await self.request(
