@@ -12,7 +12,7 @@ import orjson
 if TYPE_CHECKING:
     import aiohttp
 
-    from proxy.config import ProxyConfig
+    from proxy.config import BaseConfig
 
 Endpoint = Literal["chat", "completions", "embeddings", "passthrough"]
 
@@ -61,7 +61,7 @@ class UpstreamResponse:
     relay always calls it, also when the client has gone.
     """
 
-    __slots__ = ("status", "headers", "stream", "usage", "_chunks", "_release")
+    __slots__ = ("status", "headers", "stream", "usage", "body", "_chunks", "_release")
 
     def __init__(
         self,
@@ -76,6 +76,8 @@ class UpstreamResponse:
         self.headers = headers
         self.stream = stream
         self.usage = Usage()
+        #: The whole body once :meth:`buffer` has read it.
+        self.body: bytes | None = None
         self._chunks = chunks
         self._release = release
 
@@ -85,6 +87,16 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self._chunks]
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def buffer(self) -> bytes:
+        """Read the whole body now (and release the upstream); later reads use ``body``."""
+        if self.body is None:
+            try:
+                self.body = await self.read()
+            finally:
+                await self.release()
+            self._chunks = _once(self.body)
+        return self.body
 
     async def release(self) -> None:
         release, self._release = self._release, None
@@ -125,7 +137,7 @@ class Adapter(ABC):
     #: Whether ``/v1/*`` paths the proxy does not know are forwarded to this upstream unchanged.
     passthrough: ClassVar[bool] = False
 
-    def __init__(self, config: ProxyConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.session = session
 

@@ -1,0 +1,172 @@
+"""OpenAI-compatible upstreams (``custom``, a vLLM server): bytes in, bytes out.
+
+The body travels as received (the resolver has already rewritten ``model``); the answer is
+relayed chunk by chunk without parsing. Only the status line and headers are looked at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from proxy.adapters.base import Adapter, Job, UpstreamResponse
+from proxy.config import BaseConfig
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.headers import request_headers, response_headers
+
+#: Statuses worth another attempt: the upstream is busy or briefly gone.
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class HTTPUpstream(Adapter):
+    """Shared plumbing for adapters that speak HTTP to ``config.url``."""
+
+    def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, session)
+        assert config.url is not None
+        self.base_url = config.url
+        self.where = _safe_origin(config.url)
+        self.auth_headers = credential_headers(config)
+        t = config.timeouts
+        # sock_read is left unset: first byte and idle gaps are bounded separately below.
+        self.client_timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect)
+
+    async def request(
+        self, method: str, path: str, *, body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request and wait for the status line, within the first-byte timeout."""
+        all_headers = {**(headers or {}), **self.auth_headers, "Accept-Encoding": "identity"}
+        try:
+            async with asyncio.timeout(self.config.timeouts.first_byte):
+                return await self.session.request(
+                    method, self.base_url + path, data=body, headers=all_headers,
+                    timeout=self.client_timeout, allow_redirects=False,
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream at {self.where} did not answer within "
+                f"{self.config.timeouts.first_byte:g} s", retryable=True,
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(
+                f"upstream at {self.where} is unreachable: {_reason(exc)}", retryable=True
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"upstream at {self.where} failed before answering: {_reason(exc)}", retryable=True
+            ) from exc
+
+    async def body_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
+        idle = self.config.timeouts.idle
+        content = response.content
+        try:
+            while True:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream at {self.where} sent nothing for {idle:g} s mid-answer"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"upstream at {self.where} broke off mid-answer: {_reason(exc)}"
+            ) from exc
+
+    def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
+        stream = response.content_type == "text/event-stream"
+        return UpstreamResponse(
+            response.status, response_headers(response.headers), self.body_chunks(response),
+            stream=stream, release=lambda: _release(response),
+        )
+
+    async def get_json(self, path: str) -> Any:
+        response = await self.request("GET", path)
+        try:
+            if response.status >= 400:
+                raise UpstreamError(f"upstream at {self.where} answered {path} with {response.status}")
+            return await response.json(content_type=None)
+        except (ValueError, aiohttp.ClientError) as exc:
+            raise UpstreamError(f"upstream at {self.where} sent a bad answer to {path}") from exc
+        finally:
+            _release(response)
+
+
+class OpenAIAdapter(HTTPUpstream):
+    """Any OpenAI-compatible server (``backend_provider: custom``)."""
+
+    name = "custom"
+    passthrough = True
+    ready_path = "/v1/models"
+
+    async def send(self, job: Job) -> UpstreamResponse:
+        path = job.path + ("?" + job.query if job.query else "")
+        response = await self.request(
+            job.method, path, body=job.body or None, headers=request_headers(job.headers)
+        )
+        return self.relay(response)
+
+    async def models(self) -> list[dict[str, Any]]:
+        data = await self.get_json("/v1/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
+
+    async def check_ready(self) -> None:
+        response = await self.request("GET", self.ready_path)
+        _release(response)
+        if response.status in (401, 403):
+            raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
+        if response.status >= 400:
+            raise UpstreamError(f"upstream at {self.where} answered {self.ready_path} with {response.status}")
+
+
+class VllmServerAdapter(OpenAIAdapter):
+    """A vLLM OpenAI server (``backend_provider: vllm`` with ``url``)."""
+
+    name = "vllm"
+    ready_path = "/health"
+
+
+def credential_headers(config: BaseConfig) -> dict[str, str]:
+    """The upstream credentials from the config, as headers."""
+    headers = {}
+    if config.api_key is not None:
+        name = config.api_key_header_name
+        key = config.api_key.get_secret_value()
+        headers[name] = f"Bearer {key}" if name.lower() == "authorization" else key
+    if config.bearer_token is not None:
+        headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
+    return headers
+
+
+def _release(response: aiohttp.ClientResponse) -> None:
+    # A half-read body must close the connection so the upstream sees the client go away;
+    # a fully read one goes back to the keep-alive pool.
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+def _safe_origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, without credentials or path, for messages."""
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or type(exc.os_error).__name__
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the response body was incomplete"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return type(exc).__name__

@@ -1,0 +1,119 @@
+"""``model-proxy``: serve and check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import SecretStr, ValidationError
+
+from proxy import __version__
+from proxy.config import BaseConfig, ServerSection
+from proxy.configfile import default_path, load_config
+from proxy.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="model-proxy", description="Reverse proxy in front of a model backend."
+    )
+    parser.add_argument("--version", action="version", version=f"model-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _config_arg(serve)
+    serve.add_argument("--host", help="address to bind (overrides server.host)")
+    serve.add_argument("--port", type=int, help="port to bind (overrides server.port)")
+
+    check = commands.add_parser("check", help="validate the config and print it, secrets masked")
+    _config_arg(check)
+    check.add_argument("--probe", action="store_true",
+                       help="also ask the upstream whether it is ready to serve")
+
+    args = parser.parse_args(argv)
+    path = Path(args.config) if args.config else default_path()
+    try:
+        config = load_config(path)
+        if args.command == "serve" and (args.host or args.port is not None):
+            config = _override_server(config, args.host, args.port)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        return _check(config, path, probe=args.probe)
+    from proxy.logs import setup_logging
+    from proxy.server import run
+
+    setup_logging(config.logging)
+    try:
+        run(config, config_path=str(path))
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"model-proxy: cannot serve on {config.server.host}:{config.server.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", metavar="PATH",
+        help="config file (default: $MODEL_BACKEND_CONFIG, else ./model_backend.yaml)",
+    )
+
+
+def _override_server(config: BaseConfig, host: str | None, port: int | None) -> BaseConfig:
+    overrides: dict[str, Any] = {"host": host} if host else {}
+    if port is not None:
+        overrides["port"] = port
+    try:
+        server = ServerSection.model_validate({**config.server.model_dump(), **overrides})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError([f"command line: --{first['loc'][0]}: {first['msg']}"]) from None
+    return config.model_copy(update={"server": server})
+
+
+def _check(config: BaseConfig, path: Path, *, probe: bool) -> int:
+    print(f"# {path}: valid ({config.backend_provider})")
+    print(yaml.safe_dump(masked(config), sort_keys=False), end="")
+    if probe:
+        import asyncio
+
+        from proxy.probe import probe as run_probe
+
+        problem = asyncio.run(run_probe(config))
+        if problem:
+            print(f"upstream: NOT READY: {problem}", file=sys.stderr)
+            return 1
+        print("upstream: ready")
+    return 0
+
+
+def masked(config: BaseConfig) -> dict[str, Any]:
+    """The effective config as plain data, every secret replaced by asterisks."""
+    return _mask(config.model_dump(mode="python"))
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "********"
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The shape of ``model_backend.yaml``: frozen pydantic models, one variant per provider.
+
+Every key is accepted in snake_case and camelCase (Function Network's node has used both).
+Sections are optional and default to what a node operator would pick; unknown keys are
+errors. ``proxy.configfile`` turns a file into a :data:`ProxyConfig` and its problems into
+one line each.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import ipaddress
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+BUILTIN_PROVIDERS = ("fxn", "custom", "vllm", "ollama", "mock")
+ENTRY_POINT_GROUP = "model_backend_proxy.adapters"
+#: Config keys that hold secrets; each also has a ``<key>_file`` variant read by the loader.
+SECRET_KEYS = ("api_key", "bearer_token", "private_key", "api_keys")
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+
+class ServerSection(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Seconds in-flight requests get to finish after SIGTERM before they are ended.
+    shutdown_grace: float = Field(30.0, ge=0)
+
+
+class ModelSection(Section):
+    """The public face of the served model.
+
+    With ``name`` set, only ``name`` and ``aliases`` are served (anything else is 404) and
+    ``/v1/models`` lists ``name``; without it, any model a client names is passed on.
+    """
+
+    name: str | None = Field(None, min_length=1)
+    aliases: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    context_length: int | None = Field(None, gt=0)
+    supported_features: tuple[str, ...] = ()
+
+
+class TimeoutsSection(Section):
+    connect: PositiveSeconds = 5.0
+    first_byte: PositiveSeconds = 120.0
+    #: Longest silence allowed between two chunks of a streamed answer.
+    idle: PositiveSeconds = 60.0
+    total: PositiveSeconds = 900.0
+
+
+class RetriesSection(Section):
+    attempts: int = Field(3, ge=1, le=20)
+    backoff_initial: float = Field(0.2, ge=0)
+    backoff_max: float = Field(5.0, ge=0)
+    #: Budget for all attempts of one request, waits included.
+    total: PositiveSeconds = 60.0
+    #: Longest ``Retry-After`` the proxy honours before giving up instead.
+    retry_after_cap: float = Field(10.0, ge=0)
+
+
+class LimitsSection(Section):
+    max_concurrency: int = Field(64, ge=1)
+    max_queue: int = Field(256, ge=0)
+    queue_timeout: PositiveSeconds = 30.0
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=2)
+    max_messages: int = Field(4096, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+
+
+class FxnSignaturesSection(Section):
+    allowed_addresses: tuple[str, ...] = Field(min_length=1)
+    #: Accepted clock difference, in seconds, between the signer and this node.
+    window: PositiveSeconds = 300.0
+    nonce_cache_size: int = Field(100_000, ge=1)
+
+
+class AuthSection(Section):
+    mode: Literal["any", "all"] = "any"
+    api_keys: tuple[SecretStr, ...] = ()
+    fxn_signatures: FxnSignaturesSection | None = None
+    allow_unauthenticated: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys) or self.fxn_signatures is not None
+
+
+class MetricsSection(Section):
+    enabled: bool = True
+
+
+class DeterminismSection(Section):
+    enforce: bool = False
+    seed: int = 0
+
+
+class LoggingSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    access_log: bool = True
+
+
+class OllamaSection(Section):
+    #: Ollama model options (``num_ctx``, …) sent with every request under the request's own.
+    options: dict[str, Any] = Field(default_factory=dict)
+    keep_alive: str | int | None = None
+
+
+class FxnSection(Section):
+    #: Key that signs outbound requests to the Function Network (hex, 32 bytes).
+    private_key: SecretStr | None = None
+
+
+class EngineSection(Section):
+    """vLLM engine arguments for in-process mode (``backend_provider: vllm`` without ``url``)."""
+
+    model: str = Field(min_length=1)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, gt=0)
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+    seed: int = 0
+    #: Further ``AsyncEngineArgs`` fields, passed through as they are.
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+def _check_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:11434")
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError("give the base URL without /v1; the proxy adds the path itself")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    return url.rstrip("/")
+
+
+class BaseConfig(Section):
+    backend_provider: str
+    url: str | None = None
+    fxn_id: str | None = Field(None, min_length=1)
+    api_key: SecretStr | None = None
+    #: Header that carries ``api_key`` upstream; the provider's default when unset.
+    api_key_header: str | None = Field(None, min_length=1)
+    bearer_token: SecretStr | None = None
+    model_name_alias: str | None = Field(None, min_length=1)
+    #: Reload when the file changes (SIGHUP always reloads).
+    watch: bool = False
+    server: ServerSection = ServerSection()
+    model: ModelSection = ModelSection()
+    timeouts: TimeoutsSection = TimeoutsSection()
+    retries: RetriesSection = RetriesSection()
+    limits: LimitsSection = LimitsSection()
+    auth: AuthSection = AuthSection()
+    metrics: MetricsSection = MetricsSection()
+    determinism: DeterminismSection = DeterminismSection()
+    logging: LoggingSection = LoggingSection()
+
+    #: The header ``api_key`` travels in unless ``api_key_header`` says otherwise.
+    default_api_key_header: ClassVar[str] = "x-api-key"
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_base(cls, value: str | None) -> str | None:
+        return _check_url(value)
+
+    @model_validator(mode="after")
+    def _credentials_do_not_collide(self) -> BaseConfig:
+        if self.api_key and self.bearer_token and self.api_key_header_name.lower() == "authorization":
+            raise ValueError(
+                "api_key and bearer_token would both be sent as Authorization; "
+                "keep one, or set api_key_header"
+            )
+        return self
+
+    @property
+    def api_key_header_name(self) -> str:
+        return self.api_key_header or self.default_api_key_header
+
+    @property
+    def public_name(self) -> str | None:
+        """The model id clients see, if the operator fixed one."""
+        return self.model.name
+
+    @property
+    def upstream_name(self) -> str | None:
+        """The model name sent upstream, if fixed; ``None`` passes the client's name on."""
+        return self.model_name_alias or self.model.name
+
+    def is_loopback(self) -> bool:
+        host = self.server.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+class _NeedsUrl(BaseConfig):
+    @model_validator(mode="after")
+    def _url_required(self) -> _NeedsUrl:
+        if self.url is None:
+            raise ValueError(f"url is required for backend_provider {self.backend_provider}")
+        return self
+
+
+class MockConfig(BaseConfig):
+    backend_provider: Literal["mock"]
+
+
+class CustomConfig(_NeedsUrl):
+    backend_provider: Literal["custom"]
+
+
+class OllamaConfig(_NeedsUrl):
+    backend_provider: Literal["ollama"]
+    ollama: OllamaSection = OllamaSection()
+    default_api_key_header: ClassVar[str] = "Authorization"
+
+
+class FxnConfig(_NeedsUrl):
+    backend_provider: Literal["fxn"]
+    fxn_id: str = Field(min_length=1)
+    fxn: FxnSection = FxnSection()
+
+    @property
+    def upstream_name(self) -> str:
+        return self.fxn_id
+
+    @property
+    def public_name(self) -> str:
+        return self.model.name or self.fxn_id
+
+
+class VllmConfig(BaseConfig):
+    backend_provider: Literal["vllm"]
+    engine: EngineSection | None = None
+    default_api_key_header: ClassVar[str] = "Authorization"
+
+    @model_validator(mode="after")
+    def _url_or_engine(self) -> VllmConfig:
+        if self.url is None and self.engine is None:
+            raise ValueError(
+                "backend_provider vllm needs url (a vLLM server) or an engine section "
+                "with engine.model (in-process)"
+            )
+        if self.url is not None and self.engine is not None:
+            raise ValueError("engine is only used without url (in-process mode); remove one")
+        return self
+
+
+class PluginConfig(BaseConfig):
+    """A third-party adapter: an entry-point name or a ``module:Class`` path."""
+
+    #: The adapter's own settings, handed to it as they are.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backend_provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        if ":" in value or value in adapter_entry_points():
+            return value
+        from difflib import get_close_matches
+
+        known = [*BUILTIN_PROVIDERS, *adapter_entry_points()]
+        close = get_close_matches(value, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown provider {value!r}{hint}; expected one of {', '.join(known)} "
+            "or a module:Class path"
+        )
+
+
+def adapter_entry_points() -> dict[str, str]:
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep.value for ep in eps}
+
+
+def _provider_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        provider = value.get("backend_provider", value.get("backendProvider"))
+    else:
+        provider = getattr(value, "backend_provider", None)
+    return provider if provider in BUILTIN_PROVIDERS else "plugin"
+
+
+ProxyConfig = Annotated[
+    Annotated[MockConfig, Tag("mock")]
+    | Annotated[CustomConfig, Tag("custom")]
+    | Annotated[VllmConfig, Tag("vllm")]
+    | Annotated[OllamaConfig, Tag("ollama")]
+    | Annotated[FxnConfig, Tag("fxn")]
+    | Annotated[PluginConfig, Tag("plugin")],
+    Discriminator(_provider_tag),
+]
+
+CONFIG_ADAPTER: TypeAdapter[ProxyConfig] = TypeAdapter(ProxyConfig)
+
+VARIANTS: dict[str, type[BaseConfig]] = {
+    "mock": MockConfig,
+    "custom": CustomConfig,
+    "vllm": VllmConfig,
+    "ollama": OllamaConfig,
+    "fxn": FxnConfig,
+    "plugin": PluginConfig,
+}
+
+
+def build_config(data: dict[str, Any]) -> ProxyConfig:
+    """Validate a plain mapping (already interpolated) into a config; raises ValidationError."""
+    return CONFIG_ADAPTER.validate_python(data)

@@ -1,0 +1,271 @@
+"""Reading ``model_backend.yaml``: YAML, ``${ENV}`` interpolation, ``*_file`` secrets, errors.
+
+:func:`load_config` either returns a complete, validated config or raises ``ConfigError``
+whose ``problems`` are single lines of the form ``FILE: KEY.PATH: what is wrong``. Nothing is
+half-applied: callers swap configs only after this returns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel, to_snake
+
+from proxy.config import SECRET_KEYS, VARIANTS, ProxyConfig, _provider_tag, build_config
+from proxy.errors import ConfigError
+
+Loc = tuple[str | int, ...]
+_REF = re.compile(r"\$\$|\$\{([^}]*)\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("MODEL_BACKEND_CONFIG") or "model_backend.yaml")
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> ProxyConfig:
+    """Read, interpolate and validate a config file; raise ``ConfigError`` on any problem."""
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{name}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{name}: cannot read: {_reason(exc)}"]) from None
+    data = parse_yaml(text, name)
+    problems: list[str] = []
+    data = _interpolate(data, (), os.environ if env is None else env, name, problems)
+    _read_secret_files(data, (), path.parent, name, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return build_config(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, data, name)) from None
+
+
+def parse_yaml(text: str, name: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise ConfigError([f"{where}: YAML syntax error: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{name}: YAML error: {exc}"]) from None
+    if data is None:
+        raise ConfigError([f"{name}: the file is empty; it needs at least backend_provider"])
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError([f"{name}: the top level must be a mapping of keys, not a {kind}"])
+    return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping
+)
+
+
+def _interpolate(value: Any, loc: Loc, env: Mapping[str, str], name: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        if "$" not in value:
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            ref = match.group(1)
+            var, sep, default = ref.partition(":-")
+            if not _NAME.match(var):
+                problems.append(f"{name}: {_path(loc)}: bad environment reference ${{{ref}}}")
+                return ""
+            if var in env:
+                return env[var]
+            if sep:
+                return default
+            problems.append(
+                f"{name}: {_path(loc)}: environment variable {var} is not set "
+                f"(use ${{{var}:-default}} for a fallback)"
+            )
+            return ""
+
+        return _REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*loc, k), env, name, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*loc, i), env, name, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: list[str]) -> None:
+    """Replace ``<secret>_file`` keys by the file's contents, in place."""
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            _read_secret_files(item, (*loc, i), base, name, problems)
+        return
+    if not isinstance(data, dict):
+        return
+    for key in list(data):
+        if not isinstance(key, str):
+            continue
+        snake = to_snake(key)
+        stem = snake.removesuffix("_file")
+        if snake.endswith("_file") and stem in SECRET_KEYS:
+            where = _path((*loc, key))
+            if stem in data or to_camel(stem) in data:
+                problems.append(f"{name}: {where}: give either {stem} or {stem}_file, not both")
+                continue
+            file_value = data.pop(key)
+            if not isinstance(file_value, str) or not file_value:
+                problems.append(f"{name}: {where}: must be a file path")
+                continue
+            secret_path = base / Path(file_value).expanduser()
+            try:
+                text = secret_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(f"{name}: {where}: cannot read {secret_path}: {_reason(exc)}")
+                continue
+            if stem == "api_keys":
+                lines = (line.strip() for line in text.splitlines())
+                data[stem] = [line for line in lines if line and not line.startswith("#")]
+            else:
+                data[stem] = text.strip()
+            if not data[stem]:
+                problems.append(f"{name}: {where}: {secret_path} is empty")
+        else:
+            _read_secret_files(data[key], (*loc, key), base, name, problems)
+
+
+def _describe(exc: ValidationError, data: dict[str, Any], name: str) -> list[str]:
+    variant = VARIANTS[_provider_tag(data)]
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc: Loc = tuple(err["loc"][1:])  # the first element is the provider tag
+        ctx = err.get("ctx") or {}
+        if err["type"] != "extra_forbidden":  # there the key is the user's own spelling
+            loc = tuple(to_snake(p) if isinstance(p, str) else p for p in loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{name}: {_path(loc)}: {_unknown_key(variant, loc, data)}")
+            continue
+        if err["type"] == "value_error" and not loc:
+            message = str(ctx.get("error", err["msg"]))
+            first = message.split(" ", 1)[0]
+            lines.append(f"{name}: {first if first in _names(variant) else '(top level)'}: {message}")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            message = "is required" + (
+                f" for backend_provider {data.get('backend_provider') or data.get('backendProvider')}"
+                if len(loc) == 1
+                else ""
+            )
+        lines.append(f"{name}: {_path(loc)}: {message}")
+    return lines
+
+
+def _unknown_key(variant: type[BaseModel], loc: Loc, data: dict[str, Any]) -> str:
+    key = str(loc[-1])
+    model = _model_at(variant, loc[:-1])
+    parent = _value_at(data, loc[:-1])
+    known = _names(model) if model else set()
+    twin = to_camel(key) if to_camel(key) != key else to_snake(key)
+    if twin in known and isinstance(parent, dict) and twin in parent:
+        return f"given twice, as {twin} and {key}; keep one"
+    if len(loc) == 1:
+        users = [p for p, cls in VARIANTS.items() if p != "plugin" and key in _names(cls)]
+        if users:
+            provider = data.get("backend_provider") or data.get("backendProvider")
+            return f"not used by backend_provider {provider} (only by {', '.join(users)})"
+    close = get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if not close and model is not None:
+        nested = [
+            f"{section}.{to_snake(key)}"
+            for section, field in model.model_fields.items()
+            for sub in _models_in(field.annotation)
+            if to_snake(key) in sub.model_fields
+        ]
+        close = nested[:1]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint}"
+
+
+def _names(model: type[BaseModel]) -> set[str]:
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        names.add(field_name)
+        if field.alias:
+            names.add(field.alias)
+    return names
+
+
+def _model_at(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(to_snake(part))
+        if field is None:
+            return None
+        current = next(_models_in(field.annotation), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        yield from _models_in(typing.get_args(annotation)[0])
+    elif origin in (typing.Union, types.UnionType, tuple, list):
+        for arg in typing.get_args(annotation):
+            yield from _models_in(arg)
+
+
+def _value_at(data: Any, loc: Loc) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _path(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__

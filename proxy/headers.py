@@ -1,0 +1,41 @@
+"""Header hygiene: what crosses the proxy in each direction.
+
+Towards the upstream only an allow-list of client headers travels, so inbound credentials
+(``Authorization``, ``x-api-key``, ``X-Signature`` and the rest of Function Network's
+signature headers), cookies and hop-by-hop headers never leave the node. Back to the client,
+hop-by-hop headers, cookies and the upstream's server internals are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {"content-type", "accept", "x-request-id", "traceparent", "tracestate"}
+)
+
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        # hop-by-hop (RFC 9110 section 7.6.1) and framing the proxy redoes itself
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "transfer-encoding", "upgrade", "content-length", "content-encoding",
+        # state and internals that belong to the upstream, not to the network's client
+        "set-cookie", "server", "date", "via", "x-powered-by", "alt-svc",
+    }
+)
+
+
+def request_headers(incoming: Mapping[str, str]) -> dict[str, str]:
+    """The client headers that may be sent upstream."""
+    return {k: v for k, v in incoming.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream headers relayed to the client."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in upstream.items():
+        if key.lower() not in DROPPED_RESPONSE_HEADERS:
+            out.add(key, value)
+    return out

@@ -1,0 +1,43 @@
+"""Shared fixtures: real servers on 127.0.0.1 — the proxy itself and fake upstreams."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app
+from proxy.config import build_config
+from tests.fakes.openai_upstream import FakeOpenAI
+
+StartProxy = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def fake_openai() -> FakeOpenAI:
+    return FakeOpenAI()
+
+
+@pytest.fixture
+async def openai_upstream(aiohttp_server: Any, fake_openai: FakeOpenAI) -> TestServer:
+    """The fake OpenAI server, started; its recordings are on the ``fake_openai`` fixture."""
+    return await aiohttp_server(fake_openai.app())
+
+
+@pytest.fixture
+def start_proxy(aiohttp_client: Any) -> StartProxy:
+    """Start the proxy for a config mapping; returns an aiohttp client bound to it.
+
+    Each call builds a fresh app with its own metrics registry.
+    """
+
+    async def start(config: dict[str, Any], **client_kwargs: Any) -> TestClient:
+        return await aiohttp_client(create_app(build_config(config)), **client_kwargs)
+
+    return start
+
+
+def upstream_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")
