@@ -1,10 +1,12 @@
 """``backend_provider: ollama``: OpenAI jobs on Ollama's native API (/api/chat, /api/generate,
 /api/embed), with answers that read exactly like OpenAI's.
 
-The mapping itself is in :mod:`ollama_wire` (requests, whole responses) and
-:mod:`ollama_stream` (NDJSON to SSE); this module does the HTTP: credentials, timeouts, error
-statuses, and the stream's lifetime. Ollama's timings land in ``UpstreamResponse.usage.extra``
-(seconds, and tokens per second) for the metrics layer.
+The mapping itself is in :mod:`ollama_wire` (requests) and :mod:`ollama_replies` (answers,
+NDJSON to SSE); this module does the HTTP: timeouts, error statuses, the stream's lifetime.
+Sending, credentials and connection errors are ``HTTPUpstream``'s, shared with the other HTTP
+adapters. Ollama's timings land in ``UpstreamResponse.usage.extra`` for the metrics layer:
+``total_duration``, ``load_duration``, ``prompt_eval_duration``, ``eval_duration`` (seconds),
+``tokens_per_second`` and ``prompt_tokens_per_second``.
 """
 
 from __future__ import annotations
@@ -18,50 +20,37 @@ from typing import Any
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from proxy.adapters import ollama_replies as replies
 from proxy.adapters import ollama_wire as wire
-from proxy.adapters.base import Adapter, Job, UpstreamResponse, Usage
+from proxy.adapters.base import Job, UpstreamResponse, Usage
 from proxy.adapters.ollama_replies import NDJSONLines, StreamTranslator, parse_line
+from proxy.adapters.openai import RETRYABLE_STATUSES, HTTPUpstream
+from proxy.config import BaseConfig, OllamaConfig, OllamaSection
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError, UpstreamTimeout
 
 _PATHS = {"chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"}
-_RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+_JSON = {"Content-Type": "application/json"}
 _ERROR_SNIPPET = 300  # characters of a non-JSON error body worth showing
 
 
-class OllamaAdapter(Adapter):
-    """Talks to one Ollama server; ``config.url`` is its base URL (no ``/v1``)."""
+class OllamaAdapter(HTTPUpstream):
+    """Talks to one Ollama server; ``config.url`` is its base URL (no ``/v1``).
+
+    Timeouts: ``connect`` and ``total`` bound the HTTP request (aiohttp); ``first_byte``
+    bounds the wait for the first NDJSON line (for ``stream: false``, for the whole answer,
+    which Ollama sends at once); ``idle`` bounds each later read.
+    """
 
     name = "ollama"
 
-    def __init__(self, config: Any, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
-        if not config.url:
-            raise ValueError("the ollama provider needs 'url'")  # config validation says so first
-        self._base = URL(config.url.rstrip("/"))
-        # The host alone names the server in messages: the URL may carry user:password.
-        self._where = f"{self._base.host}:{self._base.port}"
-        secret = config.bearer_token or config.api_key
-        self._headers = {"Content-Type": "application/json"}
-        if secret is not None:
-            self._headers["Authorization"] = f"Bearer {secret.get_secret_value()}"
-        ollama = getattr(config, "ollama", None)
-        self._options: Mapping[str, Any] = dict(getattr(ollama, "options", None) or {})
-        self._keep_alive: str | int | None = getattr(ollama, "keep_alive", None)
-        self._tag: str | None = config.model_name_alias or config.model.name
-        timeouts = config.timeouts
-        self._connect: float | None = timeouts.connect
-        self._first_byte: float | None = timeouts.first_byte
-        self._idle: float | None = timeouts.idle
-        self._total: float | None = timeouts.total
-        # Idle and first-byte limits are enforced here, per read, not by aiohttp's sock_read:
-        # sock_read also runs while Ollama loads a model before its first byte, which may
-        # rightly take longer than the idle limit allows.
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=None, connect=self._connect, sock_connect=self._connect
-        )
+        ollama = config.ollama if isinstance(config, OllamaConfig) else OllamaSection()
+        self._options: Mapping[str, Any] = ollama.options
+        self._keep_alive = ollama.keep_alive
+        self._tag = config.upstream_name
+        self._timeouts = config.timeouts
 
     # --- the seam --------------------------------------------------------------------------
 
@@ -74,53 +63,44 @@ class OllamaAdapter(Adapter):
         """
         payload = job.payload
         if payload is None or job.endpoint not in _PATHS:
-            raise NotFound(f"{job.path} is not served by the ollama backend")
+            raise NotFound(f"{job.path} is not served by the ollama backend", code="unknown_path")
         model = job.model or self._tag or ""
         tag = job.upstream_model or self._tag or model
         body = self._request_body(job, payload, tag)
-        deadline = None if self._total is None else asyncio.get_running_loop().time() + self._total
-        resp = await self._post(_PATHS[job.endpoint], body, deadline, model=model, tag=tag)
+        first_byte_by = asyncio.get_running_loop().time() + self._timeouts.first_byte
+        resp = await self._post(_PATHS[job.endpoint], body, model=model, tag=tag)
         created = int(time.time())
-        if job.endpoint == "embeddings":
-            obj = await self._read_json(resp, deadline)
-            out = UpstreamResponse.from_json(
-                replies.embeddings_response(
-                    obj, model=model, encoding_format=payload.get("encoding_format")
-                )
+        if job.stream and job.endpoint != "embeddings":
+            options = payload.get("stream_options")
+            translator = StreamTranslator(
+                "chat" if job.endpoint == "chat" else "completions",
+                model=model,
+                response_id=replies.new_id("chatcmpl" if job.endpoint == "chat" else "cmpl"),
+                created=created,
+                include_usage=isinstance(options, Mapping) and bool(options.get("include_usage")),
+                max_tool_calls=_max_tool_calls(payload),
             )
-            out.usage.prompt_tokens = obj.get("prompt_eval_count")
-            out.usage.extra = replies.timings(obj)
-            return out
-        max_calls = 1 if payload.get("parallel_tool_calls") is False else None
-        if not job.stream:
-            obj = await self._read_json(resp, deadline)
-            if "error" in obj:
-                raise UpstreamError(f"Ollama failed: {obj['error']}")
-            if job.endpoint == "chat":
-                answer = replies.chat_response(
-                    obj,
-                    model=model,
-                    response_id=replies.new_id("chatcmpl"),
-                    created=created,
-                    max_tool_calls=max_calls,
-                )
-            else:
-                answer = replies.completion_response(
-                    obj, model=model, response_id=replies.new_id("cmpl"), created=created
-                )
-            out = UpstreamResponse.from_json(answer)
-            _fill_usage(out.usage, obj)
-            return out
-        options = payload.get("stream_options")
-        translator = StreamTranslator(
-            "chat" if job.endpoint == "chat" else "completions",
-            model=model,
-            response_id=replies.new_id("chatcmpl" if job.endpoint == "chat" else "cmpl"),
-            created=created,
-            include_usage=isinstance(options, Mapping) and bool(options.get("include_usage")),
-            max_tool_calls=max_calls,
-        )
-        return await self._stream(resp, translator, deadline)
+            return await self._stream(resp, translator, first_byte_by)
+        obj = await self._read_json(resp, first_byte_by)
+        if job.endpoint == "embeddings":
+            answer = replies.embeddings_response(
+                obj, model=model, encoding_format=payload.get("encoding_format")
+            )
+        elif job.endpoint == "chat":
+            answer = replies.chat_response(
+                obj,
+                model=model,
+                response_id=replies.new_id("chatcmpl"),
+                created=created,
+                max_tool_calls=_max_tool_calls(payload),
+            )
+        else:
+            answer = replies.completion_response(
+                obj, model=model, response_id=replies.new_id("cmpl"), created=created
+            )
+        out = UpstreamResponse.from_json(answer)
+        _fill_usage(out.usage, obj)
+        return out
 
     async def models(self) -> list[dict[str, Any]]:
         """Pulled models as OpenAI model objects, the configured public name first.
@@ -145,14 +125,14 @@ class OllamaAdapter(Adapter):
         """Ollama answers ``/api/version`` and has the configured model pulled."""
         version = await self._get_json("/api/version")
         if not isinstance(version.get("version"), str):
-            raise UpstreamError(f"Ollama at {self._where} gave no version from /api/version")
+            raise UpstreamError(f"Ollama at {self.where} gave no version from /api/version")
         if self._tag is None:
             return
         tags = (await self._get_json("/api/tags")).get("models") or []
         names = {_canonical(e.get("name") or e.get("model") or "") for e in tags}
         if _canonical(self._tag) not in names:
             raise UpstreamError(
-                f"model {self._tag!r} is not pulled on the Ollama server at {self._where}; "
+                f"model {self._tag!r} is not pulled on the Ollama server at {self.where}; "
                 f"run `ollama pull {self._tag}`"
             )
 
@@ -169,71 +149,53 @@ class OllamaAdapter(Adapter):
         )
 
     async def _post(
-        self, path: str, body: dict[str, Any], deadline: float | None, *, model: str, tag: str
+        self, path: str, body: dict[str, Any], *, model: str, tag: str
     ) -> aiohttp.ClientResponse:
         """Send and wait for the status; a non-200 answer is read, released and raised."""
-        with self._mapped(before_first_byte=True):
-            async with asyncio.timeout_at(self._until(self._first_byte, deadline)):
-                resp = await self.session.post(
-                    self._base.with_path(path),
-                    data=orjson.dumps(body),
-                    headers=self._headers,
-                    timeout=self._client_timeout,
-                )
-                if resp.status == 200:
-                    return resp
-                try:
-                    raw = await resp.read()
-                finally:
-                    resp.release()
-        raise _status_error(resp.status, raw, resp.headers.get("Retry-After"), model, tag)
-
-    async def _read_json(self, resp: aiohttp.ClientResponse, deadline: float | None) -> Any:
+        resp = await self.request("POST", path, body=orjson.dumps(body), headers=_JSON)
+        if resp.status == 200:
+            return resp
         try:
             with self._mapped(before_first_byte=True):
-                async with asyncio.timeout_at(self._until(self._idle, deadline)):
+                async with asyncio.timeout(self._timeouts.idle):
                     raw = await resp.read()
         finally:
             resp.release()
+        raise _status_error(resp.status, raw, resp.headers.get("Retry-After"), model, tag)
+
+    async def _read_json(self, resp: aiohttp.ClientResponse, until: float) -> dict[str, Any]:
         try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("Ollama answered with a body that is not valid JSON") from exc
-        if not isinstance(obj, dict):
-            raise UpstreamError("Ollama answered with JSON that is not an object")
-        return obj
+            with self._mapped(before_first_byte=True):
+                async with asyncio.timeout_at(until):
+                    raw = await resp.read()
+        finally:
+            resp.release()
+        return _json_object(raw, "its answer")
 
     async def _get_json(self, path: str) -> dict[str, Any]:
-        limit = self._first_byte if self._first_byte is not None else self._total
-        with self._mapped(before_first_byte=True):
-            async with asyncio.timeout_at(self._until(limit, None)):
-                async with self.session.get(
-                    self._base.with_path(path), headers=self._headers, timeout=self._client_timeout
-                ) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-        if status != 200:
-            raise UpstreamError(
-                f"Ollama at {self._where} answered {path} with {status}: {_error_text(raw)}",
-                retryable=status in _RETRYABLE_STATUSES,
-            )
+        resp = await self.request("GET", path)
         try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError(f"Ollama answered {path} with a body that is not JSON") from exc
-        if not isinstance(obj, dict):
-            raise UpstreamError(f"Ollama answered {path} with JSON that is not an object")
-        return obj
+            with self._mapped(before_first_byte=True):
+                async with asyncio.timeout(self._timeouts.idle):
+                    raw = await resp.read()
+        finally:
+            resp.release()
+        if resp.status != 200:
+            raise UpstreamError(
+                f"Ollama at {self.where} answered {path} with {resp.status}: {_error_text(raw)}",
+                retryable=resp.status in RETRYABLE_STATUSES,
+            )
+        return _json_object(raw, path)
 
     async def _stream(
-        self, resp: aiohttp.ClientResponse, translator: StreamTranslator, deadline: float | None
+        self, resp: aiohttp.ClientResponse, translator: StreamTranslator, first_byte_by: float
     ) -> UpstreamResponse:
         lines = NDJSONLines()
         first: list[bytes] = []
         try:
-            # The first line is read before answering (see send); its limit is first_byte.
+            # The first line is read before answering (see send), by the first-byte deadline.
             while not first:
-                chunk = await self._read(resp, self._first_byte, deadline, before_first_byte=True)
+                chunk = await self._read(resp, first_byte_by, before_first_byte=True)
                 if not chunk:
                     first = [lines.flush()]
                     break
@@ -243,13 +205,15 @@ class OllamaAdapter(Adapter):
             resp.close()
             raise
         usage = Usage()
+        idle = self._timeouts.idle
+        loop = asyncio.get_running_loop()
 
         async def events() -> AsyncIterator[bytes]:
             out = head
             while translator.final is None:
                 if out:
                     yield out
-                chunk = await self._read(resp, self._idle, deadline, before_first_byte=False)
+                chunk = await self._read(resp, loop.time() + idle, before_first_byte=False)
                 batch = lines.feed(chunk) if chunk else [lines.flush()]
                 # One SSE write per upstream read: every line the read finished, in order.
                 out = b"".join(translator.line(obj) for obj in map(parse_line, batch) if obj)
@@ -273,50 +237,48 @@ class OllamaAdapter(Adapter):
         return out
 
     async def _read(
-        self,
-        resp: aiohttp.ClientResponse,
-        limit: float | None,
-        deadline: float | None,
-        *,
-        before_first_byte: bool,
+        self, resp: aiohttp.ClientResponse, until: float, *, before_first_byte: bool
     ) -> bytes:
         with self._mapped(before_first_byte=before_first_byte):
-            async with asyncio.timeout_at(self._until(limit, deadline)):
+            async with asyncio.timeout_at(until):
                 return await resp.content.readany()
-
-    @staticmethod
-    def _until(limit: float | None, deadline: float | None) -> float | None:
-        if limit is None:
-            return deadline
-        end = asyncio.get_running_loop().time() + limit
-        return end if deadline is None else min(end, deadline)
 
     @contextmanager
     def _mapped(self, *, before_first_byte: bool) -> Iterator[None]:
-        """Translate aiohttp and timeout failures to the project's errors, in one place.
+        """Translate aiohttp and timeout failures while reading a body to the project's errors.
 
-        Before the first byte nothing reached the client, so connection failures and timeouts
-        are retryable; after it, a retry would duplicate output, so they are not.
+        Before the first byte nothing reached the client, so they are retryable; after it, a
+        retry would duplicate output, so they are not. (Sending is mapped by ``request``.)
         """
         try:
             yield
-        except ProxyError:
-            raise
-        except TimeoutError as exc:  # asyncio.timeout and aiohttp's connect timeouts alike
+        except TimeoutError as exc:  # our deadlines and aiohttp's total timeout alike
             stage = "answer" if before_first_byte else "send more of its answer"
             raise UpstreamTimeout(
-                f"Ollama at {self._where} did not {stage} in time", retryable=before_first_byte
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                f"cannot connect to Ollama at {self._where}", retryable=True
+                f"Ollama at {self.where} did not {stage} in time", retryable=before_first_byte
             ) from exc
         except aiohttp.ClientError as exc:
             stage = "before answering" if before_first_byte else "mid-answer"
             raise UpstreamError(
-                f"the connection to Ollama at {self._where} failed {stage}",
+                f"the connection to Ollama at {self.where} failed {stage}",
                 retryable=before_first_byte,
             ) from exc
+
+
+def _max_tool_calls(payload: Mapping[str, Any]) -> int | None:
+    return 1 if payload.get("parallel_tool_calls") is False else None
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(f"Ollama sent {what} as a body that is not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise UpstreamError(f"Ollama sent {what} as JSON that is not an object")
+    if isinstance(obj.get("error"), str):
+        raise UpstreamError(f"Ollama failed: {obj['error']}")
+    return obj
 
 
 def _fill_usage(usage: Usage, final: Mapping[str, Any]) -> None:
@@ -329,6 +291,10 @@ def _status_error(
     status: int, raw: bytes, retry_after: str | None, model: str, tag: str
 ) -> ProxyError:
     message = _error_text(raw)
+    if tag != model:
+        # Ollama names the tag in its messages; clients know the model by its public name.
+        for name in sorted({tag, tag.removesuffix(":latest")}, key=len, reverse=True):
+            message = message.replace(name, model)
     if status == 404:
         # The public name alone when an alias hides the tag; the operator's pull hint otherwise.
         hint = f"`ollama pull {tag}`" if tag == model else "`ollama pull` for the configured model"
@@ -350,7 +316,7 @@ def _status_error(
         )
     return UpstreamError(
         f"Ollama failed ({status}): {message}",
-        retryable=status in _RETRYABLE_STATUSES,
+        retryable=status in RETRYABLE_STATUSES,
         retry_after=after,
     )
 

@@ -69,7 +69,7 @@ def tool_calls(calls: list[Any], start: int = 0) -> list[dict[str, Any]]:
         out.append(
             {
                 "index": start + offset,
-                "id": call.get("id") or new_id("call"),
+                "id": call.get("id") or f"call_{secrets.token_hex(12)}",
                 "type": "function",
                 "function": {
                     "name": fn.get("name") or "",

@@ -41,7 +41,6 @@ def assert_final(obj: dict[str, Any]) -> None:
         assert isinstance(obj[key], int) and obj[key] > 0, key
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("path", "body", "event_schema", "final_schema"),
     [
@@ -75,7 +74,6 @@ async def test_streams_are_ndjson_with_a_final_done_object(
     assert lines[-1]["done_reason"] == "stop"
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("path", "body", "schema"),
     [
@@ -100,7 +98,6 @@ async def test_stream_false_gives_one_object(
     assert text.startswith("Echo: ")
 
 
-@pytest.mark.asyncio
 async def test_chat_tool_calls_have_object_arguments(aiohttp_client: ClientFactory) -> None:
     client, _ = await fake_client(aiohttp_client)
     tool = {
@@ -123,7 +120,6 @@ async def test_chat_tool_calls_have_object_arguments(aiohttp_client: ClientFacto
     ]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("text", ["Why is the sky blue?", ["a", "b"]])
 async def test_embed(aiohttp_client: ClientFactory, text: Any) -> None:
     client, _ = await fake_client(aiohttp_client)
@@ -138,7 +134,6 @@ async def test_embed(aiohttp_client: ClientFactory, text: Any) -> None:
     assert obj["prompt_eval_count"] > 0
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("method", "path", "body", "schema"),
     [
@@ -159,7 +154,6 @@ async def test_model_endpoints(
         assert [m["name"] for m in obj["models"]] == ["llama3.2:latest", "all-minilm:latest"]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("knobs", "body", "status", "message"),
     [
@@ -193,7 +187,6 @@ async def test_errors_are_json_error_bodies(
         assert resp.headers["Retry-After"] == knobs["retry_after"]
 
 
-@pytest.mark.asyncio
 async def test_fail_times_then_succeeds(aiohttp_client: ClientFactory) -> None:
     client, state = await fake_client(aiohttp_client)
     state.fail_status, state.fail_times = 503, 1
@@ -201,7 +194,6 @@ async def test_fail_times_then_succeeds(aiohttp_client: ClientFactory) -> None:
     assert (await client.post("/api/chat", json=CHAT | {"stream": False})).status == 200
 
 
-@pytest.mark.asyncio
 async def test_mid_stream_error_line_keeps_status_200(aiohttp_client: ClientFactory) -> None:
     client, state = await fake_client(aiohttp_client)
     state.error_after = 2
@@ -212,7 +204,6 @@ async def test_mid_stream_error_line_keeps_status_200(aiohttp_client: ClientFact
     assert lines[-1] == {"error": "an error was encountered while running the model"}
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("knob", ["split_lines", "one_write", "no_final_newline"])
 async def test_framing_knobs_keep_the_same_lines(aiohttp_client: ClientFactory, knob: str) -> None:
     client, state = await fake_client(aiohttp_client)

@@ -90,6 +90,9 @@ class FakeOllama:
     disconnects: int = 0
     finished_streams: int = 0
 
+    def app(self) -> web.Application:
+        return create_fake_ollama(self)
+
 
 FAKE_OLLAMA = web.AppKey("fake_ollama", FakeOllama)
 
