@@ -12,7 +12,8 @@ import yaml
 from pydantic import SecretStr, ValidationError
 
 from proxy import __version__
-from proxy.config import BaseConfig, ServerSection
+from proxy.adapters import load_adapter_class
+from proxy.config import BaseConfig, ProxyConfig, ServerSection
 from proxy.configfile import default_path, load_config
 from proxy.errors import ConfigError
 
@@ -40,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
+        try:
+            load_adapter_class(config)
+        except ConfigError as exc:
+            raise ConfigError([f"{path}: {line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
     except ConfigError as exc:
@@ -54,10 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.logging)
     try:
         run(config, config_path=str(path))
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return EXIT_CONFIG
     except OSError as exc:
         print(f"model-proxy: cannot serve on {config.server.host}:{config.server.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -72,7 +73,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _override_server(config: BaseConfig, host: str | None, port: int | None) -> BaseConfig:
+def _override_server(config: ProxyConfig, host: str | None, port: int | None) -> ProxyConfig:
     overrides: dict[str, Any] = {"host": host} if host else {}
     if port is not None:
         overrides["port"] = port
@@ -102,7 +103,8 @@ def _check(config: BaseConfig, path: Path, *, probe: bool) -> int:
 
 def masked(config: BaseConfig) -> dict[str, Any]:
     """The effective config as plain data, every secret replaced by asterisks."""
-    return _mask(config.model_dump(mode="python"))
+    shown: dict[str, Any] = _mask(config.model_dump(mode="python"))
+    return shown
 
 
 def _mask(value: Any) -> Any:

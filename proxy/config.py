@@ -195,9 +195,16 @@ class BaseConfig(Section):
     def _url_is_base(cls, value: str | None) -> str | None:
         return _check_url(value)
 
+    @field_validator("api_key", "bearer_token", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: Any) -> Any:
+        # `api_key: ${KEY:-}` with KEY unset means "no key", not "send an empty one"
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _credentials_do_not_collide(self) -> BaseConfig:
-        if self.api_key and self.bearer_token and self.api_key_header_name.lower() == "authorization":
+        header = self.api_key_header_name.lower()
+        if self.api_key and self.bearer_token and header == "authorization":
             raise ValueError(
                 "api_key and bearer_token would both be sent as Authorization; "
                 "keep one, or set api_key_header"

@@ -77,7 +77,7 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark
@@ -91,7 +91,9 @@ _StrictLoader.add_constructor(
 )
 
 
-def _interpolate(value: Any, loc: Loc, env: Mapping[str, str], name: str, problems: list[str]) -> Any:
+def _interpolate(
+    value: Any, loc: Loc, env: Mapping[str, str], name: str, problems: list[str]
+) -> Any:
     if isinstance(value, str):
         if "$" not in value:
             return value
@@ -175,15 +177,13 @@ def _describe(exc: ValidationError, data: dict[str, Any], name: str) -> list[str
         if err["type"] == "value_error" and not loc:
             message = str(ctx.get("error", err["msg"]))
             first = message.split(" ", 1)[0]
-            lines.append(f"{name}: {first if first in _names(variant) else '(top level)'}: {message}")
+            key = first if first in _names(variant) else "(top level)"
+            lines.append(f"{name}: {key}: {message}")
             continue
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
-            message = "is required" + (
-                f" for backend_provider {data.get('backend_provider') or data.get('backendProvider')}"
-                if len(loc) == 1
-                else ""
-            )
+            provider = data.get("backend_provider") or data.get("backendProvider")
+            message = "is required" + (f" for backend_provider {provider}" if len(loc) == 1 else "")
         lines.append(f"{name}: {_path(loc)}: {message}")
     return lines
 

@@ -161,7 +161,7 @@ async def readiness(app: web.Application) -> str | None:
 
 
 class ReadyCache:
-    __slots__ = ("backend", "at", "reason")
+    __slots__ = ("at", "backend", "reason")
 
     def __init__(self) -> None:
         self.backend: Backend | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 
-
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger

@@ -41,6 +41,7 @@ def adapter_path(config: BaseConfig) -> str:
 
 
 def load_adapter_class(config: BaseConfig) -> type[Adapter]:
+    """Import the adapter class for ``config``; ``ConfigError`` if it cannot be had."""
     from proxy.adapters.base import Adapter
 
     path = adapter_path(config)

@@ -61,7 +61,7 @@ class UpstreamResponse:
     relay always calls it, also when the client has gone.
     """
 
-    __slots__ = ("status", "headers", "stream", "usage", "body", "_chunks", "_release")
+    __slots__ = ("_chunks", "_release", "body", "headers", "status", "stream", "usage")
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ class MockAdapter(Adapter):
             return UpstreamResponse.from_json(embeddings(model, payload))
         prompt = _prompt(job.endpoint, payload)
         limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        if limit is not None and (type(limit) is not int or limit < 1):
             raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
         count = DEFAULT_WORDS if limit is None else min(limit, DEFAULT_WORDS)
         words = list(_words(model, prompt, count))
@@ -53,12 +53,14 @@ class MockAdapter(Adapter):
         created = int(time.time())
         if job.stream:
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            events = _stream(ident, created, model, chat, words, finish, usage if include_usage else None)
+            shown = usage if include_usage else None
+            events = _stream(ident, created, model, chat, words, finish, shown)
             response = UpstreamResponse.from_sse(events)
         else:
             text = " ".join(words)
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                {"index": 0, "message": {"role": "assistant", "content": text},
+                 "finish_reason": finish}
                 if chat
                 else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             )
@@ -101,7 +103,8 @@ def _prompt(endpoint: str, payload: dict[str, Any]) -> str:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        parts.append(f"{message.get('role', '')}: {content or ''}" if isinstance(message, dict) else "")
+        role = message.get("role", "") if isinstance(message, dict) else ""
+        parts.append(f"{role}: {content or ''}")
     return "\n".join(parts)
 
 
@@ -123,7 +126,8 @@ async def _stream(
     for i, word in enumerate(words):
         text = word if i == 0 else " " + word
         if chat:
-            yield chunk({"role": "assistant", "content": text} if i == 0 else {"content": text}, None)
+            delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
+            yield chunk(delta, None)
         else:
             yield chunk(text, None)
     yield chunk({} if chat else "", finish)
@@ -153,7 +157,8 @@ def embeddings(model: str, payload: dict[str, Any]) -> dict[str, Any]:
         )
         vector = [b / 127.5 - 1.0 for b in raw[:dims]]
         norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        data.append({"object": "embedding", "index": index, "embedding": [v / norm for v in vector]})
+        unit = [v / norm for v in vector]
+        data.append({"object": "embedding", "index": index, "embedding": unit})
     return {
         "object": "list", "data": data, "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},

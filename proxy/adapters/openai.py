@@ -92,7 +92,9 @@ class HTTPUpstream(Adapter):
         response = await self.request("GET", path)
         try:
             if response.status >= 400:
-                raise UpstreamError(f"upstream at {self.where} answered {path} with {response.status}")
+                raise UpstreamError(
+                    f"upstream at {self.where} answered {path} with {response.status}"
+                )
             return await response.json(content_type=None)
         except (ValueError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"upstream at {self.where} sent a bad answer to {path}") from exc
@@ -125,7 +127,9 @@ class OpenAIAdapter(HTTPUpstream):
         if response.status in (401, 403):
             raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
         if response.status >= 400:
-            raise UpstreamError(f"upstream at {self.where} answered {self.ready_path} with {response.status}")
+            raise UpstreamError(
+                f"upstream at {self.where} answered {self.ready_path} with {response.status}"
+            )
 
 
 class VllmServerAdapter(OpenAIAdapter):

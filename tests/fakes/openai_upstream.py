@@ -112,6 +112,7 @@ class FakeOpenAI:
         await response.prepare(request)
         try:
             for i, word in enumerate(words):
+                word = f" {word}" if i else word
                 delta = {"content": word} if i else {"role": "assistant", "content": word}
                 choice = (
                     {"index": 0, "delta": delta, "finish_reason": None}

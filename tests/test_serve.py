@@ -1,0 +1,117 @@
+"""``model-proxy serve`` as a real process: start, serve, drain on SIGTERM, refuse bad config."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from proxy.state import RUNTIME
+from tests.conftest import StartProxy, upstream_url
+from tests.fakes.openai_upstream import FakeOpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_healthy(url: str, proc: asyncio.subprocess.Process, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise AssertionError(f"proxy exited with {proc.returncode}")
+            try:
+                async with session.get(url + "/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("proxy did not become healthy")
+
+
+async def start_process(config: Path, port: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "-c", str(config), "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def test_sigterm_lets_in_flight_stream_finish(
+    tmp_path: Path, openai_upstream: TestServer, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.event_delay, fake_openai.chunks = 0.2, 6
+    config = tmp_path / "model_backend.yaml"
+    config.write_text(f"backend_provider: custom\nurl: {upstream_url(openai_upstream)}\n"
+                      "server: {shutdown_grace: 10}\napi_key: planted-secret-7\n")
+    port = free_port()
+    proc = await start_process(config, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(url + "/v1/chat/completions", json={
+                "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+            first = await resp.content.readline()
+            assert first.startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(resp.read(), timeout=10)
+            assert rest.endswith(b"data: [DONE]\n\n")
+            assert rest.count(b"data: ") == 7
+            # no new connections once draining has begun
+            await asyncio.sleep(0.2)
+            try:
+                async with session.get(url + "/healthz") as late:
+                    assert late.status != 200
+            except aiohttp.ClientConnectionError:
+                pass
+        assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stderr = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert "serving custom on http://127.0.0.1" in stderr
+    assert "shutting down" in stderr
+    assert "planted-secret-7" not in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "model_backend.yaml"
+    config.write_text("backend_provider: custom\n")
+    proc = await start_process(config, free_port())
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+    assert proc.returncode == 2
+    assert err.decode().strip() == f"{config}: url: url is required for backend_provider custom"
+
+
+async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "model_backend.yaml"
+    config.write_text("backend_provider: mock\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = await start_process(config, taken.getsockname()[1])
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+    assert proc.returncode == 1
+    assert "cannot serve on 127.0.0.1:" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_readyz_is_503_while_shutting_down(start_proxy: StartProxy) -> None:
+    client = await start_proxy({"backend_provider": "mock"})
+    assert (await client.get("/readyz")).status == 200
+    client.app[RUNTIME].shutting_down = True
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json()) == {"status": "unavailable", "reason": "shutting down"}
