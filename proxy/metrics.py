@@ -33,49 +33,79 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "model_proxy_requests", "Requests answered, by endpoint, model and HTTP status.",
-            ["endpoint", "model", "status"], registry=r,
+            "model_proxy_requests",
+            "Requests answered, by endpoint, model and HTTP status.",
+            ["endpoint", "model", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "model_proxy_request_duration_seconds", "Time from request to the end of the answer.",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            "model_proxy_request_duration_seconds",
+            "Time from request to the end of the answer.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_latency = Histogram(
-            "model_proxy_upstream_duration_seconds", "Time until the upstream's answer began.",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            "model_proxy_upstream_duration_seconds",
+            "Time until the upstream's answer began.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "model_proxy_time_to_first_token_seconds", "Time until the first streamed chunk.",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            "model_proxy_time_to_first_token_seconds",
+            "Time until the first streamed chunk.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter(
-            "model_proxy_tokens", "Tokens reported by the upstream.", ["direction"], registry=r,
+            "model_proxy_tokens",
+            "Tokens reported by the upstream.",
+            ["direction"],
+            registry=r,
         )
         self.retries = Counter(
-            "model_proxy_upstream_retries", "Upstream attempts beyond the first.", registry=r,
+            "model_proxy_upstream_retries",
+            "Upstream attempts beyond the first.",
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "model_proxy_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r,
+            "model_proxy_upstream_errors",
+            "Upstream failures by kind.",
+            ["kind"],
+            registry=r,
         )
         self.in_flight = Gauge(
-            "model_proxy_in_flight_requests", "Requests being answered now.", registry=r,
+            "model_proxy_in_flight_requests",
+            "Requests being answered now.",
+            registry=r,
         )
         self.queued = Gauge(
-            "model_proxy_queued_requests", "Requests waiting for an upstream slot.", registry=r,
+            "model_proxy_queued_requests",
+            "Requests waiting for an upstream slot.",
+            registry=r,
         )
         self.upstream_up = Gauge(
-            "model_proxy_upstream_up", "1 when the last readiness probe succeeded.", registry=r,
+            "model_proxy_upstream_up",
+            "1 when the last readiness probe succeeded.",
+            registry=r,
         )
         self.circuit_state = Gauge(
-            "model_proxy_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+            "model_proxy_circuit_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open.",
             registry=r,
         )
         self.reloads = Counter(
-            "model_proxy_config_reloads", "Configuration reloads by result.", ["result"],
+            "model_proxy_config_reloads",
+            "Configuration reloads by result.",
+            ["result"],
             registry=r,
         )
         self.auth_failures = Counter(
-            "model_proxy_auth_failures", "Rejected inbound requests by reason.", ["reason"],
+            "model_proxy_auth_failures",
+            "Rejected inbound requests by reason.",
+            ["reason"],
             registry=r,
         )
         Info("model_proxy_build", "Build information.", registry=r).info({"version": __version__})
@@ -107,8 +137,9 @@ class _StatsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, value in self._stats().items():
-            yield GaugeMetricFamily(f"model_proxy_upstream_{name}", f"Upstream gauge {name}.",
-                                    value=value)
+            yield GaugeMetricFamily(
+                f"model_proxy_upstream_{name}", f"Upstream gauge {name}.", value=value
+            )
 
     def describe(self) -> list[GaugeMetricFamily]:
         return []

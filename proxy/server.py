@@ -43,15 +43,19 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         await site.start()
         log.info(
             "model-backend-proxy %s serving %s on http://%s:%d",
-            __version__, config.backend_provider, config.server.host, config.server.port,
+            __version__,
+            config.backend_provider,
+            config.server.host,
+            config.server.port,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: draining in-flight requests for up to %gs",
-                 config.server.shutdown_grace)
+        log.info(
+            "shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace
+        )
         runtime.shutting_down = True
     finally:
         await runner.cleanup()

@@ -198,6 +198,10 @@ class OllamaAdapter(HTTPUpstream):
                 chunk = await self._read(resp, first_byte_by, before_first_byte=True)
                 if not chunk:
                     first = [lines.flush()]
+                    if not first[0].strip():
+                        raise UpstreamError(
+                            "Ollama ended the stream without a line", retryable=True
+                        )
                     break
                 first = [line for line in lines.feed(chunk) if line and not line.isspace()]
             head = b"".join(translator.line(obj) for obj in map(parse_line, first) if obj)

@@ -195,7 +195,8 @@ async def test_embeddings(env: Env, text: Any, encoding: str | None) -> None:
     assert len(body["data"]) == len(texts) and body["model"] == "chat-model"
     if encoding != "base64":
         assert [d["embedding"] for d in body["data"]] == [embedding(t, 4) for t in texts]
-    assert body["usage"]["prompt_tokens"] == resp.usage.prompt_tokens > 0
+    assert resp.usage.prompt_tokens is not None and resp.usage.prompt_tokens > 0
+    assert body["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
     assert env.state.requests[-1].body["dimensions"] == 4
     check_requests(env.state)
 
@@ -371,6 +372,13 @@ async def test_stream_cut_before_done(env: Env) -> None:
     )
     assert chunks and isinstance(error, UpstreamError)
     assert "before its final 'done'" in error.message
+
+
+async def test_empty_stream_is_a_retryable_error_before_any_byte(env: Env) -> None:
+    env.state.empty_stream = True
+    with pytest.raises(UpstreamError, match="without a line") as caught:
+        await env.adapter().send(job("chat", {"messages": USER}, stream=True))
+    assert caught.value.retryable
 
 
 def free_port() -> int:

@@ -78,6 +78,8 @@ class FakeOllama:
     garbage: bool = False
     #: Stop a stream after the content lines, without the final ``done`` object.
     stop_before_done: bool = False
+    #: Answer a stream with 200 and no lines at all.
+    empty_stream: bool = False
     split_lines: bool = False  # write every line in two halves, with a pause between
     one_write: bool = False  # write the whole stream in a single write
     no_final_newline: bool = False  # the last line goes out without its "\n"
@@ -332,6 +334,8 @@ async def _stream(
         lines.append(orjson.dumps(final) + b"\n")
     if state.no_final_newline:
         lines[-1] = lines[-1].rstrip(b"\n")
+    if state.empty_stream:
+        lines = []
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     try:
