@@ -218,9 +218,18 @@ class OllamaAdapter(HTTPUpstream):
                 if out:
                     yield out
                 chunk = await self._read(resp, loop.time() + idle, before_first_byte=False)
-                batch = lines.feed(chunk) if chunk else [lines.flush()]
                 # One SSE write per upstream read: every line the read finished, in order.
-                out = b"".join(translator.line(obj) for obj in map(parse_line, batch) if obj)
+                parts: list[bytes] = []
+                try:
+                    for raw in lines.feed(chunk) if chunk else [lines.flush()]:
+                        obj = parse_line(raw)
+                        if obj is not None:
+                            parts.append(translator.line(obj))
+                except ProxyError:
+                    if parts:  # what came before the failure in the same read still goes out
+                        yield b"".join(parts)
+                    raise
+                out = b"".join(parts)
                 if not chunk:
                     break
             if translator.final is not None:
@@ -310,6 +319,9 @@ def _status_error(
         )
     if status == 400:
         return BadRequest(f"Ollama rejected the request: {message}")
+    if status in (401, 403):
+        # The node's credentials, not the client's: the client cannot fix this, so a 502.
+        return UpstreamError(f"Ollama rejected the configured credentials ({status})")
     after = _retry_after(retry_after)
     if status in (429, 503):
         return UpstreamError(

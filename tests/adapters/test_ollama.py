@@ -317,6 +317,7 @@ async def test_wrong_credentials_are_a_502_without_the_secret(env: Env) -> None:
     with pytest.raises(UpstreamError) as caught:
         await env.adapter().send(job("chat", {"messages": USER}))
     assert caught.value.status == 502 and not caught.value.retryable
+    assert "rejected the configured credentials (401)" in caught.value.message
     assert SECRET not in caught.value.message
 
 
@@ -357,6 +358,19 @@ async def test_mid_stream_error_line_ends_the_stream_with_an_error(env: Env) -> 
     events = sse(b"".join(chunks))
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "Echo: why is "
     assert "[DONE]" not in events
+
+
+async def test_lines_before_an_error_in_the_same_read_are_relayed(env: Env) -> None:
+    env.state.error_after, env.state.first_line_alone = 4, True
+    chunks, error = await collect(
+        await env.adapter().send(job("chat", {"messages": USER}, stream=True))
+    )
+    assert isinstance(error, UpstreamError)
+    assert len(chunks) == 2  # the first line, then the rest of that read before the error
+    events = sse(b"".join(chunks))
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "Echo: why is the "
+    )
 
 
 async def test_error_as_the_first_line_is_raised_before_any_byte(env: Env) -> None:

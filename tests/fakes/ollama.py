@@ -82,6 +82,7 @@ class FakeOllama:
     empty_stream: bool = False
     split_lines: bool = False  # write every line in two halves, with a pause between
     one_write: bool = False  # write the whole stream in a single write
+    first_line_alone: bool = False  # the first line, a pause, then all the rest in one write
     no_final_newline: bool = False  # the last line goes out without its "\n"
     header_delay: float = 0.0  # seconds before the status line
     chunk_delay: float = 0.0  # seconds between stream lines
@@ -341,7 +342,11 @@ async def _stream(
     try:
         if state.one_write:
             await response.write(b"".join(lines))
-        for line in () if state.one_write else lines:
+        elif state.first_line_alone and lines:
+            await response.write(lines[0])
+            await asyncio.sleep(0.02)
+            await response.write(b"".join(lines[1:]))
+        for line in () if state.one_write or state.first_line_alone else lines:
             if state.split_lines and len(line) > 1:
                 half = len(line) // 2
                 await response.write(line[:half])
