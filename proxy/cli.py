@@ -35,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = commands.add_parser("check", help="validate the config and print it, secrets masked")
     _config_arg(check)
-    check.add_argument("--probe", action="store_true",
-                       help="also ask the upstream whether it is ready to serve")
+    check.add_argument(
+        "--probe", action="store_true", help="also ask the upstream whether it is ready to serve"
+    )
 
     keytool.add_commands(commands)
 
@@ -68,15 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(config, config_path=str(path))
     except OSError as exc:
-        print(f"model-proxy: cannot serve on {config.server.host}:{config.server.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"model-proxy: cannot serve on {config.server.host}:{config.server.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--config", metavar="PATH",
+        "-c",
+        "--config",
+        metavar="PATH",
         help="config file (default: $MODEL_BACKEND_CONFIG, else ./model_backend.yaml)",
     )
 

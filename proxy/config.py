@@ -212,7 +212,9 @@ def _check_url(url: str | None) -> str | None:
         return None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:11434")
+        raise ValueError(
+            "must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:11434"
+        )
     if parts.path.rstrip("/").endswith("/v1"):
         raise ValueError("give the base URL without /v1; the proxy adds the path itself")
     if parts.query or parts.fragment:

@@ -51,8 +51,19 @@ async def inference(request: web.Request) -> web.StreamResponse:
     if upstream_model != model:
         payload["model"] = upstream_model
         body = orjson.dumps(payload)
-    job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
-              request.headers, request_id(request))
+    job = Job(
+        endpoint,
+        "POST",
+        request.path,
+        "",
+        body,
+        payload,
+        model,
+        upstream_model,
+        stream,
+        request.headers,
+        request_id(request),
+    )
     return await _forward(request, backend, job)
 
 
@@ -61,13 +72,28 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     backend = runtime.current()
     request[ENDPOINT] = "passthrough"
     if request.path in ENDPOINTS or request.path == "/v1/models":
-        raise ProxyError(f"method not allowed: {request.method} {request.path}", status=405,
-                         type="invalid_request_error", code="method_not_allowed")
+        raise ProxyError(
+            f"method not allowed: {request.method} {request.path}",
+            status=405,
+            type="invalid_request_error",
+            code="method_not_allowed",
+        )
     if not backend.adapter.passthrough:
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     body = await read_body(request, backend.config.limits.max_body_bytes)
-    job = Job("passthrough", request.method, request.path, request.query_string, body, None,
-              None, None, False, request.headers, request_id(request))
+    job = Job(
+        "passthrough",
+        request.method,
+        request.path,
+        request.query_string,
+        body,
+        None,
+        None,
+        None,
+        False,
+        request.headers,
+        request_id(request),
+    )
     return await _forward(request, backend, job)
 
 
@@ -116,8 +142,9 @@ async def models(request: web.Request) -> web.Response:
         if config.model.supported_features:
             item["supported_features"] = list(config.model.supported_features)
         item["metadata"] = {**item.get("metadata", {}), **metadata}
-    return web.Response(body=orjson.dumps({"object": "list", "data": items}),
-                        content_type="application/json")
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": items}), content_type="application/json"
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -138,8 +165,10 @@ async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     if not runtime.current().config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")
-    return web.Response(body=runtime.metrics.render(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=runtime.metrics.render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 async def readiness(app: web.Application) -> str | None:
@@ -186,8 +215,11 @@ def resolve_model(config: BaseConfig, requested: str) -> str:
     """The upstream name for a requested public name; 404 for a name this node does not serve."""
     public = config.public_name
     if public is not None and requested != public and requested not in config.model.aliases:
-        raise NotFound(f"model {requested[:200]!r} is not served here; this node serves {public!r}",
-                       param="model", code="model_not_found")
+        raise NotFound(
+            f"model {requested[:200]!r} is not served here; this node serves {public!r}",
+            param="model",
+            code="model_not_found",
+        )
     return config.upstream_name or requested
 
 

@@ -19,10 +19,23 @@ FORWARDED_REQUEST_HEADERS = frozenset(
 DROPPED_RESPONSE_HEADERS = frozenset(
     {
         # hop-by-hop (RFC 9110 section 7.6.1) and framing the proxy redoes itself
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "transfer-encoding", "upgrade", "content-length", "content-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
         # state and internals that belong to the upstream, not to the network's client
-        "set-cookie", "server", "date", "via", "x-powered-by", "alt-svc",
+        "set-cookie",
+        "server",
+        "date",
+        "via",
+        "x-powered-by",
+        "alt-svc",
     }
 )
 

@@ -47,11 +47,14 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
         if access.isEnabledFor(logging.INFO):
-            access.info("%s %s %d %.1fms", request.method, request.path[:200], response.status,
-                        seconds * 1000)
+            access.info(
+                "%s %s %d %.1fms",
+                request.method,
+                request.path[:200],
+                response.status,
+                seconds * 1000,
+            )
 
     @property
     def enabled(self) -> bool:
         return not access.disabled and access.isEnabledFor(logging.INFO)
-
-

@@ -30,7 +30,9 @@ def error_response(exc: ProxyError) -> web.Response:
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return web.Response(
-        status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json",
+        status=exc.status,
+        body=orjson.dumps(exc.body()),
+        content_type="application/json",
         headers=headers,
     )
 
@@ -77,8 +79,12 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> ProxyError:
     if exc.status == 404:
         return NotFound(f"no such path: {where}", code="unknown_path")
     if exc.status == 405:
-        return ProxyError(f"method not allowed: {where}", status=405,
-                          type="invalid_request_error", code="method_not_allowed")
+        return ProxyError(
+            f"method not allowed: {where}",
+            status=405,
+            type="invalid_request_error",
+            code="method_not_allowed",
+        )
     if exc.status == 413:
         return PayloadTooLarge("request body is too large")
     return ProxyError(exc.reason, status=exc.status, type="invalid_request_error")

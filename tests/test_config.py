@@ -84,61 +84,107 @@ server: {host: "$${literal}"}
 BAD = {
     "unknown provider with hint": (
         "backend_provider: olama\nurl: http://h\n",
-        "backend_provider: unknown provider 'olama' (did you mean 'ollama'?)"),
+        "backend_provider: unknown provider 'olama' (did you mean 'ollama'?)",
+    ),
     "missing provider": ("url: http://h\n", "backend_provider: is required"),
-    "missing url for custom": ("backend_provider: custom\n",
-                               "url: url is required for backend_provider custom"),
-    "missing url for ollama": ("backend_provider: ollama\n",
-                               "url: url is required for backend_provider ollama"),
-    "missing url for fxn": ("backend_provider: fxn\nfxn_id: m\n",
-                            "url: url is required for backend_provider fxn"),
-    "missing fxn_id": ("backend_provider: fxn\nurl: http://h\n",
-                       "fxn_id: is required for backend_provider fxn"),
-    "vllm with neither url nor engine": ("backend_provider: vllm\n",
-                                         "backend_provider: backend_provider vllm needs url"),
-    "url with /v1": ("backend_provider: custom\nurl: http://h/v1\n",
-                     "url: give the base URL without /v1"),
-    "url without scheme": ("backend_provider: custom\nurl: localhost:8000\n",
-                           "url: must be an http:// or https:// URL"),
-    "unknown key with hint": ("backend_provider: mock\ntimeout: {connect: 1}\n",
-                              "timeout: unknown key; did you mean 'timeouts'?"),
-    "nested unknown key with hint": ("backend_provider: mock\ntimeouts: {conect: 1}\n",
-                                     "timeouts.conect: unknown key; did you mean 'connect'?"),
-    "section key at top level": ("backend_provider: mock\nport: 9000\n",
-                                 "port: unknown key; did you mean 'server.port'?"),
-    "wrong type": ("backend_provider: mock\ntimeouts: {idle: soon}\n",
-                   "timeouts.idle: Input should be a valid number"),
-    "out of range": ("backend_provider: mock\nserver: {port: 70000}\n",
-                     "server.port: Input should be less than or equal to 65535"),
-    "negative timeout": ("backend_provider: mock\ntimeouts: {total: -1}\n",
-                         "timeouts.total: Input should be greater than 0"),
-    "section for another provider": ("backend_provider: custom\nurl: http://h\n"
-                                     "engine: {model: m}\n",
-                                     "engine: not used by backend_provider custom (only by vllm)"),
-    "both spellings given": ("backend_provider: mock\napi_key: a\napiKey: b\n",
-                             "api_key: given twice, as apiKey and api_key; keep one"),
-    "unset env var": ("backend_provider: custom\nurl: ${NOT_SET_ANYWHERE_42}\n",
-                      "url: environment variable NOT_SET_ANYWHERE_42 is not set"),
-    "bad env reference": ("backend_provider: custom\nurl: http://${1X}\n",
-                          "url: bad environment reference ${1X}"),
-    "unreadable secret file": ("backend_provider: mock\napi_key_file: /nonexistent/key\n",
-                               "api_key_file: cannot read /nonexistent/key: No such file"),
-    "secret and secret file": ("backend_provider: mock\napi_key: a\napi_key_file: k\n",
-                               "api_key_file: give either api_key or api_key_file, not both"),
-    "yaml syntax error": ("backend_provider: mock\nurl: [a\nx: 1\n",
-                          ":3:2: YAML syntax error: expected ',' or ']'"),
-    "duplicate key": ("backend_provider: mock\nbackend_provider: custom\n",
-                      ":2:1: YAML syntax error: key 'backend_provider' is given twice"),
+    "missing url for custom": (
+        "backend_provider: custom\n",
+        "url: url is required for backend_provider custom",
+    ),
+    "missing url for ollama": (
+        "backend_provider: ollama\n",
+        "url: url is required for backend_provider ollama",
+    ),
+    "missing url for fxn": (
+        "backend_provider: fxn\nfxn_id: m\n",
+        "url: url is required for backend_provider fxn",
+    ),
+    "missing fxn_id": (
+        "backend_provider: fxn\nurl: http://h\n",
+        "fxn_id: is required for backend_provider fxn",
+    ),
+    "vllm with neither url nor engine": (
+        "backend_provider: vllm\n",
+        "backend_provider: backend_provider vllm needs url",
+    ),
+    "url with /v1": (
+        "backend_provider: custom\nurl: http://h/v1\n",
+        "url: give the base URL without /v1",
+    ),
+    "url without scheme": (
+        "backend_provider: custom\nurl: localhost:8000\n",
+        "url: must be an http:// or https:// URL",
+    ),
+    "unknown key with hint": (
+        "backend_provider: mock\ntimeout: {connect: 1}\n",
+        "timeout: unknown key; did you mean 'timeouts'?",
+    ),
+    "nested unknown key with hint": (
+        "backend_provider: mock\ntimeouts: {conect: 1}\n",
+        "timeouts.conect: unknown key; did you mean 'connect'?",
+    ),
+    "section key at top level": (
+        "backend_provider: mock\nport: 9000\n",
+        "port: unknown key; did you mean 'server.port'?",
+    ),
+    "wrong type": (
+        "backend_provider: mock\ntimeouts: {idle: soon}\n",
+        "timeouts.idle: Input should be a valid number",
+    ),
+    "out of range": (
+        "backend_provider: mock\nserver: {port: 70000}\n",
+        "server.port: Input should be less than or equal to 65535",
+    ),
+    "negative timeout": (
+        "backend_provider: mock\ntimeouts: {total: -1}\n",
+        "timeouts.total: Input should be greater than 0",
+    ),
+    "section for another provider": (
+        "backend_provider: custom\nurl: http://h\nengine: {model: m}\n",
+        "engine: not used by backend_provider custom (only by vllm)",
+    ),
+    "both spellings given": (
+        "backend_provider: mock\napi_key: a\napiKey: b\n",
+        "api_key: given twice, as apiKey and api_key; keep one",
+    ),
+    "unset env var": (
+        "backend_provider: custom\nurl: ${NOT_SET_ANYWHERE_42}\n",
+        "url: environment variable NOT_SET_ANYWHERE_42 is not set",
+    ),
+    "bad env reference": (
+        "backend_provider: custom\nurl: http://${1X}\n",
+        "url: bad environment reference ${1X}",
+    ),
+    "unreadable secret file": (
+        "backend_provider: mock\napi_key_file: /nonexistent/key\n",
+        "api_key_file: cannot read /nonexistent/key: No such file",
+    ),
+    "secret and secret file": (
+        "backend_provider: mock\napi_key: a\napi_key_file: k\n",
+        "api_key_file: give either api_key or api_key_file, not both",
+    ),
+    "yaml syntax error": (
+        "backend_provider: mock\nurl: [a\nx: 1\n",
+        ":3:2: YAML syntax error: expected ',' or ']'",
+    ),
+    "duplicate key": (
+        "backend_provider: mock\nbackend_provider: custom\n",
+        ":2:1: YAML syntax error: key 'backend_provider' is given twice",
+    ),
     "empty file": ("", "the file is empty; it needs at least backend_provider"),
     "not a mapping": ("- mock\n", "the top level must be a mapping of keys, not a list"),
-    "colliding credentials": ("backend_provider: vllm\nurl: http://h\napi_key: a\n"
-                              "bearer_token: b\n",
-                              "api_key: api_key and bearer_token would both be sent as "
-                              "Authorization"),
-    "bad enum": ("backend_provider: mock\nauth: {mode: some}\n",
-                 "auth.mode: Input should be 'any' or 'all'"),
-    "bad plugin path": ("backend_provider: no_such_module_xyz:Adapter\n",
-                        "backend_provider: cannot import adapter no_such_module_xyz:Adapter"),
+    "colliding credentials": (
+        "backend_provider: vllm\nurl: http://h\napi_key: a\nbearer_token: b\n",
+        "api_key: api_key and bearer_token would both be sent as Authorization",
+    ),
+    "bad enum": (
+        "backend_provider: mock\nauth: {mode: some}\n",
+        "auth.mode: Input should be 'any' or 'all'",
+    ),
+    "bad plugin path": (
+        "backend_provider: no_such_module_xyz:Adapter\n",
+        "backend_provider: cannot import adapter no_such_module_xyz:Adapter",
+    ),
 }
 
 
@@ -180,9 +226,12 @@ def test_several_problems_are_each_one_line(tmp_path: Path) -> None:
 
 def test_check_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "pk").write_text("0x" + "ab" * 32)
-    path = write(tmp_path, "backend_provider: fxn\nurl: http://h\nfxn_id: m\napi_key: SEKRIT-1\n"
-                 "bearer_token: SEKRIT-2\nfxn: {private_key_file: pk}\n"
-                 "auth: {api_keys: [SEKRIT-3]}\n")
+    path = write(
+        tmp_path,
+        "backend_provider: fxn\nurl: http://h\nfxn_id: m\napi_key: SEKRIT-1\n"
+        "bearer_token: SEKRIT-2\nfxn: {private_key_file: pk}\n"
+        "auth: {api_keys: [SEKRIT-3]}\n",
+    )
     assert main(["check", "-c", str(path)]) == 0
     out = capsys.readouterr().out
     assert "SEKRIT" not in out and "abab" not in out

@@ -24,7 +24,7 @@ def sse_events(raw: bytes) -> list[Any]:
     events = []
     for block in raw.decode().split("\n\n"):
         if block.startswith("data: "):
-            data = block[len("data: "):]
+            data = block[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -47,8 +47,9 @@ async def test_body_bytes_pass_untouched_without_alias(
 ) -> None:
     client = await start_proxy(custom(openai_upstream))
     raw = b'{"model":"any-model",  "messages":[{"role":"user","content":"x"}] , "n": 1}'
-    resp = await client.post("/v1/chat/completions", data=raw,
-                             headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 200
     assert fake_openai.seen[-1].body == raw
 
@@ -57,8 +58,10 @@ async def test_streaming_chat_and_completions(
     start_proxy: StartProxy, openai_upstream: TestServer
 ) -> None:
     client = await start_proxy(custom(openai_upstream))
-    for path, body in [("/v1/chat/completions", CHAT),
-                       ("/v1/completions", {"model": "public", "prompt": "once"})]:
+    for path, body in [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", {"model": "public", "prompt": "once"}),
+    ]:
         resp = await client.post(path, json={**body, "stream": True})
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -86,8 +89,12 @@ async def test_other_v1_paths_pass_through(
     client = await start_proxy(custom(openai_upstream))
     resp = await client.post("/v1/audio/new-endpoint?x=1&y=two", data=b"raw-bytes")
     assert resp.status == 200
-    assert await resp.json() == {"echo": "/v1/audio/new-endpoint", "method": "POST",
-                                 "query": "x=1&y=two", "body": "raw-bytes"}
+    assert await resp.json() == {
+        "echo": "/v1/audio/new-endpoint",
+        "method": "POST",
+        "query": "x=1&y=two",
+        "body": "raw-bytes",
+    }
     resp = await client.delete("/v1/files/file-1")
     assert (await resp.json())["method"] == "DELETE"
 
@@ -97,18 +104,32 @@ async def test_auth_injection_and_header_hygiene(
 ) -> None:
     client = await start_proxy(custom(openai_upstream, api_key="upstream-key-1"))
     resp = await client.post(
-        "/v1/chat/completions", json=CHAT,
-        headers={"Authorization": "Bearer client-secret", "X-Api-Key": "client-key",
-                 "X-Signature": "0xdead", "X-Address": "0xabc", "X-Timestamp": "1",
-                 "X-Nonce": "n", "Cookie": "c=1", "X-Request-Id": "req-42",
-                 "Proxy-Authorization": "Basic x"},
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={
+            "Authorization": "Bearer client-secret",
+            "X-Api-Key": "client-key",
+            "X-Signature": "0xdead",
+            "X-Address": "0xabc",
+            "X-Timestamp": "1",
+            "X-Nonce": "n",
+            "Cookie": "c=1",
+            "X-Request-Id": "req-42",
+            "Proxy-Authorization": "Basic x",
+        },
     )
     assert resp.status == 200
     sent = {k.lower(): v for k, v in fake_openai.seen[-1].headers.items()}
     assert sent["x-api-key"] == "upstream-key-1"
     assert "authorization" not in sent
-    for name in ("x-signature", "x-address", "x-timestamp", "x-nonce", "cookie",
-                 "proxy-authorization"):
+    for name in (
+        "x-signature",
+        "x-address",
+        "x-timestamp",
+        "x-nonce",
+        "cookie",
+        "proxy-authorization",
+    ):
         assert name not in sent
     assert sent["x-request-id"] == "req-42"
     # back to the client: upstream cookies and server internals are dropped, the rest kept
@@ -120,8 +141,9 @@ async def test_auth_injection_and_header_hygiene(
 async def test_vllm_server_gets_bearer_and_health_readiness(
     start_proxy: StartProxy, openai_upstream: TestServer, fake_openai: FakeOpenAI
 ) -> None:
-    client = await start_proxy({"backend_provider": "vllm", "url": upstream_url(openai_upstream),
-                                "api_key": "vk"})
+    client = await start_proxy(
+        {"backend_provider": "vllm", "url": upstream_url(openai_upstream), "api_key": "vk"}
+    )
     await client.post("/v1/chat/completions", json=CHAT)
     assert fake_openai.seen[-1].headers["Authorization"] == "Bearer vk"
     resp = await client.get("/readyz")
@@ -142,8 +164,14 @@ async def test_upstream_error_bodies_are_relayed_faithfully(
 ) -> None:
     client = await start_proxy(custom(openai_upstream))
     for status in (400, 404, 422, 500):
-        body = {"error": {"message": f"upstream says {status}", "type": "x", "param": None,
-                          "code": status}}
+        body = {
+            "error": {
+                "message": f"upstream says {status}",
+                "type": "x",
+                "param": None,
+                "code": status,
+            }
+        }
         fake_openai.fail_status, fake_openai.fail_body, fake_openai.fail_times = status, body, 1
         resp = await client.post("/v1/chat/completions", json=CHAT)
         assert resp.status == status
@@ -158,8 +186,9 @@ def free_port() -> int:
 
 async def test_upstream_down_is_502(start_proxy: StartProxy) -> None:
     port = free_port()
-    client = await start_proxy({"backend_provider": "custom", "url": f"http://127.0.0.1:{port}",
-                                "api_key": "never-shown"})
+    client = await start_proxy(
+        {"backend_provider": "custom", "url": f"http://127.0.0.1:{port}", "api_key": "never-shown"}
+    )
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 502
     error = (await resp.json())["error"]

@@ -15,22 +15,22 @@ async def test_same_request_same_bytes_different_prompt_different_text(
 ) -> None:
     client = await start_proxy(MOCK)
     body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
-    first = (await (await client.post("/v1/chat/completions", json=body)).json())
-    second = (await (await client.post("/v1/chat/completions", json=body)).json())
+    first = await (await client.post("/v1/chat/completions", json=body)).json()
+    second = await (await client.post("/v1/chat/completions", json=body)).json()
     assert first["choices"] == second["choices"]
     other = {"model": "m", "messages": [{"role": "user", "content": "hello!"}]}
-    third = (await (await client.post("/v1/chat/completions", json=other)).json())
+    third = await (await client.post("/v1/chat/completions", json=other)).json()
     assert third["choices"][0]["message"]["content"] != first["choices"][0]["message"]["content"]
     renamed = {**body, "model": "m2"}
-    fourth = (await (await client.post("/v1/chat/completions", json=renamed)).json())
-    assert fourth["choices"][0]["message"]["content"] != first["choices"][0]["message"][
-        "content"]
+    fourth = await (await client.post("/v1/chat/completions", json=renamed)).json()
+    assert fourth["choices"][0]["message"]["content"] != first["choices"][0]["message"]["content"]
 
 
 async def test_text_is_derived_from_sha256_of_model_and_prompt(start_proxy: StartProxy) -> None:
     client = await start_proxy(MOCK)
-    resp = await client.post("/v1/completions", json={"model": "m", "prompt": "abc",
-                                                      "max_tokens": 4})
+    resp = await client.post(
+        "/v1/completions", json={"model": "m", "prompt": "abc", "max_tokens": 4}
+    )
     answer = await resp.json()
     seed = hashlib.sha256(b"m\0abc").digest()
     block = hashlib.sha256(seed + (0).to_bytes(4, "big")).digest()
@@ -41,22 +41,28 @@ async def test_text_is_derived_from_sha256_of_model_and_prompt(start_proxy: Star
 
 async def test_stream_with_usage_and_bad_max_tokens(start_proxy: StartProxy) -> None:
     client = await start_proxy(MOCK)
-    resp = await client.post("/v1/chat/completions", json={
-        "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
-        "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     raw = (await resp.read()).decode()
     assert raw.endswith("data: [DONE]\n\n")
     assert '"usage":{"prompt_tokens":2,"completion_tokens":16' in raw
-    resp = await client.post("/v1/chat/completions", json={
-        "model": "m", "messages": [], "max_tokens": -3})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": [], "max_tokens": -3}
+    )
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "max_tokens"
 
 
 async def test_embeddings_are_unit_vectors(start_proxy: StartProxy) -> None:
     client = await start_proxy(MOCK)
-    resp = await client.post("/v1/embeddings", json={"model": "m", "input": "x",
-                                                     "dimensions": 40})
+    resp = await client.post("/v1/embeddings", json={"model": "m", "input": "x", "dimensions": 40})
     vector = (await resp.json())["data"][0]["embedding"]
     assert len(vector) == 40
     assert abs(sum(v * v for v in vector) - 1.0) < 1e-9

@@ -24,8 +24,14 @@ async def proxy(
 ) -> TestClient:
     if request.param == "mock":
         return await start_proxy({"backend_provider": "mock", "model": {"name": "tiny"}})
-    return await start_proxy({"backend_provider": "custom", "url": upstream_url(openai_upstream),
-                              "model": {"name": "tiny"}, "model_name_alias": "up-model"})
+    return await start_proxy(
+        {
+            "backend_provider": "custom",
+            "url": upstream_url(openai_upstream),
+            "model": {"name": "tiny"},
+            "model_name_alias": "up-model",
+        }
+    )
 
 
 async def test_async_client(proxy: TestClient) -> None:
@@ -36,8 +42,7 @@ async def test_async_client(proxy: TestClient) -> None:
         assert chat.model in ("tiny", "up-model")
         assert chat.usage is not None and chat.usage.completion_tokens > 0
 
-        stream = await client.chat.completions.create(model="tiny", messages=MESSAGES,
-                                                      stream=True)
+        stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
         pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(pieces) == chat.choices[0].message.content
 
@@ -77,8 +82,12 @@ async def test_bad_request_is_an_openai_error(proxy: TestClient) -> None:
     client = openai.AsyncOpenAI(base_url=base_url(proxy), api_key="unused", max_retries=0)
     async with client:
         with pytest.raises(openai.BadRequestError) as info:
-            await client.chat.completions.create(model="tiny", messages=MESSAGES,
-                                                 extra_body={"stream": "yes"})
-        assert info.value.body == {"message": "stream must be true or false",
-                                   "type": "invalid_request_error", "param": "stream",
-                                   "code": None}
+            await client.chat.completions.create(
+                model="tiny", messages=MESSAGES, extra_body={"stream": "yes"}
+            )
+        assert info.value.body == {
+            "message": "stream must be true or false",
+            "type": "invalid_request_error",
+            "param": "stream",
+            "code": None,
+        }

@@ -41,8 +41,16 @@ async def wait_healthy(url: str, proc: asyncio.subprocess.Process, seconds: floa
 
 async def start_process(config: Path, port: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "-c", str(config), "--port", str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "-c",
+        str(config),
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -51,16 +59,20 @@ async def test_sigterm_lets_in_flight_stream_finish(
 ) -> None:
     fake_openai.event_delay, fake_openai.chunks = 0.2, 6
     config = tmp_path / "model_backend.yaml"
-    config.write_text(f"backend_provider: custom\nurl: {upstream_url(openai_upstream)}\n"
-                      "server: {shutdown_grace: 10}\napi_key: planted-secret-7\n")
+    config.write_text(
+        f"backend_provider: custom\nurl: {upstream_url(openai_upstream)}\n"
+        "server: {shutdown_grace: 10}\napi_key: planted-secret-7\n"
+    )
     port = free_port()
     proc = await start_process(config, port)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as session:
-            resp = await session.post(url + "/v1/chat/completions", json={
-                "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+            resp = await session.post(
+                url + "/v1/chat/completions",
+                json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+            )
             first = await resp.content.readline()
             assert first.startswith(b"data: ")
             proc.send_signal(signal.SIGTERM)

@@ -59,19 +59,24 @@ class MockAdapter(Adapter):
         else:
             text = " ".join(words)
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": finish}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                }
                 if chat
                 else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             )
-            response = UpstreamResponse.from_json({
-                "id": ident,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": usage,
-            })
+            response = UpstreamResponse.from_json(
+                {
+                    "id": ident,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
         response.usage.prompt_tokens = usage["prompt_tokens"]
         response.usage.completion_tokens = count
         return response
@@ -109,7 +114,12 @@ def _prompt(endpoint: str, payload: dict[str, Any]) -> str:
 
 
 async def _stream(
-    ident: str, created: int, model: str, chat: bool, words: list[str], finish: str,
+    ident: str,
+    created: int,
+    model: str,
+    chat: bool,
+    words: list[str],
+    finish: str,
     usage: dict[str, int] | None,
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -120,8 +130,9 @@ async def _stream(
             if chat
             else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
         )
-        return sse.event({"id": ident, "object": kind, "created": created, "model": model,
-                          "choices": [choice]})
+        return sse.event(
+            {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
+        )
 
     for i, word in enumerate(words):
         text = word if i == 0 else " " + word
@@ -132,8 +143,16 @@ async def _stream(
             yield chunk(text, None)
     yield chunk({} if chat else "", finish)
     if usage is not None:
-        yield sse.event({"id": ident, "object": kind, "created": created, "model": model,
-                         "choices": [], "usage": usage})
+        yield sse.event(
+            {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
     yield sse.DONE
 
 
@@ -160,6 +179,8 @@ def embeddings(model: str, payload: dict[str, Any]) -> dict[str, Any]:
         unit = [v / norm for v in vector]
         data.append({"object": "embedding", "index": index, "embedding": unit})
     return {
-        "object": "list", "data": data, "model": model,
+        "object": "list",
+        "data": data,
+        "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

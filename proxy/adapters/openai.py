@@ -35,7 +35,11 @@ class HTTPUpstream(Adapter):
         self.client_timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect)
 
     async def request(
-        self, method: str, path: str, *, body: bytes | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send one request and wait for the status line, within the first-byte timeout."""
@@ -43,13 +47,18 @@ class HTTPUpstream(Adapter):
         try:
             async with asyncio.timeout(self.config.timeouts.first_byte):
                 return await self.session.request(
-                    method, self.base_url + path, data=body, headers=all_headers,
-                    timeout=self.client_timeout, allow_redirects=False,
+                    method,
+                    self.base_url + path,
+                    data=body,
+                    headers=all_headers,
+                    timeout=self.client_timeout,
+                    allow_redirects=False,
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"upstream at {self.where} did not answer within "
-                f"{self.config.timeouts.first_byte:g} s", retryable=True,
+                f"{self.config.timeouts.first_byte:g} s",
+                retryable=True,
             ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(
@@ -88,8 +97,11 @@ class HTTPUpstream(Adapter):
     def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
         stream = response.content_type == "text/event-stream"
         return UpstreamResponse(
-            response.status, response_headers(response.headers), self.body_chunks(response),
-            stream=stream, release=lambda: _release(response),
+            response.status,
+            response_headers(response.headers),
+            self.body_chunks(response),
+            stream=stream,
+            release=lambda: _release(response),
         )
 
     async def get_json(self, path: str) -> Any:

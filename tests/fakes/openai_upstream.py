@@ -52,8 +52,13 @@ class FakeOpenAI:
         return app
 
     async def record(self, request: web.Request) -> Seen:
-        seen = Seen(request.method, request.path, request.query_string, dict(request.headers),
-                    await request.read())
+        seen = Seen(
+            request.method,
+            request.path,
+            request.query_string,
+            dict(request.headers),
+            await request.read(),
+        )
         self.seen.append(seen)
         return seen
 
@@ -61,8 +66,9 @@ class FakeOpenAI:
         if self.fail_status is None or self.fail_times == 0:
             return None
         self.fail_times -= 1
-        return web.json_response(self.fail_body, status=self.fail_status,
-                                 headers={"X-Upstream-Detail": "kept"})
+        return web.json_response(
+            self.fail_body, status=self.fail_status, headers={"X-Upstream-Detail": "kept"}
+        )
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         seen = await self.record(request)
@@ -74,16 +80,33 @@ class FakeOpenAI:
         words = [f"w{i}" for i in range(self.chunks)]
         if not payload.get("stream"):
             text = " ".join(words)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": "stop"} if chat else
-                      {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+            )
             return web.json_response(
-                {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
-                 "created": 1, "model": payload.get("model"), "choices": [choice],
-                 "usage": {"prompt_tokens": 3, "completion_tokens": len(words),
-                           "total_tokens": 3 + len(words)}},
-                headers={"Set-Cookie": "upstream=secret", "Server": "fake/1.0",
-                         "X-Upstream-Detail": "kept"},
+                {
+                    "id": "cmpl-fake",
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": 1,
+                    "model": payload.get("model"),
+                    "choices": [choice],
+                    "usage": {
+                        "prompt_tokens": 3,
+                        "completion_tokens": len(words),
+                        "total_tokens": 3 + len(words),
+                    },
+                },
+                headers={
+                    "Set-Cookie": "upstream=secret",
+                    "Server": "fake/1.0",
+                    "X-Upstream-Detail": "kept",
+                },
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -91,17 +114,32 @@ class FakeOpenAI:
             for i, word in enumerate(words):
                 word = f" {word}" if i else word
                 delta = {"content": word} if i else {"role": "assistant", "content": word}
-                choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat else
-                          {"index": 0, "text": word, "finish_reason": None})
-                event = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 1,
-                         "model": payload.get("model"), "choices": [choice]}
+                choice = (
+                    {"index": 0, "delta": delta, "finish_reason": None}
+                    if chat
+                    else {"index": 0, "text": word, "finish_reason": None}
+                )
+                event = {
+                    "id": "cmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": payload.get("model"),
+                    "choices": [choice],
+                }
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
                 if self.event_delay:
                     await asyncio.sleep(self.event_delay)
-            final = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 1,
-                     "model": payload.get("model"),
-                     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"} if chat else
-                                 {"index": 0, "text": "", "finish_reason": "stop"}]}
+            final = {
+                "id": "cmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": payload.get("model"),
+                "choices": [
+                    {"index": 0, "delta": {}, "finish_reason": "stop"}
+                    if chat
+                    else {"index": 0, "text": "", "finish_reason": "stop"}
+                ],
+            }
             await response.write(f"data: {json.dumps(final)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -118,18 +156,33 @@ class FakeOpenAI:
             return failed
         payload = seen.json()
         inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
-        return web.json_response({
-            "object": "list", "model": payload.get("model"),
-            "data": [{"object": "embedding", "index": i, "embedding": [0.5, -0.5, float(i)]}
-                     for i in range(len(inputs))],
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
-        })
+        return web.json_response(
+            {
+                "object": "list",
+                "model": payload.get("model"),
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": [0.5, -0.5, float(i)]}
+                    for i in range(len(inputs))
+                ],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         await self.record(request)
-        return web.json_response({"object": "list", "data": [
-            {"id": "upstream-build-7b-q4", "object": "model", "created": 1, "owned_by": "fake"},
-        ]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": "upstream-build-7b-q4",
+                        "object": "model",
+                        "created": 1,
+                        "owned_by": "fake",
+                    },
+                ],
+            }
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         await self.record(request)
@@ -137,5 +190,11 @@ class FakeOpenAI:
 
     async def echo(self, request: web.Request) -> web.Response:
         seen = await self.record(request)
-        return web.json_response({"echo": request.path, "method": request.method,
-                                  "query": request.query_string, "body": seen.body.decode()})
+        return web.json_response(
+            {
+                "echo": request.path,
+                "method": request.method,
+                "query": request.query_string,
+                "body": seen.body.decode(),
+            }
+        )
