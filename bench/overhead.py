@@ -42,7 +42,7 @@ def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:
             raise SystemExit(f"{proc.args} exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
+            urllib.request.urlopen(url, timeout=1)  # loopback only
             return
         except OSError as exc:
             if getattr(exc, "code", None):  # an HTTP error status: it is serving
@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--set", action="append", default=[], metavar="YAML_LINE",
-                        help="extra top-level config line for the proxy, e.g. 'logging: {access_log: false}'")
+                        help="extra top-level config line for the proxy, e.g. "
+                             "'logging: {access_log: false}'")
     args = parser.parse_args()
 
     procs: list[subprocess.Popen[bytes]] = []

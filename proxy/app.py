@@ -11,13 +11,12 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.adapters import load_adapter_class
-from proxy.auth import AUTH, AuthState, authenticate
+from proxy.auth import AUTH, AuthState
 from proxy.config import BaseConfig
 from proxy.drain import Drain
-from proxy.inputs import guard
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
-from proxy.middleware import observe, render_errors
+from proxy.middleware import edge
 from proxy.pipeline import Pipeline, model_label
 from proxy.reload import RELOADER, Reloader, reloading
 from proxy.state import RUNTIME, Runtime
@@ -39,11 +38,7 @@ def create_app(
     Raises ``ConfigError`` if the configured adapter cannot be imported.
     """
     adapter_class = load_adapter_class(config)
-    # Outermost first: count everything, render every error, then refuse cheaply (oversized
-    # headers, missing credentials) before a handler reads a byte of the body.
-    app = web.Application(
-        middlewares=[observe, render_errors, guard, authenticate], client_max_size=CLIENT_MAX_SIZE
-    )
+    app = web.Application(middlewares=[edge], client_max_size=CLIENT_MAX_SIZE)
     metrics = Metrics(registry)
     runtime = Runtime(config=config, metrics=metrics, config_path=config_path)
     limiter = Limiter(config.limits)

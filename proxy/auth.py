@@ -175,23 +175,21 @@ class AuthState:
 AUTH = web.AppKey("auth", AuthState)
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
-        return await handler(request)
-    runtime = request.app[RUNTIME]
-    config = runtime.backend.config if runtime.backend is not None else runtime.config
+async def authenticate(request: web.Request, config: BaseConfig) -> None:
+    """Let ``request`` pass or raise ``Unauthorized``; a no-op when auth is off."""
+    if not config.auth.enabled or request.path in PUBLIC_PATHS:
+        return
     auth = request.app[AUTH].current(config.auth)
-    if auth is not None:
-        limit = config.limits.max_body_bytes
-        try:
-            await auth.check(request.headers, lambda: read_body(request, limit))
-        except Unauthorized as exc:
-            reason = exc.code if exc.code in REASONS else "unauthorized"
-            runtime.metrics.auth_failures.labels(reason).inc()
-            log.debug("refused %s %s: %s", request.method, request.path[:200], reason)
-            raise
-    return await handler(request)
+    if auth is None:
+        return
+    limit = config.limits.max_body_bytes
+    try:
+        await auth.check(request.headers, lambda: read_body(request, limit))
+    except Unauthorized as exc:
+        reason = exc.code if exc.code in REASONS else "unauthorized"
+        request.app[RUNTIME].metrics.auth_failures.labels(reason).inc()
+        log.debug("refused %s %s: %s", request.method, request.path[:200], reason)
+        raise
 
 
 def check_exposure(config: BaseConfig) -> str | None:

@@ -14,9 +14,8 @@ from proxy.adapters.base import Endpoint, Job
 from proxy.config import BaseConfig
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.inputs import check_payload
-from proxy.middleware import UNCOUNTED
 from proxy.relay import relay
-from proxy.state import BODY, ENDPOINT, MODEL, RUNTIME, Backend
+from proxy.state import BODY, RUNTIME, Backend
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",
@@ -33,7 +32,6 @@ async def inference(request: web.Request) -> web.StreamResponse:
     backend = runtime.current()
     config = backend.config
     endpoint = ENDPOINTS[request.path]
-    request[ENDPOINT] = endpoint
     body = await read_body(request, config.limits.max_body_bytes)
     payload = parse_object(body)
     model = payload.get("model")
@@ -47,7 +45,6 @@ async def inference(request: web.Request) -> web.StreamResponse:
         raise BadRequest("stream must be true or false", param="stream")
     check_payload(endpoint, payload, body, config.limits)
     upstream_model = resolve_model(config, model)
-    request[MODEL] = backend.model_label
     if upstream_model != model:
         payload["model"] = upstream_model
         body = orjson.dumps(payload)
@@ -70,7 +67,6 @@ async def inference(request: web.Request) -> web.StreamResponse:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     backend = runtime.current()
-    request[ENDPOINT] = "passthrough"
     if request.path in ENDPOINTS or request.path == "/v1/models":
         raise ProxyError(
             f"method not allowed: {request.method} {request.path}",
@@ -113,7 +109,6 @@ async def models(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     backend = runtime.current()
     config = backend.config
-    request[ENDPOINT] = "models"
     ready = await readiness(request.app) is None
     metadata = {
         "backend_provider": config.backend_provider,
@@ -148,12 +143,10 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    request[ENDPOINT] = UNCOUNTED
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    request[ENDPOINT] = UNCOUNTED
     reason = await readiness(request.app)
     if reason is None:
         return web.json_response({"status": "ready"})
@@ -161,7 +154,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request[ENDPOINT] = UNCOUNTED
     runtime = request.app[RUNTIME]
     if not runtime.current().config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")
@@ -226,23 +218,22 @@ def resolve_model(config: BaseConfig, requested: str) -> str:
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit``.
 
-    Read once per request: a layer that needed it first (signature checks) left it here.
+    Read from the network once per request: aiohttp keeps a body it has read, and a chunked
+    body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
     """
-    if BODY in request:
-        return request[BODY]
     length = request.content_length
     if length is not None:
         if length > limit:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-        body = await request.read()
-    else:
+        return await request.read()
+    body = request.get(BODY)
+    if body is None:
         chunks = bytearray()
         async for chunk in request.content.iter_any():
             chunks += chunk
             if len(chunks) > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        body = bytes(chunks)
-    request[BODY] = body
+        body = request[BODY] = bytes(chunks)
     return body
 
 

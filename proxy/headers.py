@@ -42,20 +42,27 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 
 def request_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The client headers that may be sent upstream."""
-    hop = _connection_tokens(incoming)
-    return {
-        k: v
-        for k, v in incoming.items()
-        if k.lower() in FORWARDED_REQUEST_HEADERS and k.lower() not in hop
-    }
+    if not isinstance(incoming, MultiMapping):
+        incoming = CIMultiDict(incoming)
+    # A handful of case-insensitive lookups, rather than lowering every header the client sent.
+    out = {}
+    for name in FORWARDED_REQUEST_HEADERS:
+        value = incoming.get(name)
+        if value is not None:
+            out[name] = value
+    if out and "Connection" in incoming:
+        hop = _connection_tokens(incoming)
+        out = {k: v for k, v in out.items() if k not in hop}
+    return out
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream headers relayed to the client."""
-    hop = _connection_tokens(upstream)
+    hop = _connection_tokens(upstream) if "Connection" in upstream else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in upstream.items():
-        if key.lower() not in DROPPED_RESPONSE_HEADERS and key.lower() not in hop:
+        lower = key.lower()
+        if lower not in DROPPED_RESPONSE_HEADERS and lower not in hop:
             out.add(key, value)
     return out
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from itertools import chain
 from typing import Any
 
 from aiohttp import web
 
 from proxy.config import LimitsSection
 from proxy.errors import BadRequest, PayloadTooLarge
-from proxy.state import RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,20 +50,16 @@ OBJECT_FIELDS = ("stream_options", "response_format", "logit_bias", "metadata")
 _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse requests whose headers together exceed ``limits.max_header_bytes``."""
-    runtime = request.app[RUNTIME]
-    config = runtime.backend.config if runtime.backend is not None else runtime.config
-    limit = config.limits.max_header_bytes
-    size = sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in request.raw_headers)
-    if size > limit:
+def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
+    """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
+    raw = request.raw_headers
+    size = sum(map(len, chain.from_iterable(raw))) + _HEADER_OVERHEAD * len(raw)
+    if size > limits.max_header_bytes:
         raise PayloadTooLarge(
-            f"request headers of {size} bytes exceed the limit of {limit}",
+            f"request headers of {size} bytes exceed the limit of {limits.max_header_bytes}",
             status=431,
             code="headers_too_large",
         )
-    return await handler(request)
 
 
 def check_payload(

@@ -1,23 +1,21 @@
 """Prometheus metrics (prefix ``model_proxy_``), one registry per application.
 
 Label values come only from configuration and fixed sets, never from a client's raw input:
-the ``model`` label is a configured public name or ``other``. Children are cached so the hot
-path pays a dict lookup, not prometheus-client's label resolution.
+the ``model`` label is a configured public name, ``endpoint`` and error kinds are fixed sets.
+
+Metrics touched on every request (requests, latencies, time to first token, tokens, upstream
+errors) are plain ints and lists updated without locks — the proxy's request path runs on one
+event loop thread — and become Prometheus families only when ``/metrics`` is scraped. Rare
+events (reloads, retries, auth failures) use prometheus-client's own types.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
@@ -25,68 +23,114 @@ from proxy import __version__
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+Labels = tuple[str, ...]
+
+
+class FastCounter:
+    """A labelled counter kept as a dict of floats."""
+
+    __slots__ = ("doc", "labelnames", "name", "values")
+
+    def __init__(self, name: str, doc: str, labelnames: Labels) -> None:
+        self.name, self.doc, self.labelnames = name, doc, labelnames
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class FastHistogram:
+    """A labelled histogram: per child, one count per bucket (the last is +Inf), then the sum."""
+
+    __slots__ = ("bounds", "children", "doc", "labelnames", "name")
+
+    def __init__(self, name: str, doc: str, labelnames: Labels,
+                 bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.doc, self.labelnames, self.bounds = name, doc, labelnames, bounds
+        self.children: dict[Labels, list[float]] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = [0] * (len(self.bounds) + 2)
+        child[bisect_left(self.bounds, value)] += 1  # bucket "le" holds values <= bound
+        child[-1] += value
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        edges = [*(str(float(b)) for b in self.bounds), "+Inf"]
+        for labels, child in self.children.items():
+            running, buckets = 0.0, []
+            for edge, count in zip(edges, child[:-1], strict=True):
+                running += count
+                buckets.append((edge, running))
+            family.add_metric(list(labels), buckets, sum_value=child[-1])
+        return family
+
 
 class Metrics:
     """Every metric the proxy exports, registered on one ``CollectorRegistry``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+        self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        self.requests = FastCounter(
             "model_proxy_requests", "Requests answered, by endpoint, model and HTTP status.",
-            ["endpoint", "model", "status"], registry=r,
-        )
-        self.latency = Histogram(
+            ("endpoint", "model", "status"))
+        self.latency = FastHistogram(
             "model_proxy_request_duration_seconds", "Time from request to the end of the answer.",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.upstream_latency = Histogram(
+            ("endpoint",))
+        self.upstream_latency = FastHistogram(
             "model_proxy_upstream_duration_seconds", "Time until the upstream's answer began.",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.ttft = Histogram(
+            ("endpoint",))
+        self.ttft = FastHistogram(
             "model_proxy_time_to_first_token_seconds", "Time until the first streamed chunk.",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.tokens = Counter(
-            "model_proxy_tokens", "Tokens reported by the upstream.", ["direction"], registry=r,
-        )
+            ("endpoint",))
+        self.tokens = FastCounter(
+            "model_proxy_tokens", "Tokens reported by the upstream.", ("direction",))
+        self.upstream_errors = FastCounter(
+            "model_proxy_upstream_errors", "Upstream failures by kind.", ("kind",))
+        self.upstream_timings = FastHistogram(
+            "model_proxy_upstream_timing_seconds",
+            "Durations the upstream reports about its own work (e.g. Ollama's load_duration).",
+            ("phase",), bounds=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.upstream_tokens_per_second = FastHistogram(
+            "model_proxy_upstream_tokens_per_second",
+            "Generation speed the upstream reports, per answer.", (),
+            bounds=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280))
+        r.register(_FastCollector(self))
         self.retries = Counter(
-            "model_proxy_upstream_retries", "Upstream attempts beyond the first.", registry=r,
-        )
-        self.upstream_errors = Counter(
-            "model_proxy_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r,
-        )
+            "model_proxy_upstream_retries", "Upstream attempts beyond the first.", registry=r)
         # in_flight / queued / circuit_state are read at scrape time (``watch_gauges``), so the
         # request path pays nothing for them. in_flight counts upstream requests holding a
         # concurrency slot (bounded by limits.max_concurrency), not probes or scrapes.
         self.in_flight = Gauge(
             "model_proxy_in_flight_requests",
-            "Upstream requests holding a concurrency slot now.", registry=r,
-        )
+            "Upstream requests holding a concurrency slot now.", registry=r)
         self.queued = Gauge(
-            "model_proxy_queued_requests", "Requests waiting for an upstream slot.", registry=r,
-        )
+            "model_proxy_queued_requests", "Requests waiting for an upstream slot.", registry=r)
         self.upstream_up = Gauge(
-            "model_proxy_upstream_up", "1 when the last readiness probe succeeded.", registry=r,
-        )
+            "model_proxy_upstream_up", "1 when the last readiness probe succeeded.", registry=r)
         self.circuit_state = Gauge(
             "model_proxy_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-            registry=r,
-        )
+            registry=r)
         self.reloads = Counter(
             "model_proxy_config_reloads", "Configuration reloads by result.", ["result"],
-            registry=r,
-        )
+            registry=r)
         self.auth_failures = Counter(
             "model_proxy_auth_failures", "Rejected inbound requests by reason.", ["reason"],
-            registry=r,
-        )
+            registry=r)
         Info("model_proxy_build", "Build information.", registry=r).info({"version": __version__})
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
-        self._upstream_latency_children: dict[str, Histogram] = {}
-        self._upstream_error_children: dict[str, Counter] = {}
+
+    def fast_families(self) -> tuple[FastCounter | FastHistogram, ...]:
+        return (self.requests, self.latency, self.upstream_latency, self.ttft, self.tokens,
+                self.upstream_errors, self.upstream_timings, self.upstream_tokens_per_second)
 
     def watch_gauges(
         self, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -97,31 +141,33 @@ class Metrics:
         self.queued.set_function(queued)
         self.circuit_state.set_function(circuit_state)
 
+    def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
+        self.requests.inc((endpoint, model, str(status)))
+        self.latency.observe((endpoint,), seconds)
+
     def observe_upstream(self, endpoint: str, seconds: float) -> None:
-        hist = self._upstream_latency_children.get(endpoint)
-        if hist is None:
-            hist = self._upstream_latency_children[endpoint] = self.upstream_latency.labels(
-                endpoint
-            )
-        hist.observe(seconds)
+        self.upstream_latency.observe((endpoint,), seconds)
+
+    def observe_ttft(self, endpoint: str, seconds: float) -> None:
+        self.ttft.observe((endpoint,), seconds)
 
     def count_upstream_error(self, kind: str) -> None:
         """``kind`` is an error code from ``proxy.errors``: a fixed set, never client input."""
-        child = self._upstream_error_children.get(kind)
-        if child is None:
-            child = self._upstream_error_children[kind] = self.upstream_errors.labels(kind)
-        child.inc()
+        self.upstream_errors.inc((kind,))
 
-    def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
-        key = (endpoint, model, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(endpoint, model, str(status))
-        child.inc()
-        hist = self._latency_children.get(endpoint)
-        if hist is None:
-            hist = self._latency_children[endpoint] = self.latency.labels(endpoint)
-        hist.observe(seconds)
+    def count_usage(self, prompt_tokens: int | None, completion_tokens: int | None,
+                    extra: Mapping[str, float]) -> None:
+        """Token counts and the upstream's own timings (``Usage`` of one answer)."""
+        if prompt_tokens:
+            self.tokens.inc(("in",), prompt_tokens)
+        if completion_tokens:
+            self.tokens.inc(("out",), completion_tokens)
+        if extra:
+            for phase, seconds in extra.items():
+                if phase == "tokens_per_second":
+                    self.upstream_tokens_per_second.observe((), seconds)
+                elif phase.endswith("_duration"):
+                    self.upstream_timings.observe((phase.removesuffix("_duration"),), seconds)
 
     def watch_stats(self, stats: Callable[[], Mapping[str, float]]) -> None:
         """Export an adapter's ``stats()`` gauges as ``model_proxy_upstream_<name>``."""
@@ -129,6 +175,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FastCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        for fast in self._metrics.fast_families():
+            yield fast.family()
+
+    def describe(self) -> list[CounterMetricFamily | HistogramMetricFamily]:
+        return []
 
 
 class _StatsCollector(Collector):

@@ -1,8 +1,11 @@
-"""Layers around every handler: metrics outermost, then error rendering.
+"""The one layer around every handler: count, guard, authenticate, render errors.
 
-The error layer is the one place where exceptions become HTTP answers: ``ProxyError`` as its
-OpenAI-shaped body, aiohttp's own HTTP exceptions likewise, anything else as a bare 500 whose
-details go to the log only.
+Everything cross-cutting happens here, once per request, in one aiohttp middleware (each
+middleware costs a call chain per request, so the concerns share one): the metrics observe
+every answer, oversized headers and missing credentials are refused before a handler reads
+the body, and exceptions become HTTP answers — ``ProxyError`` as its OpenAI-shaped body,
+aiohttp's own HTTP exceptions likewise, anything else as a bare 500 whose details go to the
+log only.
 """
 
 from __future__ import annotations
@@ -15,14 +18,24 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from proxy.auth import authenticate
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
-from proxy.state import ENDPOINT, MODEL, RUNTIME
+from proxy.inputs import check_headers
+from proxy.state import RUNTIME
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: ``request[ENDPOINT]`` value for paths that are not counted (probes, scrapes).
-UNCOUNTED = ""
+#: The ``endpoint`` label by path; ``""`` marks paths that are not counted (probes, scrapes).
+ENDPOINT_LABELS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+    "/healthz": "",
+    "/readyz": "",
+    "/metrics": "",
+}
 
 
 def error_response(exc: ProxyError) -> web.Response:
@@ -38,40 +51,42 @@ def error_response(exc: ProxyError) -> web.Response:
 
 
 @web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[RUNTIME].metrics
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    runtime = request.app[RUNTIME]
     start = time.perf_counter()
+    path = request.path
+    endpoint = ENDPOINT_LABELS.get(path)
+    if endpoint is None:
+        endpoint = "passthrough" if path.startswith("/v1/") else "other"
+    backend = runtime.backend
     status = 500
     try:
-        response = await handler(request)
+        try:
+            config = backend.config if backend is not None else runtime.config
+            check_headers(request, config.limits)
+            if config.auth.enabled:
+                await authenticate(request, config)
+            response = await handler(request)
+        except ProxyError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(_from_http(request, exc))
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, path[:200])
+            response = error_response(ProxyError("internal error; the proxy's log has the details"))
         status = response.status
         return response
     except asyncio.CancelledError:
         status = 499  # the client went away first
         raise
     finally:
-        endpoint = request.get(ENDPOINT, "other")
-        if endpoint != UNCOUNTED:
-            metrics.observe_request(
-                endpoint, request.get(MODEL, "none"), status, time.perf_counter() - start
-            )
-
-
-@web.middleware
-async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_from_http(request, exc))
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path[:200])
-        return error_response(ProxyError("internal error; the proxy's log has the details"))
+        if endpoint:
+            model = backend.model_label if backend is not None else "none"
+            runtime.metrics.observe_request(endpoint, model, status, time.perf_counter() - start)
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> ProxyError:

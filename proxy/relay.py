@@ -40,7 +40,7 @@ async def relay(
         try:
             async for chunk in upstream.chunks():
                 if first:
-                    metrics.ttft.labels(job.endpoint).observe(time.perf_counter() - start)
+                    metrics.observe_ttft(job.endpoint, time.perf_counter() - start)
                     first = False
                 await response.write(chunk)
         except ProxyError as exc:
@@ -58,12 +58,5 @@ async def relay(
         return response
     finally:
         await upstream.release()
-        _count_tokens(upstream, metrics)
-
-
-def _count_tokens(upstream: UpstreamResponse, metrics: Metrics) -> None:
-    usage = upstream.usage
-    if usage.prompt_tokens:
-        metrics.tokens.labels("in").inc(usage.prompt_tokens)
-    if usage.completion_tokens:
-        metrics.tokens.labels("out").inc(usage.completion_tokens)
+        usage = upstream.usage
+        metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)

@@ -13,7 +13,7 @@ from proxy.app import create_app
 from proxy.auth import check_exposure
 from proxy.config import BaseConfig
 from proxy.drain import FINAL_WRITE_SECONDS
-from proxy.logs import AccessLogger
+from proxy.logs import AccessLines, AccessLogger
 from proxy.reload import RELOADER
 from proxy.state import RUNTIME
 
@@ -39,6 +39,7 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         log.warning(warning)
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
+    access_lines = AccessLines(config.logging)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -46,6 +47,7 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         # ends the remaining streams; this is only the time left for those final writes.
         shutdown_timeout=FINAL_WRITE_SECONDS,
         access_log_class=AccessLogger,
+        access_log=access_lines,  # our batched writer stands in for a logging.Logger
         max_field_size=config.limits.max_header_bytes,
     )
     await runner.setup()
@@ -67,4 +69,5 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         runtime.shutting_down = True
     finally:
         await runner.cleanup()
+        access_lines.flush()
     log.info("stopped")

@@ -60,8 +60,5 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
-#: Per-request labels for metrics, set by handlers: the endpoint and the configured model name.
-ENDPOINT = web.RequestKey("endpoint", str)
-MODEL = web.RequestKey("model", str)
 #: The request body once read (within the body limit), so auth and the handler share one read.
 BODY = web.RequestKey("body", bytes)

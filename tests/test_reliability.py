@@ -248,6 +248,7 @@ async def test_stall_mid_stream_ends_with_idle_timeout_event(
     events = sse_events(await resp.read())
     assert resp.status == 200
     assert events[0]["choices"][0]["delta"]["content"] == "a"
+    assert "error" in events[-1], (events, clock.elapsed)
     assert events[-1]["error"]["code"] == "upstream_timeout"
     assert "sent nothing for 0.3 s" in events[-1]["error"]["message"]
     assert 0.3 <= clock.elapsed < 1.5

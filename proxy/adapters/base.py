@@ -70,25 +70,31 @@ class UpstreamResponse:
         self,
         status: int,
         headers: Mapping[str, str],
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncIterator[bytes] | None = None,
         *,
         stream: bool,
         release: Callable[[], Awaitable[None] | None] | None = None,
+        body: bytes | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
         self.stream = stream
         self.usage = Usage()
-        #: The whole body once :meth:`buffer` has read it.
-        self.body: bytes | None = None
+        #: The whole body, when it is known (given, or read by :meth:`buffer`).
+        self.body = body
         self._chunks = chunks
         self._release = release
 
     def chunks(self) -> AsyncIterator[bytes]:
+        if self.body is not None:
+            return _once(self.body)
+        assert self._chunks is not None, "an UpstreamResponse needs chunks or a body"
         return self._chunks
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self._chunks]
+        if self.body is not None:
+            return self.body
+        parts = [chunk async for chunk in self.chunks()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def buffer(self) -> bytes:
@@ -98,7 +104,6 @@ class UpstreamResponse:
                 self.body = await self.read()
             finally:
                 await self.release()
-            self._chunks = _once(self.body)
         return self.body
 
     async def release(self) -> None:
@@ -110,7 +115,7 @@ class UpstreamResponse:
 
     @classmethod
     def from_json(cls, obj: Any, status: int = 200) -> UpstreamResponse:
-        return cls(status, JSON_HEADERS, _once(orjson.dumps(obj)), stream=False)
+        return cls(status, JSON_HEADERS, stream=False, body=orjson.dumps(obj))
 
     @classmethod
     def from_sse(

@@ -10,6 +10,7 @@ The client's own signature headers never travel on; ``proxy.headers`` drops them
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import aiohttp
 
@@ -39,11 +40,14 @@ class FxnAdapter(HTTPUpstream):
         *,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        read_timeout: float | Literal["idle"] | None = "idle",
     ) -> aiohttp.ClientResponse:
         if self.signer is not None:
             # Signed over exactly the bytes sent; no body is signed as the empty string.
             headers = {**(headers or {}), **self.signer.headers(body or b"")}
-        return await super().request(method, path, body=body, headers=headers)
+        return await super().request(
+            method, path, body=body, headers=headers, read_timeout=read_timeout
+        )
 
     async def check_ready(self) -> None:
         # Any answer below 500 shows the node is up, except a refusal of our credentials,
@@ -64,4 +68,4 @@ class FxnAdapter(HTTPUpstream):
         response = await self.request(
             job.method, job.path, body=job.body, headers=request_headers(job.headers)
         )
-        return self.relay(response)
+        return await self.relay(response)

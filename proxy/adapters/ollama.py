@@ -152,7 +152,12 @@ class OllamaAdapter(HTTPUpstream):
         self, path: str, body: dict[str, Any], *, model: str, tag: str
     ) -> aiohttp.ClientResponse:
         """Send and wait for the status; a non-200 answer is read, released and raised."""
-        resp = await self.request("POST", path, body=orjson.dumps(body), headers=_JSON)
+        # Ollama may stay silent while it loads a model: this adapter keeps its own read
+        # deadlines (first_byte for the first line, idle after), so aiohttp's per-read timer
+        # is switched off once the headers are in.
+        resp = await self.request(
+            "POST", path, body=orjson.dumps(body), headers=_JSON, read_timeout=None
+        )
         if resp.status == 200:
             return resp
         try:

@@ -6,9 +6,8 @@ relayed chunk by chunk without parsing. Only the status line and headers are loo
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from yarl import URL
@@ -31,8 +30,12 @@ class HTTPUpstream(Adapter):
         self.where = _safe_origin(config.url)
         self.auth_headers = credential_headers(config)
         t = config.timeouts
-        # sock_read is left unset: first byte and idle gaps are bounded separately below.
-        self.client_timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect)
+        # aiohttp's per-read timer bounds the wait for the status line (first_byte); once the
+        # headers are in, ``request`` switches the same timer to the gap between reads (idle).
+        # It is cheaper than wrapping each await in asyncio.timeout.
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=t.total, sock_connect=t.connect, sock_read=t.first_byte
+        )
 
     async def request(
         self,
@@ -41,19 +44,29 @@ class HTTPUpstream(Adapter):
         *,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        read_timeout: float | Literal["idle"] | None = "idle",
     ) -> aiohttp.ClientResponse:
-        """Send one request and wait for the status line, within the first-byte timeout."""
+        """Send one request and wait for the status line, within the first-byte timeout.
+
+        Afterwards each read of the body may wait ``read_timeout`` seconds (``timeouts.idle``
+        unless given; ``None`` leaves the body's pace to the caller).
+        """
         all_headers = {**(headers or {}), **self.auth_headers, "Accept-Encoding": "identity"}
         try:
-            async with asyncio.timeout(self.config.timeouts.first_byte):
-                return await self.session.request(
-                    method,
-                    self.base_url + path,
-                    data=body,
-                    headers=all_headers,
-                    timeout=self.client_timeout,
-                    allow_redirects=False,
-                )
+            response = await self.session.request(
+                method,
+                self.base_url + path,
+                data=body,
+                headers=all_headers,
+                timeout=self.client_timeout,
+                allow_redirects=False,
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream at {self.where} did not accept a connection within "
+                f"{self.config.timeouts.connect:g} s",
+                retryable=True,
+            ) from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"upstream at {self.where} did not answer within "
@@ -68,41 +81,53 @@ class HTTPUpstream(Adapter):
             raise UpstreamError(
                 f"upstream at {self.where} failed before answering: {_reason(exc)}", retryable=True
             ) from exc
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = (
+                self.config.timeouts.idle if read_timeout == "idle" else read_timeout
+            )
+        return response
 
     async def body_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
-        idle = self.config.timeouts.idle
         content = response.content
-        gap: asyncio.Timeout | None = None
         try:
-            while True:
-                async with asyncio.timeout(idle) as gap:
-                    chunk = await content.readany()
-                if not chunk:
-                    return
+            while chunk := await content.readany():
                 yield chunk
-        except TimeoutError as exc:
-            # Either our idle gap expired, or aiohttp's per-attempt total deadline did.
-            if gap is not None and gap.expired():
-                message = f"upstream at {self.where} sent nothing for {idle:g} s mid-answer"
-            else:
-                message = (f"upstream at {self.where} did not finish within "
-                           f"{self.config.timeouts.total:g} s")
-            raise UpstreamTimeout(message) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"upstream at {self.where} broke off mid-answer: {_reason(exc)}"
-            ) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self.broke_off(exc) from exc
 
-    def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
-        stream = response.content_type == "text/event-stream"
-        return UpstreamResponse(
-            response.status,
-            response_headers(response.headers),
-            self.body_chunks(response),
-            stream=stream,
-            release=lambda: _release(response),
-        )
+    def broke_off(self, exc: BaseException) -> UpstreamError:
+        """The error for a body that stopped part-way (not retryable: work may be done)."""
+        if isinstance(exc, aiohttp.SocketTimeoutError):  # the per-read (idle) timer
+            idle = self.config.timeouts.idle
+            return UpstreamTimeout(f"upstream at {self.where} sent nothing for {idle:g} s "
+                                   "mid-answer")
+        if isinstance(exc, TimeoutError):  # aiohttp's total deadline for the attempt
+            total = self.config.timeouts.total
+            return UpstreamTimeout(f"upstream at {self.where} did not finish within {total:g} s")
+        return UpstreamError(f"upstream at {self.where} broke off mid-answer: {_reason(exc)}")
+
+    async def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
+        """The answer to relay: a stream as it arrives, anything else read whole (one read)."""
+        headers = response_headers(response.headers)
+        if response.content_type == "text/event-stream":
+            # The per-read timer still holds the first-byte deadline until the next read
+            # re-arms it; re-arm it now so a stream that stalls right away ends after `idle`.
+            protocol = response.connection.protocol if response.connection else None
+            if protocol is not None and not response.content.at_eof():
+                protocol.start_timeout()
+            return UpstreamResponse(
+                response.status, headers, self.body_chunks(response), stream=True,
+                release=lambda: _release(response),
+            )
+        try:
+            body = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self.broke_off(exc) from exc
+        finally:
+            _release(response)
+        return UpstreamResponse(response.status, headers, stream=False, body=body)
 
     async def get_json(self, path: str) -> Any:
         response = await self.request("GET", path)
@@ -130,7 +155,7 @@ class OpenAIAdapter(HTTPUpstream):
         response = await self.request(
             job.method, path, body=job.body or None, headers=request_headers(job.headers)
         )
-        return self.relay(response)
+        return await self.relay(response)
 
     async def models(self) -> list[dict[str, Any]]:
         data = await self.get_json("/v1/models")
