@@ -11,12 +11,12 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.adapters import load_adapter_class
-from proxy.auth import AUTH, AuthState
+from proxy.auth import AuthState
 from proxy.config import BaseConfig
 from proxy.drain import Drain
+from proxy.edge import UNCOUNTED, layered
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
-from proxy.middleware import edge
 from proxy.pipeline import Pipeline, model_label
 from proxy.reload import RELOADER, Reloader, reloading
 from proxy.state import RUNTIME, Runtime
@@ -38,7 +38,7 @@ def create_app(
     Raises ``ConfigError`` if the configured adapter cannot be imported.
     """
     adapter_class = load_adapter_class(config)
-    app = web.Application(middlewares=[edge], client_max_size=CLIENT_MAX_SIZE)
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     metrics = Metrics(registry)
     runtime = Runtime(config=config, metrics=metrics, config_path=config_path)
     limiter = Limiter(config.limits)
@@ -47,7 +47,7 @@ def create_app(
     app[RUNTIME] = runtime
     app[RELOADER] = Reloader(runtime)
     app[handlers.READY_CACHE] = handlers.ReadyCache()
-    app[AUTH] = AuthState()
+    runtime.auth = AuthState()
     metrics.watch_gauges(
         in_flight=lambda: limiter.active,
         queued=lambda: limiter.waiting,
@@ -83,13 +83,14 @@ def create_app(
     app.cleanup_ctx.append(reloading)
     app.on_shutdown.append(drain_requests)
     router = app.router
-    for path in handlers.ENDPOINTS:
-        router.add_post(path, handlers.inference)
-    router.add_get("/v1/models", handlers.models)
-    router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
-    router.add_get("/healthz", handlers.healthz)
-    router.add_get("/readyz", handlers.readyz)
-    router.add_get("/metrics", handlers.metrics)
+    for path, endpoint in handlers.ENDPOINTS.items():
+        router.add_post(path, layered(runtime, handlers.inference, endpoint))
+    router.add_get("/v1/models", layered(runtime, handlers.models, "models"), allow_head=False)
+    router.add_route("*", "/v1/{tail:.*}", layered(runtime, handlers.passthrough, None))
+    for path, handler in (("/healthz", handlers.healthz), ("/readyz", handlers.readyz),
+                          ("/metrics", handlers.metrics)):
+        router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
+    router.add_route("*", "/{tail:.*}", layered(runtime, handlers.not_found, None))
     return app
 
 

@@ -24,11 +24,11 @@ from multidict import CIMultiDictProxy
 
 from proxy.config import AuthSection, BaseConfig
 from proxy.errors import ConfigError, Unauthorized
-from proxy.handlers import read_body
+from proxy.inputs import read_body
 from proxy.nonces import NonceCache
 from proxy.signing import REASONS as SIGNATURE_REASONS
 from proxy.signing import SIGNATURE_HEADERS, Verifier
-from proxy.state import RUNTIME
+from proxy.state import Runtime
 
 log = logging.getLogger("model_proxy")
 
@@ -98,17 +98,24 @@ class Authenticator:
             return
         raise _most_telling(failures, headers)
 
+    def check_keys(self, headers: CIMultiDictProxy[str]) -> None:
+        """The whole check when only API keys are configured (no body needed)."""
+        self._check_api_key(headers)
+
     def _check_api_key(self, headers: CIMultiDictProxy[str]) -> None:
         presented: list[str] = []
         for name in ("Authorization", "x-api-key"):
-            values = headers.getall(name, [])
+            values = headers.getall(name, ())
+            if not values:
+                continue
             if len(values) > 1:
                 raise Unauthorized(f"{name} is given more than once", code="duplicate_header")
-            if values and name == "Authorization":
+            if name == "Authorization":
                 scheme, _, token = values[0].partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    presented.append(token.strip())
-            elif values:
+                token = token.strip()
+                if token and scheme.lower() == "bearer":
+                    presented.append(token)
+            else:
                 presented.append(values[0])
         if not presented:
             raise Unauthorized(
@@ -172,24 +179,44 @@ class AuthState:
         return self._auth
 
 
-AUTH = web.AppKey("auth", AuthState)
 
 
-async def authenticate(request: web.Request, config: BaseConfig) -> None:
-    """Let ``request`` pass or raise ``Unauthorized``; a no-op when auth is off."""
-    if not config.auth.enabled or request.path in PUBLIC_PATHS:
-        return
-    auth = request.app[AUTH].current(config.auth)
+def authenticate(
+    request: web.Request, config: BaseConfig, runtime: Runtime
+) -> Awaitable[None] | None:
+    """Let ``request`` pass or raise ``Unauthorized``.
+
+    API keys are decided at once (``None`` returned: passed). A signature needs the body, so
+    then an awaitable is returned that finishes the check; the caller awaits it.
+    """
+    if request.path in PUBLIC_PATHS:
+        return None
+    assert runtime.auth is not None
+    auth = runtime.auth.current(config.auth)
     if auth is None:
-        return
-    limit = config.limits.max_body_bytes
+        return None
+    if auth.verifier is None:
+        try:
+            auth.check_keys(request.headers)
+        except Unauthorized as exc:
+            _refused(request, exc, runtime)
+            raise
+        return None
+    return _verify(request, auth, config.limits.max_body_bytes, runtime)
+
+
+async def _verify(request: web.Request, auth: Authenticator, limit: int, runtime: Runtime) -> None:
     try:
         await auth.check(request.headers, lambda: read_body(request, limit))
     except Unauthorized as exc:
-        reason = exc.code if exc.code in REASONS else "unauthorized"
-        request.app[RUNTIME].metrics.auth_failures.labels(reason).inc()
-        log.debug("refused %s %s: %s", request.method, request.path[:200], reason)
+        _refused(request, exc, runtime)
         raise
+
+
+def _refused(request: web.Request, exc: Unauthorized, runtime: Runtime) -> None:
+    reason = exc.code if exc.code in REASONS else "unauthorized"
+    runtime.metrics.auth_failures.labels(reason).inc()
+    log.debug("refused %s %s: %s", request.method, request.path[:200], reason)
 
 
 def check_exposure(config: BaseConfig) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -12,10 +11,11 @@ from aiohttp import web
 
 from proxy.adapters.base import Endpoint, Job
 from proxy.config import BaseConfig
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
-from proxy.inputs import check_payload
+from proxy.edge import method_not_allowed
+from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.inputs import check_payload, parse_object, read_body
 from proxy.relay import relay
-from proxy.state import BODY, RUNTIME, Backend
+from proxy.state import RUNTIME, Backend, Runtime
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",
@@ -25,10 +25,11 @@ ENDPOINTS: dict[str, Endpoint] = {
 #: The field each endpoint cannot do without.
 REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 READY_CACHE_SECONDS = 1.0
+#: Paths with routes; another method on one of them is a 405, not a 404.
+KNOWN_PATHS = frozenset({*ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics"})
 
 
-async def inference(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
+async def inference(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     backend = runtime.current()
     config = backend.config
     endpoint = ENDPOINTS[request.path]
@@ -61,19 +62,13 @@ async def inference(request: web.Request) -> web.StreamResponse:
         request.headers,
         request_id(request),
     )
-    return await _forward(request, backend, job)
+    return await _forward(request, runtime, backend, job)
 
 
-async def passthrough(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
+async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     backend = runtime.current()
     if request.path in ENDPOINTS or request.path == "/v1/models":
-        raise ProxyError(
-            f"method not allowed: {request.method} {request.path}",
-            status=405,
-            type="invalid_request_error",
-            code="method_not_allowed",
-        )
+        raise method_not_allowed(request)
     if not backend.adapter.passthrough:
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     body = await read_body(request, backend.config.limits.max_body_bytes)
@@ -90,14 +85,17 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         request.headers,
         request_id(request),
     )
-    return await _forward(request, backend, job)
+    return await _forward(request, runtime, backend, job)
 
 
-async def _forward(request: web.Request, backend: Backend, job: Job) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
+async def _forward(
+    request: web.Request, runtime: Runtime, backend: Backend, job: Job
+) -> web.StreamResponse:
     pipeline = runtime.pipeline
     assert pipeline is not None and runtime.drain is not None
-    probe = await pipeline.enter(backend)
+    probe = pipeline.admit(backend)
+    if probe is None:
+        probe = await pipeline.enter(backend)
     try:
         upstream = await pipeline.call(backend, job)
         return await relay(request, upstream, job, runtime.metrics, runtime.drain)
@@ -105,8 +103,7 @@ async def _forward(request: web.Request, backend: Backend, job: Job) -> web.Stre
         pipeline.leave(backend, probe)
 
 
-async def models(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
+async def models(request: web.Request, runtime: Runtime) -> web.Response:
     backend = runtime.current()
     config = backend.config
     ready = await readiness(request.app) is None
@@ -142,19 +139,18 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: web.Request, runtime: Runtime) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(request: web.Request, runtime: Runtime) -> web.Response:
     reason = await readiness(request.app)
     if reason is None:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "unavailable", "reason": reason}, status=503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
+async def metrics(request: web.Request, runtime: Runtime) -> web.Response:
     if not runtime.current().config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")
     return web.Response(
@@ -203,6 +199,13 @@ class ReadyCache:
 READY_CACHE = web.AppKey("ready_cache", ReadyCache)
 
 
+async def not_found(request: web.Request, runtime: Runtime) -> web.Response:
+    """Every path no route serves; a known path with another method is a 405."""
+    if request.path in KNOWN_PATHS:
+        raise method_not_allowed(request)
+    raise NotFound(f"no such path: {request.method} {request.path[:200]}", code="unknown_path")
+
+
 def resolve_model(config: BaseConfig, requested: str) -> str:
     """The upstream name for a requested public name; 404 for a name this node does not serve."""
     public = config.public_name
@@ -215,42 +218,9 @@ def resolve_model(config: BaseConfig, requested: str) -> str:
     return config.upstream_name or requested
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
-
-    Read from the network once per request: aiohttp keeps a body it has read, and a chunked
-    body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
-    """
-    length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-        return await request.read()
-    body = request.get(BODY)
-    if body is None:
-        chunks = bytearray()
-        async for chunk in request.content.iter_any():
-            chunks += chunk
-            if len(chunks) > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        body = request[BODY] = bytes(chunks)
-    return body
-
-
-def parse_object(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc.msg} at byte {exc.pos}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object")
-    return payload
-
-
 def request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` when it is fit for a log line, else ``""``."""
     given = request.headers.get("X-Request-Id")
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return os.urandom(8).hex()
+    return ""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from itertools import chain
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from proxy.config import LimitsSection
 from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.state import BODY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -45,15 +46,21 @@ NUMBER_FIELDS: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
     "repetition_penalty": (0.0, 100.0),
 }
-BOOL_FIELDS = ("stream", "echo", "parallel_tool_calls")
-OBJECT_FIELDS = ("stream_options", "response_format", "logit_bias", "metadata")
+BOOL_FIELDS = frozenset({"stream", "echo", "parallel_tool_calls"})
+OBJECT_FIELDS = frozenset({"stream_options", "response_format", "logit_bias", "metadata"})
+#: Every top-level field with a rule here; a request's other fields pass untouched.
+CHECKED_FIELDS = frozenset(
+    {"model", "stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS, *OBJECT_FIELDS}
+)
 _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 
 
 def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
     """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
     raw = request.raw_headers
-    size = sum(map(len, chain.from_iterable(raw))) + _HEADER_OVERHEAD * len(raw)
+    size = _HEADER_OVERHEAD * len(raw)
+    for name, value in raw:
+        size += len(name) + len(value)
     if size > limits.max_header_bytes:
         raise PayloadTooLarge(
             f"request headers of {size} bytes exceed the limit of {limits.max_header_bytes}",
@@ -67,24 +74,9 @@ def check_payload(
 ) -> None:
     """Raise ``BadRequest`` (with ``param``) for the first problem found in ``payload``."""
     _check_depth(payload, body, limits.max_json_depth)
-    model = payload.get("model")
-    if isinstance(model, str) and len(model) > MAX_MODEL_CHARS:
-        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
-    for name, (low, high) in INT_FIELDS.items():
-        value = payload.get(name)
-        if value is not None and not (_is_int(value) and low <= value <= high):
-            raise BadRequest(f"{name} must be an integer from {low} to {high}", param=name)
-    for name, (low_f, high_f) in NUMBER_FIELDS.items():
-        value = payload.get(name)
-        if value is not None and not (_is_number(value) and low_f <= value <= high_f):
-            raise BadRequest(f"{name} must be a number from {low_f:g} to {high_f:g}", param=name)
-    for name in BOOL_FIELDS:
-        if name in payload and not isinstance(payload[name], bool):
-            raise BadRequest(f"{name} must be true or false", param=name)
-    for name in OBJECT_FIELDS:
-        if payload.get(name) is not None and not isinstance(payload[name], dict):
-            raise BadRequest(f"{name} must be an object", param=name)
-    _check_stop(payload.get("stop"))
+    # Only the fields the request has are looked at (a set intersection, done in C).
+    for name in payload.keys() & CHECKED_FIELDS:
+        _check_field(name, payload[name])
     if endpoint == "chat":
         _check_messages(payload.get("messages"), limits.max_messages)
         _check_tools(payload)
@@ -92,6 +84,29 @@ def check_payload(
         _check_tokens_or_text(payload.get("prompt"), "prompt")
     elif endpoint == "embeddings":
         _check_tokens_or_text(payload.get("input"), "input")
+
+
+def _check_field(name: str, value: Any) -> None:
+    if value is None and name not in BOOL_FIELDS:
+        return
+    if name in INT_FIELDS:
+        low, high = INT_FIELDS[name]
+        if not (_is_int(value) and low <= value <= high):
+            raise BadRequest(f"{name} must be an integer from {low} to {high}", param=name)
+    elif name in NUMBER_FIELDS:
+        low_f, high_f = NUMBER_FIELDS[name]
+        if not (_is_number(value) and low_f <= value <= high_f):
+            raise BadRequest(f"{name} must be a number from {low_f:g} to {high_f:g}", param=name)
+    elif name in BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false", param=name)
+    elif name in OBJECT_FIELDS:
+        if not isinstance(value, dict):
+            raise BadRequest(f"{name} must be an object", param=name)
+    elif name == "stop":
+        _check_stop(value)
+    elif name == "model" and isinstance(value, str) and len(value) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
 
 
 def _is_int(value: Any) -> bool:
@@ -177,3 +192,37 @@ def _check_tokens_or_text(value: Any, name: str) -> None:
 
 def _is_token(value: Any) -> bool:
     return _is_int(value) and 0 <= value <= _INT32
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
+
+    Read from the network once per request: aiohttp keeps a body it has read, and a chunked
+    body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
+    """
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+        return await request.read()
+    body = request.get(BODY)
+    if body is None:
+        chunks = bytearray()
+        async for chunk in request.content.iter_any():
+            chunks += chunk
+            if len(chunks) > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        body = request[BODY] = bytes(chunks)
+    return body
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at byte {exc.pos}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload

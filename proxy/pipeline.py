@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
-from proxy.breaker import Breaker
+from proxy.breaker import Breaker, State
 from proxy.config import BaseConfig
 from proxy.errors import RETRYABLE_STATUSES, UpstreamError
 from proxy.limits import Limiter
@@ -38,11 +38,23 @@ class Pipeline:
         policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics)
         return Backend(config, adapter, model_label(config), breaker, policy)
 
-    async def enter(self, backend: Backend) -> bool:
-        """Admit a request or raise ``Unavailable`` / ``Overloaded``; pair with ``leave``.
+    def admit(self, backend: Backend) -> bool | None:
+        """Admit a request at once if a slot is free: whether it is the breaker's probe.
 
-        Returns whether the request is the circuit breaker's probe.
+        ``None`` means no slot is free: await :meth:`enter` instead. Raises ``Unavailable``
+        while the circuit is open. Pair every admission with :meth:`leave`.
         """
+        limiter = self.limiter
+        if limiter.active >= limiter.max_active or limiter.waiting:
+            return None
+        probe = backend.breaker.admit()
+        limiter.active += 1
+        backend.active += 1
+        return probe
+
+    async def enter(self, backend: Backend) -> bool:
+        """Admit a request, waiting for a slot if need be; raise ``Unavailable`` /
+        ``Overloaded``. Pair with ``leave``. Returns whether it is the breaker's probe."""
         probe = backend.breaker.admit()
         try:
             await self.limiter.acquire()
@@ -63,7 +75,7 @@ class Pipeline:
         """The upstream's answer to ``job`` after any retries; raises the last error."""
         start = time.perf_counter()
         try:
-            response = await self._attempt(backend, job)
+            response = await self._attempt(backend, job, start)
         except UpstreamError as exc:
             if not exc.retryable:
                 raise
@@ -74,16 +86,15 @@ class Pipeline:
             first = response
 
         async def again() -> UpstreamResponse:
-            return await self._attempt(backend, job)
+            return await self._attempt(backend, job, time.perf_counter())
 
         return await backend.retry.run(first, again, time.perf_counter() - start)
 
-    async def _attempt(self, backend: Backend, job: Job) -> UpstreamResponse:
-        start = time.perf_counter()
+    async def _attempt(self, backend: Backend, job: Job, start: float) -> UpstreamResponse:
         breaker = backend.breaker
         try:
             response = await backend.adapter.send(job)
-            if not response.stream:
+            if not response.stream and response.body is None:
                 await response.buffer()
         except UpstreamError as exc:
             self.metrics.count_upstream_error(exc.code or "upstream_error")
@@ -91,7 +102,7 @@ class Pipeline:
             raise
         if response.status in FAILED_STATUSES:
             breaker.failure()
-        else:
+        elif breaker.failures or breaker.state is not State.CLOSED:
             breaker.success()
         self.metrics.observe_upstream(job.endpoint, time.perf_counter() - start)
         return response

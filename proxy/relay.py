@@ -44,7 +44,7 @@ async def relay(
                     first = False
                 await response.write(chunk)
         except ProxyError as exc:
-            log.warning("stream %s ended early: %s", job.request_id, exc.message)
+            log.warning("stream %s ended early: %s", job.request_id or "-", exc.message)
             metrics.count_upstream_error(exc.code or "upstream_error")
             await response.write(sse.error_event(exc))
         except asyncio.CancelledError:
@@ -58,5 +58,6 @@ async def relay(
         return response
     finally:
         await upstream.release()
-        usage = upstream.usage
-        metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
+        usage = upstream.reported_usage()
+        if usage is not None:
+            metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)

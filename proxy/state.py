@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from proxy.adapters.base import Adapter
+    from proxy.auth import AuthState
     from proxy.breaker import Breaker
     from proxy.config import BaseConfig
     from proxy.drain import Drain
@@ -48,6 +49,7 @@ class Runtime:
     backend: Backend | None = None
     pipeline: Pipeline | None = None
     drain: Drain | None = None
+    auth: AuthState | None = None
     session: aiohttp.ClientSession | None = None
     shutting_down: bool = False
     started_at: float = field(default_factory=time.time)

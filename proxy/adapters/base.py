@@ -31,6 +31,7 @@ class Job:
     rewritten); ``payload`` is the parsed JSON object (``None`` for pass-through requests that
     carry no JSON). ``model`` is the public name the client asked for, ``upstream_model`` the
     name the upstream knows. ``headers`` holds only client headers that are safe to forward.
+    ``request_id`` is the client's ``X-Request-Id`` when it is fit for logs, else ``""``.
     """
 
     endpoint: Endpoint
@@ -64,7 +65,7 @@ class UpstreamResponse:
     relay always calls it, also when the client has gone.
     """
 
-    __slots__ = ("_chunks", "_release", "body", "headers", "status", "stream", "usage")
+    __slots__ = ("_chunks", "_release", "_usage", "body", "headers", "status", "stream")
 
     def __init__(
         self,
@@ -79,11 +80,26 @@ class UpstreamResponse:
         self.status = status
         self.headers = headers
         self.stream = stream
-        self.usage = Usage()
+        self._usage: Usage | None = None
         #: The whole body, when it is known (given, or read by :meth:`buffer`).
         self.body = body
         self._chunks = chunks
         self._release = release
+
+    @property
+    def usage(self) -> Usage:
+        """What the answer cost; made on first use, as pass-through answers never fill it."""
+        if self._usage is None:
+            self._usage = Usage()
+        return self._usage
+
+    @usage.setter
+    def usage(self, usage: Usage) -> None:
+        self._usage = usage
+
+    def reported_usage(self) -> Usage | None:
+        """The usage an adapter filled in, if any (for metrics)."""
+        return self._usage
 
     def chunks(self) -> AsyncIterator[bytes]:
         if self.body is not None:

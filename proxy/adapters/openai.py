@@ -29,6 +29,8 @@ class HTTPUpstream(Adapter):
         self.base_url = config.url
         self.where = _safe_origin(config.url)
         self.auth_headers = credential_headers(config)
+        # Sent on every request; identity keeps bodies byte-for-byte relayable.
+        self.fixed_headers = {**self.auth_headers, "Accept-Encoding": "identity"}
         t = config.timeouts
         # aiohttp's per-read timer bounds the wait for the status line (first_byte); once the
         # headers are in, ``request`` switches the same timer to the gap between reads (idle).
@@ -51,7 +53,7 @@ class HTTPUpstream(Adapter):
         Afterwards each read of the body may wait ``read_timeout`` seconds (``timeouts.idle``
         unless given; ``None`` leaves the body's pace to the caller).
         """
-        all_headers = {**(headers or {}), **self.auth_headers, "Accept-Encoding": "identity"}
+        all_headers = {**headers, **self.fixed_headers} if headers else self.fixed_headers
         try:
             response = await self.session.request(
                 method,
