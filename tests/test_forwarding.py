@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from typing import Any
 
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import StartProxy, upstream_url
+from tests.conftest import StartProxy, free_port, upstream_url
 from tests.fakes.openai_upstream import FakeOpenAI
 
 CHAT = {"model": "public", "messages": [{"role": "user", "content": "hi"}]}
@@ -178,10 +177,6 @@ async def test_upstream_error_bodies_are_relayed_faithfully(
         assert await resp.json() == body
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_upstream_down_is_502(start_proxy: StartProxy) -> None:

@@ -8,7 +8,6 @@ and that the answer came within its timeout.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import build_config
-from tests.conftest import StartProxy, upstream_url
+from tests.conftest import StartProxy, free_port, upstream_url
 from tests.fakes.faulty_upstream import Faulty, sse_events
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -50,10 +49,6 @@ async def metric(client: TestClient, name: str) -> float:
     return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Clock:

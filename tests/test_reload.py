@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from proxy.app import create_app
 from proxy.configfile import load_config
 from proxy.reload import RELOADER
 from proxy.state import RUNTIME
-from tests.conftest import upstream_url
+from tests.conftest import free_port, upstream_url, wait_healthy
 from tests.fakes.faulty_upstream import Faulty, sse_events
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -163,24 +162,6 @@ async def test_watched_file_is_reloaded_when_it_changes(
 # --- a real process -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_until_serving(base: str, session: aiohttp.ClientSession) -> None:
-    for _ in range(100):
-        try:
-            async with session.get(base + "/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the proxy did not start within 10 s")
-
-
 async def served_name(base: str, session: aiohttp.ClientSession) -> str:
     async with session.get(base + "/v1/models") as resp:
         return str((await resp.json())["data"][0]["id"])
@@ -204,7 +185,7 @@ async def test_sighup_and_sigterm_on_a_real_process(
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_until_serving(base, session)
+            await wait_healthy(base, process)
             assert await served_name(base, session) == "one"
 
             write(path, {**base_config, "model": {"name": "two"}})

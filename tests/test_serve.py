@@ -6,37 +6,14 @@ import asyncio
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
 from proxy.state import RUNTIME
-from tests.conftest import StartProxy, upstream_url
+from tests.conftest import StartProxy, free_port, upstream_url, wait_healthy
 from tests.fakes.openai_upstream import FakeOpenAI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_healthy(url: str, proc: asyncio.subprocess.Process, seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise AssertionError(f"proxy exited with {proc.returncode}")
-            try:
-                async with session.get(url + "/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("proxy did not become healthy")
 
 
 async def start_process(config: Path, port: int) -> asyncio.subprocess.Process:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import upstream_url
+from tests.conftest import free_port, upstream_url
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 5_000
@@ -70,10 +69,6 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def one(session: aiohttp.ClientSession, base: str, n: int) -> str:

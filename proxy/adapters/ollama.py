@@ -160,31 +160,28 @@ class OllamaAdapter(HTTPUpstream):
         )
         if resp.status == 200:
             return resp
-        try:
-            with self._mapped(before_first_byte=True):
-                async with asyncio.timeout(self._timeouts.idle):
-                    raw = await resp.read()
-        finally:
-            resp.release()
+        raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
         raise _status_error(resp.status, raw, resp.headers.get("Retry-After"), model, tag)
 
     async def _read_json(self, resp: aiohttp.ClientResponse, until: float) -> dict[str, Any]:
+        return _json_object(await self._read_all(resp, until), "its answer")
+
+    async def _read_all(self, resp: aiohttp.ClientResponse, until: float) -> bytes:
+        """The whole body by loop time ``until``; the connection is released either way."""
         try:
             with self._mapped(before_first_byte=True):
                 async with asyncio.timeout_at(until):
-                    raw = await resp.read()
+                    return await resp.read()
         finally:
             resp.release()
-        return _json_object(raw, "its answer")
+
+    @staticmethod
+    def _deadline(seconds: float) -> float:
+        return asyncio.get_running_loop().time() + seconds
 
     async def _get_json(self, path: str) -> dict[str, Any]:
         resp = await self.request("GET", path)
-        try:
-            with self._mapped(before_first_byte=True):
-                async with asyncio.timeout(self._timeouts.idle):
-                    raw = await resp.read()
-        finally:
-            resp.release()
+        raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
         if resp.status != 200:
             raise UpstreamError(
                 f"Ollama at {self.where} answered {path} with {resp.status}: {_error_text(raw)}",

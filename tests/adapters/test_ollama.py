@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from proxy.adapters.base import Job, UpstreamResponse
 from proxy.adapters.ollama import OllamaAdapter
 from proxy.config import BaseConfig, build_config
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError, UpstreamTimeout
+from tests.conftest import free_port
 from tests.fakes.ollama import FAKE_OLLAMA, FakeOllama, create_fake_ollama, embedding
 from tests.fakes.openapi import problems
 
@@ -395,11 +395,6 @@ async def test_empty_stream_is_a_retryable_error_before_any_byte(env: Env) -> No
     assert caught.value.retryable
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_connection_refused_is_retryable(env: Env) -> None:
