@@ -43,9 +43,9 @@ def reject_unsupported(endpoint: str, payload: dict[str, Any]) -> None:
     Silently ignoring them would hand the client an answer to a different question (no
     tool call, no JSON mode, one choice instead of ``n``); vLLM's own server does these.
     """
-    if payload.get("n", 1) != 1:
+    if payload.get("n") not in (None, 1):
         raise BadRequest("n > 1 is not supported by the in-process vLLM engine", param="n")
-    if payload.get("best_of", 1) not in (1, None):
+    if payload.get("best_of") not in (None, 1):
         raise BadRequest("best_of is not supported by the in-process vLLM engine",
                          param="best_of")
     if payload.get("logprobs") or payload.get("top_logprobs"):
