@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.logging)
     try:
         run(config, config_path=str(path))
+    except ConfigError as exc:  # found only when the adapter starts (e.g. engine.args)
+        for line in exc.problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(
             f"model-proxy: cannot serve on {config.server.host}:{config.server.port}: "

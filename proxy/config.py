@@ -203,8 +203,17 @@ class EngineSection(Section):
     pipeline_parallel_size: int = Field(1, ge=1)
     distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
     seed: int = 0
-    #: Further ``AsyncEngineArgs`` fields, passed through as they are.
+    #: Further ``AsyncEngineArgs`` fields, passed through as they are (``enforce_eager``,
+    #: ``max_num_seqs``, ``quantization``, ...); checked against vLLM's own list at start.
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("args")
+    @classmethod
+    def _args_not_named(cls, value: dict[str, Any]) -> dict[str, Any]:
+        named = [k for k in value if k in cls.model_fields]
+        if named:
+            raise ValueError(f"{named[0]} has its own key in engine:; set it there, not in args")
+        return value
 
 
 def _check_url(url: str | None) -> str | None:

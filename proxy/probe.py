@@ -18,6 +18,7 @@ async def probe(config: BaseConfig) -> str | None:
         adapter = adapter_class(config, session)
         try:
             await adapter.start()
+            await adapter.until_started()  # an in-process engine: the probe is loading it
             async with asyncio.timeout(config.timeouts.connect + 5):
                 await adapter.check_ready()
         except ProxyError as exc:

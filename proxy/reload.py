@@ -74,7 +74,10 @@ class Reloader:
         try:
             config = self._keep_fixed(load_config(path))
             adapter = load_adapter_class(config)(config, self._session())
+            if runtime.backend is not None:
+                adapter.take_over(runtime.backend.adapter)
             await adapter.start()
+            await adapter.until_started()
         except (ConfigError, ProxyError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [exc.message]
             log.error("config reload rejected, still serving the previous config: %s",

@@ -147,7 +147,9 @@ async def test_vllm_server_gets_bearer_and_health_readiness(
     assert fake_openai.seen[-1].headers["Authorization"] == "Bearer vk"
     resp = await client.get("/readyz")
     assert resp.status == 200
-    assert fake_openai.seen[-1].path == "/health"
+    # /health for the engine, then a keyed /v1/models: /health cannot tell a wrong key
+    assert [seen.path for seen in fake_openai.seen[-2:]] == ["/health", "/v1/models"]
+    assert fake_openai.seen[-1].headers["Authorization"] == "Bearer vk"
 
 
 async def test_bearer_token_is_sent_as_authorization(

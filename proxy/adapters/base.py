@@ -171,6 +171,20 @@ class Adapter(ABC):
     async def close(self) -> None:
         """Release everything ``start`` acquired; called once, after the last request."""
 
+    def take_over(self, previous: Adapter) -> None:
+        """On reload, before ``start``: adopt what ``previous`` (the adapter being replaced)
+        holds and this one can use as it is (a loaded engine), instead of acquiring it again.
+
+        ``previous`` is still closed once its last request has left, so whatever is shared
+        must count its users.
+        """
+
+    async def until_started(self) -> None:
+        """Wait for work ``start`` left running in the background (loading an engine); raise
+        ``ProxyError`` if it failed. At first start the proxy serves meanwhile (``/readyz``
+        says why it is not ready); a reload swaps the adapter in only after this returns.
+        """
+
     @abstractmethod
     async def send(self, job: Job) -> UpstreamResponse:
         """Start one attempt at ``job`` and return as soon as the status is known."""

@@ -181,6 +181,14 @@ class VllmServerAdapter(OpenAIAdapter):
     name = "vllm"
     ready_path = "/health"
 
+    async def check_ready(self) -> None:
+        await super().check_ready()
+        # /health needs no key, so it cannot tell a wrong api_key; /v1/models does.
+        response = await self.request("GET", "/v1/models")
+        _release(response)
+        if response.status in (401, 403):
+            raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
+
 
 def credential_headers(config: BaseConfig) -> dict[str, str]:
     """The upstream credentials from the config, as headers."""
