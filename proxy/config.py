@@ -158,11 +158,6 @@ class MetricsSection(Section):
     enabled: bool = True
 
 
-class DeterminismSection(Section):
-    enforce: bool = False
-    seed: int = 0
-
-
 class LoggingSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -256,7 +251,6 @@ class BaseConfig(Section):
     circuit: CircuitSection = CircuitSection()
     auth: AuthSection = AuthSection()
     metrics: MetricsSection = MetricsSection()
-    determinism: DeterminismSection = DeterminismSection()
     logging: LoggingSection = LoggingSection()
 
     #: The header ``api_key`` travels in unless ``api_key_header`` says otherwise.
