@@ -68,7 +68,8 @@ class AccessLines:
 
     def add(self, method: str, path: str, status: int, seconds: float) -> None:
         now = time.time()
-        message = f"{method} {path} {status} {round(seconds * 1e6)}us"
+        # whole milliseconds: the event loop's clock (uvloop) has no finer resolution
+        message = f"{method} {path} {status} {round(seconds * 1000)}ms"
         if self.json:
             line = orjson.dumps({"ts": round(now, 3), "level": "info",
                                  "logger": "model_proxy.access", "msg": message}).decode()

@@ -75,6 +75,7 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, app[RELOADER].trigger)
         await stop.wait()
+        access_lines.flush()  # the lines so far come before the shutdown's own
         log.info("shutting down: draining in-flight requests for up to %gs",
                  runtime.config.server.shutdown_grace)
         runtime.shutting_down = True
