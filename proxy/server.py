@@ -24,6 +24,8 @@ log = logging.getLogger("model_proxy")
 #: hundreds of short-lived objects, nearly all freed by reference counting anyway. Measured
 #: with bench.overhead; memory stays flat (tests/test_soak.py).
 GC_THRESHOLDS = (20000, 20, 20)
+#: aiohttp's parser accepts header lines up to this many times limits.max_header_bytes.
+PARSER_HEADROOM = 4
 
 
 def run(config: BaseConfig, *, config_path: str | None = None) -> None:
@@ -37,6 +39,10 @@ def run(config: BaseConfig, *, config_path: str | None = None) -> None:
         asyncio.run(serve(config, config_path=config_path))
     else:
         uvloop.run(serve(config, config_path=config_path))
+
+
+def parser_limit(config: BaseConfig) -> int:
+    return max(PARSER_HEADROOM * config.limits.max_header_bytes, 64 * 1024)
 
 
 async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
@@ -54,7 +60,11 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         shutdown_timeout=FINAL_WRITE_SECONDS,
         access_log_class=AccessLogger,
         access_log=access_lines,  # our batched writer stands in for a logging.Logger
-        max_field_size=config.limits.max_header_bytes,
+        # The parser's own per-line limits sit well above limits.max_header_bytes, so that an
+        # oversized header reaches the proxy's check and gets its JSON 431; only abuse far
+        # beyond the limit meets the parser's plain-text 400.
+        max_field_size=parser_limit(config),
+        max_line_size=parser_limit(config),
     )
     await runner.setup()
     try:

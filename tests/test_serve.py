@@ -104,3 +104,25 @@ async def test_readyz_is_503_while_shutting_down(start_proxy: StartProxy) -> Non
     resp = await client.get("/readyz")
     assert resp.status == 503
     assert (await resp.json()) == {"status": "unavailable", "reason": "shutting down"}
+
+
+async def test_one_oversized_header_gets_the_json_431(tmp_path: Path) -> None:
+    config = tmp_path / "model_backend.yaml"
+    config.write_text("backend_provider: mock\nlimits: {max_header_bytes: 16384}\n")
+    port = free_port()
+    proc = await start_process(config, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            async with session.post(url + "/v1/chat/completions", json=body,
+                                    headers={"X-Huge": "h" * 20_000}) as resp:
+                assert resp.status == 431
+                error = (await resp.json())["error"]
+                assert error["code"] == "headers_too_large"
+            async with session.post(url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+    finally:
+        proc.terminate()
+        await proc.wait()
