@@ -53,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError([f"{path}: {line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
-        exposure = check_exposure(config)  # refused here, before logging or binding
+        try:
+            exposure = check_exposure(config)  # refused here, before logging or binding
+        except ConfigError as exc:
+            where = "command line: --host" if args.command == "serve" and args.host else path
+            raise ConfigError([f"{where}: {line}" for line in exc.problems]) from None
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)

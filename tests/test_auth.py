@@ -250,11 +250,13 @@ def test_check_and_serve_refuse_public_address_without_auth(
     config = tmp_path / "model_backend.yaml"
     config.write_text("backend_provider: mock\nserver: {host: 0.0.0.0}\n")
     assert main(["check", "-c", str(config)]) == 2
-    assert "auth.allow_unauthenticated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"{config}: server.host: 0.0.0.0 is reachable")
+    assert "auth.allow_unauthenticated" in err and err.count("\n") == 1
     # serve refuses before binding, also when the public address comes from the command line
     config.write_text("backend_provider: mock\n")
     assert main(["serve", "-c", str(config), "--host", "0.0.0.0", "--port", "1"]) == 2
-    assert "server.host: 0.0.0.0" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("command line: --host: server.host: 0.0.0.0")
     config.write_text(
         "backend_provider: mock\nserver: {host: 0.0.0.0}\nauth: {allow_unauthenticated: true}\n"
     )
