@@ -17,7 +17,7 @@ from proxy.drain import Drain
 from proxy.edge import UNCOUNTED, layered
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline, model_label
+from proxy.pipeline import Pipeline
 from proxy.reload import RELOADER, Reloader, reloading
 from proxy.state import RUNTIME, Runtime
 
@@ -94,4 +94,4 @@ def create_app(
     return app
 
 
-__all__ = ["CLIENT_MAX_SIZE", "create_app", "model_label"]
+__all__ = ["CLIENT_MAX_SIZE", "create_app"]

@@ -14,6 +14,7 @@ from proxy.config import BaseConfig
 from proxy.edge import method_not_allowed
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.inputs import check_payload, parse_object, read_body
+from proxy.metrics import CONTENT_TYPE
 from proxy.relay import relay
 from proxy.state import RUNTIME, Backend, Runtime
 
@@ -155,7 +156,7 @@ async def metrics(request: web.Request, runtime: Runtime) -> web.Response:
         raise NotFound("metrics are disabled", code="unknown_path")
     return web.Response(
         body=runtime.metrics.render(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        headers={"Content-Type": CONTENT_TYPE},
     )
 
 

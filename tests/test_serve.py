@@ -6,6 +6,8 @@ import asyncio
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +33,21 @@ async def start_process(config: Path, port: int) -> asyncio.subprocess.Process:
     )
 
 
+@asynccontextmanager
+async def serving(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A ``serve`` process on a free port, healthy; killed afterwards if still running."""
+    port = free_port()
+    proc = await start_process(config, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        yield proc, url
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_sigterm_lets_in_flight_stream_finish(
     tmp_path: Path, openai_upstream: TestServer, fake_openai: FakeOpenAI
 ) -> None:
@@ -40,34 +57,25 @@ async def test_sigterm_lets_in_flight_stream_finish(
         f"backend_provider: custom\nurl: {upstream_url(openai_upstream)}\n"
         "server: {shutdown_grace: 10}\napi_key: planted-secret-7\n"
     )
-    port = free_port()
-    proc = await start_process(config, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_healthy(url, proc)
-        async with aiohttp.ClientSession() as session:
-            resp = await session.post(
-                url + "/v1/chat/completions",
-                json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
-            )
-            first = await resp.content.readline()
-            assert first.startswith(b"data: ")
-            proc.send_signal(signal.SIGTERM)
-            rest = await asyncio.wait_for(resp.read(), timeout=10)
-            assert rest.endswith(b"data: [DONE]\n\n")
-            assert rest.count(b"data: ") == 7
-            # no new connections once draining has begun
-            await asyncio.sleep(0.2)
-            try:
-                async with session.get(url + "/healthz") as late:
-                    assert late.status != 200
-            except aiohttp.ClientConnectionError:
-                pass
+    async with serving(config) as (proc, url), aiohttp.ClientSession() as session:
+        resp = await session.post(
+            url + "/v1/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        )
+        first = await resp.content.readline()
+        assert first.startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(resp.read(), timeout=10)
+        assert rest.endswith(b"data: [DONE]\n\n")
+        assert rest.count(b"data: ") == 7
+        # no new connections once draining has begun
+        await asyncio.sleep(0.2)
+        try:
+            async with session.get(url + "/healthz") as late:
+                assert late.status != 200
+        except aiohttp.ClientConnectionError:
+            pass
         assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     stderr = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert "serving custom on http://127.0.0.1" in stderr
     assert "shutting down" in stderr
@@ -109,20 +117,13 @@ async def test_readyz_is_503_while_shutting_down(start_proxy: StartProxy) -> Non
 async def test_one_oversized_header_gets_the_json_431(tmp_path: Path) -> None:
     config = tmp_path / "model_backend.yaml"
     config.write_text("backend_provider: mock\nlimits: {max_header_bytes: 16384}\n")
-    port = free_port()
-    proc = await start_process(config, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_healthy(url, proc)
-        async with aiohttp.ClientSession() as session:
-            body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-            async with session.post(url + "/v1/chat/completions", json=body,
-                                    headers={"X-Huge": "h" * 20_000}) as resp:
-                assert resp.status == 431
-                error = (await resp.json())["error"]
-                assert error["code"] == "headers_too_large"
-            async with session.post(url + "/v1/chat/completions", json=body) as resp:
-                assert resp.status == 200
-    finally:
-        proc.terminate()
-        await proc.wait()
+    async with serving(config) as (_, url), aiohttp.ClientSession() as session:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        async with session.post(
+            url + "/v1/chat/completions", json=body, headers={"X-Huge": "h" * 20_000}
+        ) as resp:
+            assert resp.status == 431
+            error = (await resp.json())["error"]
+            assert error["code"] == "headers_too_large"
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200

@@ -2,7 +2,7 @@
 
 With ``fxn.private_key`` (or ``fxn.private_key_file``) configured, every request this
 adapter sends is signed as the network signs them (``proxy.signing``): inference attempts,
-model lists and readiness probes alike. Signing happens per request inside ``request``, so
+model lists and readiness probes alike. Signing happens per request (``attempt_headers``), so
 each retry of a job carries a fresh timestamp and nonce and is never taken for a replay.
 The client's own signature headers never travel on; ``proxy.headers`` drops them.
 """
@@ -10,12 +10,11 @@ The client's own signature headers never travel on; ``proxy.headers`` drops them
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import aiohttp
 
 from proxy.adapters.base import Job, UpstreamResponse
-from proxy.adapters.openai import HTTPUpstream, _release
+from proxy.adapters.openai import HTTPUpstream, release_response
 from proxy.config import BaseConfig, FxnConfig
 from proxy.errors import UpstreamError
 from proxy.headers import request_headers
@@ -33,27 +32,15 @@ class FxnAdapter(HTTPUpstream):
         # The config has already proved the key loads; this cannot raise for a valid config.
         self.signer = None if key is None else Signer.from_text(key.get_secret_value())
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        read_timeout: float | Literal["idle"] | None = "idle",
-    ) -> aiohttp.ClientResponse:
-        if self.signer is not None:
-            # Signed over exactly the bytes sent; no body is signed as the empty string.
-            headers = {**(headers or {}), **self.signer.headers(body or b"")}
-        return await super().request(
-            method, path, body=body, headers=headers, read_timeout=read_timeout
-        )
+    def attempt_headers(self, body: bytes) -> Mapping[str, str] | None:
+        # Signed over exactly the bytes sent; no body is signed as the empty string.
+        return None if self.signer is None else self.signer.headers(body)
 
     async def check_ready(self) -> None:
         # Any answer below 500 shows the node is up, except a refusal of our credentials,
         # which would refuse every job too. Gateways need not list models, so 404 is fine.
         response = await self.request("GET", "/v1/models")
-        _release(response)
+        release_response(response)
         if response.status in (401, 403):
             raise UpstreamError(
                 f"upstream at {self.where} refused this node's signature or credentials "

@@ -25,9 +25,16 @@ from proxy.adapters import ollama_replies as replies
 from proxy.adapters import ollama_wire as wire
 from proxy.adapters.base import Job, UpstreamResponse, Usage
 from proxy.adapters.ollama_replies import NDJSONLines, StreamTranslator, parse_line
-from proxy.adapters.openai import RETRYABLE_STATUSES, HTTPUpstream
+from proxy.adapters.openai import HTTPUpstream
 from proxy.config import BaseConfig, OllamaConfig, OllamaSection
-from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import (
+    RETRYABLE_STATUSES,
+    BadRequest,
+    NotFound,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 _PATHS = {"chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"}
 _JSON = {"Content-Type": "application/json"}

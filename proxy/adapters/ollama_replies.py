@@ -342,16 +342,7 @@ class StreamTranslator:
                 self._tool_calls += len(calls)
         if not delta:
             return b""
-        logprobs = chat_logprobs(obj.get("logprobs"))
-        if logprobs is None:
-            return self._prefix + orjson.dumps(delta) + _NULL_TAIL
-        return (
-            self._prefix
-            + orjson.dumps(delta)
-            + b',"logprobs":'
-            + orjson.dumps(logprobs)
-            + b',"finish_reason":null}]}\n\n'
-        )
+        return self._chunk(delta, chat_logprobs(obj.get("logprobs")))
 
     def _completion(self, obj: Mapping[str, Any]) -> bytes:
         text = obj.get("response")
@@ -359,11 +350,15 @@ class StreamTranslator:
             return b""
         logprobs = completion_logprobs(obj.get("logprobs"), self._text_offset)
         self._text_offset += len(text)
+        return self._chunk(text, logprobs)
+
+    def _chunk(self, content: Any, logprobs: dict[str, Any] | None) -> bytes:
+        """One content chunk: the fixed prefix, the delta (or text), logprobs if any."""
         if logprobs is None:
-            return self._prefix + orjson.dumps(text) + _NULL_TAIL
+            return self._prefix + orjson.dumps(content) + _NULL_TAIL
         return (
             self._prefix
-            + orjson.dumps(text)
+            + orjson.dumps(content)
             + b',"logprobs":'
             + orjson.dumps(logprobs)
             + b',"finish_reason":null}]}\n\n'

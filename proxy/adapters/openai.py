@@ -14,10 +14,8 @@ from yarl import URL
 
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig
-from proxy.errors import RETRYABLE_STATUSES, UpstreamError, UpstreamTimeout
+from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.headers import request_headers, response_headers
-
-__all__ = ["RETRYABLE_STATUSES", "HTTPUpstream", "OpenAIAdapter", "VllmServerAdapter"]
 
 
 class HTTPUpstream(Adapter):
@@ -54,6 +52,9 @@ class HTTPUpstream(Adapter):
         unless given; ``None`` leaves the body's pace to the caller).
         """
         all_headers = {**headers, **self.fixed_headers} if headers else self.fixed_headers
+        signed = self.attempt_headers(body or b"")
+        if signed:
+            all_headers = {**all_headers, **signed}
         try:
             response = await self.session.request(
                 method,
@@ -90,6 +91,10 @@ class HTTPUpstream(Adapter):
             )
         return response
 
+    def attempt_headers(self, body: bytes) -> Mapping[str, str] | None:
+        """Headers made afresh for each request sent (e.g. a signature over ``body``)."""
+        return None
+
     async def body_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
         content = response.content
@@ -121,14 +126,14 @@ class HTTPUpstream(Adapter):
                 protocol.start_timeout()
             return UpstreamResponse(
                 response.status, headers, self.body_chunks(response), stream=True,
-                release=lambda: _release(response),
+                release=lambda: release_response(response),
             )
         try:
             body = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self.broke_off(exc) from exc
         finally:
-            _release(response)
+            release_response(response)
         return UpstreamResponse(response.status, headers, stream=False, body=body)
 
     async def get_json(self, path: str) -> Any:
@@ -142,7 +147,7 @@ class HTTPUpstream(Adapter):
         except (ValueError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"upstream at {self.where} sent a bad answer to {path}") from exc
         finally:
-            _release(response)
+            release_response(response)
 
 
 class OpenAIAdapter(HTTPUpstream):
@@ -166,7 +171,7 @@ class OpenAIAdapter(HTTPUpstream):
 
     async def check_ready(self) -> None:
         response = await self.request("GET", self.ready_path)
-        _release(response)
+        release_response(response)
         if response.status in (401, 403):
             raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
         if response.status >= 400:
@@ -185,7 +190,7 @@ class VllmServerAdapter(OpenAIAdapter):
         await super().check_ready()
         # /health needs no key, so it cannot tell a wrong api_key; /v1/models does.
         response = await self.request("GET", "/v1/models")
-        _release(response)
+        release_response(response)
         if response.status in (401, 403):
             raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
 
@@ -202,7 +207,7 @@ def credential_headers(config: BaseConfig) -> dict[str, str]:
     return headers
 
 
-def _release(response: aiohttp.ClientResponse) -> None:
+def release_response(response: aiohttp.ClientResponse) -> None:
     # A half-read body must close the connection so the upstream sees the client go away;
     # a fully read one goes back to the keep-alive pool.
     if response.content.at_eof():
