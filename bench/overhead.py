@@ -79,7 +79,7 @@ def supports_auth() -> bool:
 
 def _auth_enforced() -> bool:
     try:
-        import proxy.auth  # noqa: F401
+        import proxy.auth.inbound  # noqa: F401
     except ImportError:
         return False
     return True

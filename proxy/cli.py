@@ -1,4 +1,4 @@
-"""``model-proxy``: serve and check; keygen and sign (``proxy.keytool``)."""
+"""``model-proxy``: serve and check; keygen and sign (``proxy.auth.keytool``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from proxy import __version__, keytool
+from proxy import __version__
 from proxy.adapters import load_adapter_class
-from proxy.auth import check_exposure
+from proxy.auth import keytool
+from proxy.auth.inbound import check_exposure
 from proxy.config import BaseConfig, ProxyConfig, ServerSection
 from proxy.configfile import default_path, load_config
 from proxy.errors import ConfigError
@@ -66,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exposure:
             print(f"warning: {exposure}", file=sys.stderr)
         return _check(config, path, probe=args.probe)
-    from proxy.logs import setup_logging
-    from proxy.server import run
+    from proxy.server.logs import setup_logging
+    from proxy.server.run import run
 
     setup_logging(config.logging)
     try:
@@ -113,7 +114,7 @@ def _check(config: BaseConfig, path: Path, *, probe: bool) -> int:
     if probe:
         import asyncio
 
-        from proxy.probe import probe as run_probe
+        from proxy.server.health import probe as run_probe
 
         problem = asyncio.run(run_probe(config))
         if problem:

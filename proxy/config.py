@@ -115,7 +115,7 @@ class LimitsSection(Section):
 
 
 class FxnSignaturesSection(Section):
-    """Inbound Function Network request signatures (``proxy.signing``)."""
+    """Inbound Function Network request signatures (``proxy.auth.signing``)."""
 
     #: Addresses of the gateways/schedulers whose signed requests are accepted (any case).
     allowed_addresses: tuple[str, ...] = Field(min_length=1)
@@ -179,7 +179,7 @@ class FxnSection(Section):
     @classmethod
     def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            from proxy.signing import Signer  # eth-account loads only for fxn configs
+            from proxy.auth.signing import Signer  # eth-account loads only for fxn configs
 
             Signer.from_text(value.get_secret_value())  # its errors never quote the key
         return value

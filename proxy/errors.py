@@ -2,7 +2,7 @@
 
 Every error a client can see is a :class:`ProxyError`: an HTTP status plus the fields of an
 OpenAI error body ``{"error": {"message", "type", "param", "code"}}``. One middleware renders
-them (``proxy.middleware``); after a stream has started, ``proxy.sse`` renders the same body as a
+them (``proxy.middleware``); after a stream has started, ``proxy.wire.answers`` renders the same body as a
 final ``data:`` event. Specialise only where a caller branches::
 
     ProxyError                 any status; the base the middleware renders

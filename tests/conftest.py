@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app
 from proxy.config import build_config
+from proxy.server.app import create_app
 from tests.fakes.openai_upstream import FakeOpenAI
 
 StartProxy = Callable[..., Awaitable[TestClient]]

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.signing import Signer
+from proxy.auth.signing import Signer
 from tests.conftest import StartProxy, upstream_url
 from tests.fakes.fxn_node import FAKE_NODE, create_fake_node, gateway_headers
 

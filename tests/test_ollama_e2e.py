@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import build_config
-from proxy.probe import probe
+from proxy.server.health import probe
 from tests.conftest import StartProxy, upstream_url
 from tests.fakes.ollama import FakeOllama, embedding
 

@@ -12,11 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app
+from proxy.auth.signing import Signer
 from proxy.cli import main
 from proxy.configfile import load_config
 from proxy.errors import ConfigError
-from proxy.signing import Signer
+from proxy.server.app import create_app
 from tests.conftest import upstream_url
 from tests.fakes.fxn_node import FAKE_NODE, create_fake_node, gateway_headers
 

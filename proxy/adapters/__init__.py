@@ -20,8 +20,8 @@ BUILTINS: dict[str, str] = {
     "mock": "proxy.adapters.mock:MockAdapter",
     "custom": "proxy.adapters.openai:OpenAIAdapter",
     "vllm": "proxy.adapters.openai:VllmServerAdapter",
-    "vllm-engine": "proxy.adapters.vllm_engine:VllmEngineAdapter",
-    "ollama": "proxy.adapters.ollama:OllamaAdapter",
+    "vllm-engine": "proxy.adapters.vllm.engine:VllmEngineAdapter",
+    "ollama": "proxy.adapters.ollama.adapter:OllamaAdapter",
     "fxn": "proxy.adapters.fxn:FxnAdapter",
 }
 

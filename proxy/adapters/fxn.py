@@ -1,7 +1,7 @@
 """Function Network endpoints (``backend_provider: fxn``): OpenAI format, ``model`` = ``fxn_id``.
 
 With ``fxn.private_key`` (or ``fxn.private_key_file``) configured, every request this
-adapter sends is signed as the network signs them (``proxy.signing``): inference attempts,
+adapter sends is signed as the network signs them (``proxy.auth.signing``): inference attempts,
 model lists and readiness probes alike. Signing happens per request (``attempt_headers``), so
 each retry of a job carries a fresh timestamp and nonce and is never taken for a replay.
 The client's own signature headers never travel on; ``proxy.headers`` drops them.
@@ -15,10 +15,10 @@ import aiohttp
 
 from proxy.adapters.base import Job, UpstreamResponse
 from proxy.adapters.openai import HTTPUpstream, release_response
+from proxy.auth.signing import Signer
 from proxy.config import BaseConfig, FxnConfig
 from proxy.errors import UpstreamError
 from proxy.headers import request_headers
-from proxy.signing import Signer
 
 
 class FxnAdapter(HTTPUpstream):

@@ -13,9 +13,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from proxy import sse
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.errors import BadRequest
+from proxy.wire import answers
 
 WORDS = (
     "the a node proxy model token stream answer network backend quick steady small fast "
@@ -130,7 +130,7 @@ async def _stream(
             if chat
             else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
         )
-        return sse.event(
+        return answers.event(
             {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
         )
 
@@ -143,7 +143,7 @@ async def _stream(
             yield chunk(text, None)
     yield chunk({} if chat else "", finish)
     if usage is not None:
-        yield sse.event(
+        yield answers.event(
             {
                 "id": ident,
                 "object": kind,
@@ -153,7 +153,7 @@ async def _stream(
                 "usage": usage,
             }
         )
-    yield sse.DONE
+    yield answers.DONE
 
 
 def embeddings(model: str, payload: dict[str, Any]) -> dict[str, Any]:

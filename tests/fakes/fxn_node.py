@@ -1,7 +1,7 @@
 """A fake Function Network node (or gateway) for tests: OpenAI format in, signatures checked.
 
 It verifies request signatures with its own code path (its own message layout and EIP-191
-prefixing, pycryptodome's Keccak, eth-keys' raw recovery) and never imports ``proxy.signing``,
+prefixing, pycryptodome's Keccak, eth-keys' raw recovery) and never imports ``proxy.auth.signing``,
 so a test that passes against it shows the proxy speaks the network's format, not merely that
 the proxy agrees with itself. ``gateway_headers`` signs the same way for tests of the proxy's
 inbound verification.
@@ -60,7 +60,7 @@ def gateway_headers(
     timestamp: str | None = None,
     nonce: str = "gw-nonce-1",
 ) -> dict[str, str]:
-    """Signature headers as a network gateway would send them, made without ``proxy.signing``."""
+    """Signature headers as a network gateway would send them, made without ``proxy.auth.signing``."""
     key = PrivateKey(private_key)
     ts = str(int(time.time())) if timestamp is None else timestamp
     signature = key.sign_msg_hash(eip191_digest(_message(body, ts, nonce)))

@@ -1,6 +1,9 @@
-"""Checks JSON values against the schemas of Ollama's ``openapi.yaml`` (a small subset of JSON
-Schema: type, required, properties, items, enum, oneOf, $ref), so the fake Ollama and the
-adapter's requests can be held to the reference document instead of to our reading of it.
+"""Checks JSON values against the schemas of Ollama's API (a small subset of JSON Schema: type,
+required, properties, items, enum, oneOf, $ref), so the fake Ollama and the adapter's requests
+are held to a written description of the wire format rather than to the code under test.
+
+The schemas live in the repository (``ollama_wire.yaml`` beside this file); ``reference()``
+finds Ollama's own ``openapi.yaml`` when a copy is at hand, so a test can compare the two.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from typing import Any
 import yaml
 
 _REPO = Path(__file__).resolve().parents[2]
-#: Where the reference lives next to the repository; OLLAMA_OPENAPI overrides it.
-OPENAPI_PATH = Path(
+#: The project's own description of the wire format.
+WIRE_PATH = Path(__file__).with_name("ollama_wire.yaml")
+#: Where a copy of Ollama's openapi.yaml may lie beside the repository; OLLAMA_OPENAPI overrides.
+REFERENCE_PATH = Path(
     os.environ.get("OLLAMA_OPENAPI", _REPO.parent / "shared" / "reference" / "ollama-openapi.yaml")
 )
+#: The keywords ``problems`` reads; a reference schema reduced to them must equal ours.
+KEYWORDS = frozenset({"type", "required", "properties", "items", "enum", "oneOf", "$ref"})
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "object": (dict,),
@@ -30,13 +37,31 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 @cache
 def schemas() -> dict[str, Any]:
-    if not OPENAPI_PATH.is_file():
-        raise FileNotFoundError(
-            f"Ollama's openapi.yaml is not at {OPENAPI_PATH}; set OLLAMA_OPENAPI to its path"
-        )
-    document = yaml.safe_load(OPENAPI_PATH.read_text())
-    found: dict[str, Any] = document["components"]["schemas"]
+    found: dict[str, Any] = yaml.safe_load(WIRE_PATH.read_text())["schemas"]
     return found
+
+
+def reference() -> dict[str, Any] | None:
+    """Ollama's own schemas, reduced to :data:`KEYWORDS`, when a copy is at hand."""
+    if not REFERENCE_PATH.is_file():
+        return None
+    document = yaml.safe_load(REFERENCE_PATH.read_text())
+    return {name: reduce(schema) for name, schema in document["components"]["schemas"].items()}
+
+
+def reduce(schema: Any) -> Any:
+    """``schema`` with only the keywords this checker reads (descriptions, examples dropped)."""
+    if isinstance(schema, list):
+        return [reduce(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {name: reduce(sub) for name, sub in value.items()}
+        elif key in KEYWORDS:
+            out[key] = reduce(value)
+    return out
 
 
 def problems(value: Any, schema_name: str) -> list[str]:

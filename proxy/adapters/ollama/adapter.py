@@ -1,0 +1,389 @@
+"""``backend_provider: ollama``: OpenAI jobs on Ollama's native API (/api/chat, /api/generate,
+/api/embed), with answers that read exactly like OpenAI's.
+
+The mapping itself is in :mod:`.requests` (requests) and :mod:`.replies` (answers,
+NDJSON to SSE); this module does the HTTP: timeouts, error statuses, the stream's lifetime.
+Sending, credentials and connection errors are ``HTTPUpstream``'s, shared with the other HTTP
+adapters. Ollama's timings land in ``UpstreamResponse.usage.extra`` for the metrics layer:
+``total_duration``, ``load_duration``, ``prompt_eval_duration``, ``eval_duration`` (seconds),
+``tokens_per_second`` and ``prompt_tokens_per_second``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.adapters.base import Job, UpstreamResponse, Usage
+from proxy.adapters.ollama import replies
+from proxy.adapters.ollama import requests as wire
+from proxy.adapters.ollama.replies import NDJSONLines, StreamTranslator, parse_line
+from proxy.adapters.openai import HTTPUpstream
+from proxy.config import BaseConfig, OllamaConfig, OllamaSection
+from proxy.errors import (
+    RETRYABLE_STATUSES,
+    BadRequest,
+    NotFound,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+
+_PATHS = {"chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"}
+_JSON = {"Content-Type": "application/json"}
+_ERROR_SNIPPET = 300  # characters of a non-JSON error body worth showing
+
+
+class OllamaAdapter(HTTPUpstream):
+    """Talks to one Ollama server; ``config.url`` is its base URL (no ``/v1``).
+
+    Timeouts: ``connect`` and ``total`` bound the HTTP request (aiohttp); ``first_byte``
+    bounds the wait for the first NDJSON line (for ``stream: false``, for the whole answer,
+    which Ollama sends at once); ``idle`` bounds each later read.
+    """
+
+    name = "ollama"
+
+    def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, session)
+        ollama = config.ollama if isinstance(config, OllamaConfig) else OllamaSection()
+        self._options: Mapping[str, Any] = ollama.options
+        self._keep_alive = ollama.keep_alive
+        self._tag = config.upstream_name
+        self._timeouts = config.timeouts
+
+    # --- the seam --------------------------------------------------------------------------
+
+    async def send(self, job: Job) -> UpstreamResponse:
+        """POST the job to Ollama; stream jobs return once the first NDJSON line is in.
+
+        Waiting for that line means an error Ollama reports as its first line, or a model
+        load that outlasts ``first_byte``, still becomes a plain HTTP error the retry layer
+        can act on, instead of an error event inside a 200 stream.
+        """
+        payload = job.payload
+        if payload is None or job.endpoint not in _PATHS:
+            raise NotFound(f"{job.path} is not served by the ollama backend", code="unknown_path")
+        model = job.model or self._tag or ""
+        tag = job.upstream_model or self._tag or model
+        body = self._request_body(job, payload, tag)
+        first_byte_by = asyncio.get_running_loop().time() + self._timeouts.first_byte
+        resp = await self._post(_PATHS[job.endpoint], body, model=model, tag=tag)
+        created = int(time.time())
+        if job.stream and job.endpoint != "embeddings":
+            options = payload.get("stream_options")
+            translator = StreamTranslator(
+                "chat" if job.endpoint == "chat" else "completions",
+                model=model,
+                response_id=replies.new_id("chatcmpl" if job.endpoint == "chat" else "cmpl"),
+                created=created,
+                include_usage=isinstance(options, Mapping) and bool(options.get("include_usage")),
+                max_tool_calls=_max_tool_calls(payload),
+            )
+            return await self._stream(resp, translator, first_byte_by)
+        obj = await self._read_json(resp, first_byte_by)
+        if job.endpoint == "embeddings":
+            answer = replies.embeddings_response(
+                obj, model=model, encoding_format=payload.get("encoding_format")
+            )
+        elif job.endpoint == "chat":
+            answer = replies.chat_response(
+                obj,
+                model=model,
+                response_id=replies.new_id("chatcmpl"),
+                created=created,
+                max_tool_calls=_max_tool_calls(payload),
+            )
+        else:
+            answer = replies.completion_response(
+                obj, model=model, response_id=replies.new_id("cmpl"), created=created
+            )
+        out = UpstreamResponse.from_json(answer)
+        _fill_usage(out.usage, obj)
+        return out
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Pulled models as OpenAI model objects, the configured public name first.
+
+        The configured tag appears only under its public name (and aliases), so the upstream's
+        own tag is never shown when an alias is set; other pulled models follow under theirs.
+        """
+        tags = (await self._get_json("/api/tags")).get("models") or []
+        public = [n for n in (self.config.model.name, *self.config.model.aliases) if n]
+        wanted = _canonical(self._tag) if self._tag else None
+        first: list[dict[str, Any]] = []
+        rest: list[dict[str, Any]] = []
+        for entry in tags:
+            name = entry.get("name") or entry.get("model") or ""
+            if wanted is not None and _canonical(name) == wanted and public:
+                first.extend(_model_object(entry, shown) for shown in public)
+            else:
+                rest.append(_model_object(entry, name))
+        return first + rest
+
+    async def check_ready(self) -> None:
+        """Ollama answers ``/api/version`` and has the configured model pulled."""
+        version = await self._get_json("/api/version")
+        if not isinstance(version.get("version"), str):
+            raise UpstreamError(f"Ollama at {self.where} gave no version from /api/version")
+        if self._tag is None:
+            return
+        tags = (await self._get_json("/api/tags")).get("models") or []
+        names = {_canonical(e.get("name") or e.get("model") or "") for e in tags}
+        if _canonical(self._tag) not in names:
+            raise UpstreamError(
+                f"model {self._tag!r} is not pulled on the Ollama server at {self.where}; "
+                f"run `ollama pull {self._tag}`"
+            )
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _request_body(self, job: Job, payload: Mapping[str, Any], tag: str) -> dict[str, Any]:
+        if job.endpoint == "embeddings":
+            return wire.embed_request(
+                payload, tag, options=self._options, keep_alive=self._keep_alive
+            )
+        build = wire.chat_request if job.endpoint == "chat" else wire.generate_request
+        return build(
+            payload, tag, options=self._options, keep_alive=self._keep_alive, stream=job.stream
+        )
+
+    async def _post(
+        self, path: str, body: dict[str, Any], *, model: str, tag: str
+    ) -> aiohttp.ClientResponse:
+        """Send and wait for the status; a non-200 answer is read, released and raised."""
+        # Ollama may stay silent while it loads a model: this adapter keeps its own read
+        # deadlines (first_byte for the first line, idle after), so aiohttp's per-read timer
+        # is switched off once the headers are in.
+        resp = await self.request(
+            "POST", path, body=orjson.dumps(body), headers=_JSON, read_timeout=None
+        )
+        if resp.status == 200:
+            return resp
+        raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
+        raise _status_error(resp.status, raw, resp.headers.get("Retry-After"), model, tag)
+
+    async def _read_json(self, resp: aiohttp.ClientResponse, until: float) -> dict[str, Any]:
+        return _json_object(await self._read_all(resp, until), "its answer")
+
+    async def _read_all(self, resp: aiohttp.ClientResponse, until: float) -> bytes:
+        """The whole body by loop time ``until``; the connection is released either way."""
+        try:
+            with self._mapped(before_first_byte=True):
+                async with asyncio.timeout_at(until):
+                    return await resp.read()
+        finally:
+            resp.release()
+
+    @staticmethod
+    def _deadline(seconds: float) -> float:
+        return asyncio.get_running_loop().time() + seconds
+
+    async def _get_json(self, path: str) -> dict[str, Any]:
+        resp = await self.request("GET", path)
+        raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
+        if resp.status != 200:
+            raise UpstreamError(
+                f"Ollama at {self.where} answered {path} with {resp.status}: {_error_text(raw)}",
+                retryable=resp.status in RETRYABLE_STATUSES,
+            )
+        return _json_object(raw, path)
+
+    async def _stream(
+        self, resp: aiohttp.ClientResponse, translator: StreamTranslator, first_byte_by: float
+    ) -> UpstreamResponse:
+        lines = NDJSONLines()
+        first: list[bytes] = []
+        try:
+            # The first line is read before answering (see send), by the first-byte deadline.
+            while not first:
+                chunk = await self._read(resp, first_byte_by, before_first_byte=True)
+                if not chunk:
+                    first = [lines.flush()]
+                    if not first[0].strip():
+                        raise UpstreamError(
+                            "Ollama ended the stream without a line", retryable=True
+                        )
+                    break
+                first = [line for line in lines.feed(chunk) if line and not line.isspace()]
+            head = b"".join(translator.line(obj) for obj in map(parse_line, first) if obj)
+        except BaseException:
+            resp.close()
+            raise
+        usage = Usage()
+        idle = self._timeouts.idle
+        loop = asyncio.get_running_loop()
+
+        async def events() -> AsyncIterator[bytes]:
+            out = head
+            while translator.final is None:
+                if out:
+                    yield out
+                chunk = await self._read(resp, loop.time() + idle, before_first_byte=False)
+                # One SSE write per upstream read: every line the read finished, in order.
+                parts: list[bytes] = []
+                try:
+                    for raw in lines.feed(chunk) if chunk else [lines.flush()]:
+                        obj = parse_line(raw)
+                        if obj is not None:
+                            parts.append(translator.line(obj))
+                except ProxyError:
+                    if parts:  # what came before the failure in the same read still goes out
+                        yield b"".join(parts)
+                    raise
+                out = b"".join(parts)
+                if not chunk:
+                    break
+            if translator.final is not None:
+                _fill_usage(usage, translator.final)
+            yield out + translator.end()
+
+        def release() -> None:
+            # A finished stream hands the connection back (aiohttp still closes it if bytes
+            # are left); one cut short is closed, which is how Ollama learns to stop
+            # generating for a client that has gone.
+            if translator.final is not None:
+                resp.release()
+            else:
+                resp.close()
+
+        out = UpstreamResponse.from_sse(events(), release)
+        out.usage = usage
+        return out
+
+    async def _read(
+        self, resp: aiohttp.ClientResponse, until: float, *, before_first_byte: bool
+    ) -> bytes:
+        with self._mapped(before_first_byte=before_first_byte):
+            async with asyncio.timeout_at(until):
+                return await resp.content.readany()
+
+    @contextmanager
+    def _mapped(self, *, before_first_byte: bool) -> Iterator[None]:
+        """Translate aiohttp and timeout failures while reading a body to the project's errors.
+
+        Before the first byte nothing reached the client, so they are retryable; after it, a
+        retry would duplicate output, so they are not. (Sending is mapped by ``request``.)
+        """
+        try:
+            yield
+        except TimeoutError as exc:  # our deadlines and aiohttp's total timeout alike
+            stage = "answer" if before_first_byte else "send more of its answer"
+            raise UpstreamTimeout(
+                f"Ollama at {self.where} did not {stage} in time", retryable=before_first_byte
+            ) from exc
+        except aiohttp.ClientError as exc:
+            stage = "before answering" if before_first_byte else "mid-answer"
+            raise UpstreamError(
+                f"the connection to Ollama at {self.where} failed {stage}",
+                retryable=before_first_byte,
+            ) from exc
+
+
+def _max_tool_calls(payload: Mapping[str, Any]) -> int | None:
+    return 1 if payload.get("parallel_tool_calls") is False else None
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(f"Ollama sent {what} as a body that is not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise UpstreamError(f"Ollama sent {what} as JSON that is not an object")
+    if isinstance(obj.get("error"), str):
+        raise UpstreamError(f"Ollama failed: {obj['error']}")
+    return obj
+
+
+def _fill_usage(usage: Usage, final: Mapping[str, Any]) -> None:
+    usage.prompt_tokens = final.get("prompt_eval_count")
+    usage.completion_tokens = final.get("eval_count")
+    usage.extra = replies.timings(final)
+
+
+def _status_error(
+    status: int, raw: bytes, retry_after: str | None, model: str, tag: str
+) -> ProxyError:
+    message = _error_text(raw)
+    if tag != model:
+        # Ollama names the tag in its messages; clients know the model by its public name.
+        for name in sorted({tag, tag.removesuffix(":latest")}, key=len, reverse=True):
+            message = message.replace(name, model)
+    if status == 404:
+        # The public name alone when an alias hides the tag; the operator's pull hint otherwise.
+        hint = f"`ollama pull {tag}`" if tag == model else "`ollama pull` for the configured model"
+        return NotFound(
+            f"model {model!r} is not available on this node's Ollama server "
+            f"(the operator needs to run {hint}): {message}",
+            code="model_not_found",
+            param="model",
+        )
+    if status == 400:
+        return BadRequest(f"Ollama rejected the request: {message}")
+    if status in (401, 403):
+        # The node's credentials, not the client's: the client cannot fix this, so a 502.
+        return UpstreamError(f"Ollama rejected the configured credentials ({status})")
+    after = _retry_after(retry_after)
+    if status in (429, 503):
+        return UpstreamError(
+            f"Ollama is busy ({status}): {message}",
+            status=status,
+            retryable=True,
+            retry_after=after,
+        )
+    return UpstreamError(
+        f"Ollama failed ({status}): {message}",
+        retryable=status in RETRYABLE_STATUSES,
+        retry_after=after,
+    )
+
+
+def _error_text(raw: bytes) -> str:
+    """Ollama's ``{"error": "..."}`` message, or the start of whatever else the body holds."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw[:_ERROR_SNIPPET].decode(errors="replace").strip() or "(empty body)"
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return str(obj["error"])
+    return orjson.dumps(obj).decode()[:_ERROR_SNIPPET]
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(float(value), 0.0) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare from Ollama; the retry layer's backoff applies
+
+
+def _canonical(name: str) -> str:
+    """``llama3.2`` and ``llama3.2:latest`` are the same model to Ollama."""
+    return name if ":" in name else f"{name}:latest"
+
+
+def _model_object(entry: Mapping[str, Any], model_id: str) -> dict[str, Any]:
+    name = entry.get("model") or entry.get("name") or ""
+    owner, _, _ = name.rpartition("/")
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": _epoch(entry.get("modified_at")),
+        "owned_by": owner or "library",
+    }
+
+
+def _epoch(stamp: Any) -> int:
+    if not isinstance(stamp, str):
+        return 0
+    try:
+        return int(datetime.fromisoformat(stamp).timestamp())
+    except ValueError:
+        return 0

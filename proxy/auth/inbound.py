@@ -1,0 +1,239 @@
+"""Inbound authentication: API keys and Function Network request signatures, as one layer.
+
+``auth.api_keys`` accepts ``Authorization: Bearer <key>`` or ``x-api-key: <key>``; keys are
+kept only as SHA-256 digests and every configured key is compared in constant time, so
+neither timing nor an early exit tells which key (or how much of one) was right.
+``auth.fxn_signatures`` checks the network's request signatures (``proxy.auth.signing``).
+``auth.mode`` says whether either kind suffices (``any``) or every configured kind is needed
+(``all``). Probes and scrapes (:data:`PUBLIC_PATHS`) pass without credentials.
+
+Every refusal is ``Unauthorized`` whose ``code`` is a reason from a fixed set, counted in
+``model_proxy_auth_failures{reason}``; messages never echo what the client sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.auth.nonces import NonceCache
+from proxy.auth.signing import REASONS as SIGNATURE_REASONS
+from proxy.auth.signing import SIGNATURE_HEADERS, Verifier
+from proxy.config import AuthSection, BaseConfig
+from proxy.errors import ConfigError, Unauthorized
+from proxy.server.runtime import Runtime
+from proxy.wire.checks import read_body
+
+log = logging.getLogger("model_proxy")
+
+#: Liveness, readiness and metrics stay reachable for orchestrators and Prometheus.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Every reason a refusal can carry (the ``reason`` label of the failure counter).
+REASONS = SIGNATURE_REASONS | {"missing_credentials", "missing_api_key", "bad_api_key"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Authenticator:
+    """Decides whether a request may pass, for one ``auth`` section.
+
+    ``check(request)`` returns normally or raises ``Unauthorized`` (``code`` in
+    :data:`REASONS`). The body is read (within ``limits.max_body_bytes``) only when a
+    signature has to be verified, and only after the checks that need no body have passed.
+    """
+
+    __slots__ = ("_digests", "mode", "verifier")
+
+    def __init__(
+        self,
+        section: AuthSection,
+        *,
+        nonces: NonceCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mode = section.mode
+        self._digests = tuple(_digest(key.get_secret_value()) for key in section.api_keys)
+        signatures = section.fxn_signatures
+        self.verifier = (
+            None
+            if signatures is None
+            else Verifier(
+                signatures.allowed_addresses,
+                window=signatures.window,
+                max_nonces=signatures.nonce_cache_size,
+                clock=clock,
+                nonces=nonces,
+            )
+        )
+
+    async def check(
+        self, headers: CIMultiDictProxy[str], body: Callable[[], Awaitable[bytes]]
+    ) -> None:
+        failures: list[Unauthorized] = []
+        if self._digests:
+            try:
+                self._check_api_key(headers)
+            except Unauthorized as exc:
+                if self.mode == "all":
+                    raise
+                failures.append(exc)
+            else:
+                if self.mode == "any":
+                    return
+        if self.verifier is not None:
+            try:
+                self.verifier.precheck(headers)
+                self.verifier.verify(headers, await body())
+            except Unauthorized as exc:
+                failures.append(exc)
+            else:
+                return
+        if not failures:
+            return
+        raise _most_telling(failures, headers)
+
+    def check_keys(self, headers: CIMultiDictProxy[str]) -> None:
+        """The whole check when only API keys are configured (no body needed)."""
+        self._check_api_key(headers)
+
+    def _check_api_key(self, headers: CIMultiDictProxy[str]) -> None:
+        presented: list[str] = []
+        for name in ("Authorization", "x-api-key"):
+            values = headers.getall(name, ())
+            if not values:
+                continue
+            if len(values) > 1:
+                raise Unauthorized(f"{name} is given more than once", code="duplicate_header")
+            if name == "Authorization":
+                scheme, _, token = values[0].partition(" ")
+                token = token.strip()
+                if token and scheme.lower() == "bearer":
+                    presented.append(token)
+            else:
+                presented.append(values[0])
+        if not presented:
+            raise Unauthorized(
+                "missing API key: send Authorization: Bearer <key> or x-api-key: <key>",
+                code="missing_api_key",
+            )
+        matched = False
+        for token in presented:
+            digest = _digest(token)
+            for known in self._digests:  # no early exit: every key costs the same
+                matched |= hmac.compare_digest(digest, known)
+        if not matched:
+            raise Unauthorized("invalid API key", code="bad_api_key")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def _most_telling(failures: list[Unauthorized], headers: Mapping[str, str]) -> Unauthorized:
+    """With ``mode: any`` and everything failed: the failure of what the client tried."""
+    if any(name in headers for name in SIGNATURE_HEADERS):
+        signature = [f for f in failures if f.code in SIGNATURE_REASONS]
+        if signature:
+            return signature[0]
+    tried_key = [f for f in failures if f.code not in ("missing_api_key", "missing_header")]
+    if tried_key:
+        return tried_key[0]
+    if len(failures) > 1:
+        return Unauthorized(
+            "missing credentials: send an API key (Authorization: Bearer or x-api-key) "
+            "or Function Network signature headers",
+            code="missing_credentials",
+        )
+    return failures[0]
+
+
+class AuthState:
+    """The authenticator for the current ``auth`` section, rebuilt when the section changes.
+
+    One nonce cache outlives every rebuild, so a reloaded config cannot reopen the window
+    for replays of requests the previous one accepted.
+    """
+
+    __slots__ = ("_auth", "_clock", "_nonces", "_section")
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._section: AuthSection | None = None
+        self._auth: Authenticator | None = None
+        self._nonces: NonceCache | None = None
+        self._clock = clock
+
+    def current(self, section: AuthSection) -> Authenticator | None:
+        if section is not self._section and section != self._section:
+            auth = None
+            if section.enabled:
+                auth = Authenticator(section, nonces=self._nonces, clock=self._clock)
+                if auth.verifier is not None:
+                    self._nonces = auth.verifier.nonces
+            self._section, self._auth = section, auth
+        return self._auth
+
+
+
+
+def authenticate(
+    request: web.Request, config: BaseConfig, runtime: Runtime
+) -> Awaitable[None] | None:
+    """Let ``request`` pass or raise ``Unauthorized``.
+
+    API keys are decided at once (``None`` returned: passed). A signature needs the body, so
+    then an awaitable is returned that finishes the check; the caller awaits it.
+    """
+    if request.path in PUBLIC_PATHS:
+        return None
+    assert runtime.auth is not None
+    auth = runtime.auth.current(config.auth)
+    if auth is None:
+        return None
+    if auth.verifier is None:
+        try:
+            auth.check_keys(request.headers)
+        except Unauthorized as exc:
+            _refused(request, exc, runtime)
+            raise
+        return None
+    return _verify(request, auth, config.limits.max_body_bytes, runtime)
+
+
+async def _verify(request: web.Request, auth: Authenticator, limit: int, runtime: Runtime) -> None:
+    try:
+        await auth.check(request.headers, lambda: read_body(request, limit))
+    except Unauthorized as exc:
+        _refused(request, exc, runtime)
+        raise
+
+
+def _refused(request: web.Request, exc: Unauthorized, runtime: Runtime) -> None:
+    reason = exc.code if exc.code in REASONS else "unauthorized"
+    runtime.metrics.auth_failures.labels(reason).inc()
+    log.debug("refused %s %s: %s", request.method, request.path[:200], reason)
+
+
+def check_exposure(config: BaseConfig) -> str | None:
+    """Refuse (``ConfigError``) to serve a non-loopback address without inbound auth unless
+    ``auth.allow_unauthenticated: true``; in that case return the warning to show loudly."""
+    if config.auth.enabled or config.is_loopback():
+        return None
+    host = config.server.host
+    if not config.auth.allow_unauthenticated:
+        raise ConfigError(
+            [
+                f"server.host: {host} is reachable from other machines and inbound auth is "
+                "off; configure auth.api_keys or auth.fxn_signatures, bind 127.0.0.1, or set "
+                "auth.allow_unauthenticated: true to serve anyone who can connect"
+            ]
+        )
+    return (
+        f"SERVING WITHOUT AUTHENTICATION on {host}: anyone who can reach this address can use "
+        "the backend (auth.allow_unauthenticated is true)"
+    )

@@ -1,0 +1,199 @@
+"""Hot reload: SIGHUP, or a changed file when ``watch: true``, swaps in a new configuration.
+
+A reload reads and validates the file (``load_config``), builds and starts a new adapter, and
+swaps ``runtime.backend``: new requests use the new backend, requests in flight finish on the
+old one, which is closed once its last request has left. If anything fails, nothing changes:
+the old configuration keeps serving and one log line says why. Both outcomes are counted in
+``model_proxy_config_reloads{result="ok"|"error"}``.
+
+Some settings cannot change in a running process (the bound address, the header size limit,
+logging); a change to them is reported and the running value kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from proxy.adapters import load_adapter_class
+from proxy.adapters.base import Adapter
+from proxy.config import BaseConfig
+from proxy.configfile import load_config
+from proxy.errors import ConfigError, ProxyError
+from proxy.server.runtime import Backend, Runtime
+
+log = logging.getLogger("model_proxy")
+
+#: How often a watched file's modification time is looked at, in seconds.
+WATCH_INTERVAL = 1.0
+#: How often retired backends are looked at to see whether their last request has left.
+RETIRE_INTERVAL = 0.5
+
+
+class Reloader:
+    """Reloads the application's configuration; one per application under ``RELOADER``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.watch_interval = WATCH_INTERVAL
+        #: Backends replaced by a reload that still have requests in flight.
+        self.retired: list[Backend] = []
+        self._lock = asyncio.Lock()
+        #: Wakes the background task: for a requested reload, or to watch a new retiree.
+        self._wake = asyncio.Event()
+        self._requested = False
+        self._stamp = self._file_stamp()
+
+    def trigger(self) -> None:
+        """Ask the background task for a reload (safe to call from a signal handler)."""
+        self._requested = True
+        self._wake.set()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and swap it in; ``False`` (old config kept) on any problem."""
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        runtime = self.runtime
+        metrics = runtime.metrics
+        path = runtime.config_path
+        if runtime.shutting_down:
+            return False
+        if path is None:
+            log.warning("config reload ignored: the configuration was not read from a file")
+            metrics.reloads.labels("error").inc()
+            return False
+        self._stamp = self._file_stamp()
+        adapter: Adapter | None = None
+        try:
+            config = self._keep_fixed(load_config(path))
+            adapter = load_adapter_class(config)(config, self._session())
+            if runtime.backend is not None:
+                adapter.take_over(runtime.backend.adapter)
+            await adapter.start()
+            await adapter.until_started()
+        except (ConfigError, ProxyError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [exc.message]
+            log.error("config reload rejected, still serving the previous config: %s",
+                      " | ".join(problems))
+            metrics.reloads.labels("error").inc()
+            if adapter is not None:
+                await _close_quietly(adapter)
+            return False
+        old = runtime.backend
+        assert runtime.pipeline is not None
+        runtime.backend = runtime.pipeline.backend(config, adapter)
+        runtime.config = config
+        runtime.pipeline.limiter.configure(config.limits)
+        if old is not None:
+            self.retired.append(old)
+            self._wake.set()
+        metrics.reloads.labels("ok").inc()
+        log.info("config reloaded from %s (%s)", path, config.backend_provider)
+        await self._close_idle()
+        return True
+
+    def _keep_fixed(self, config: BaseConfig) -> BaseConfig:
+        """Keep the settings a running process cannot change, saying which ones were asked."""
+        running = self.runtime.config
+        fixed = {
+            "server.host": (running.server.host, config.server.host),
+            "server.port": (running.server.port, config.server.port),
+            "limits.max_header_bytes": (running.limits.max_header_bytes,
+                                        config.limits.max_header_bytes),
+            "logging": (running.logging, config.logging),
+        }
+        changed = [key for key, (old, new) in fixed.items() if old != new]
+        if not changed:
+            return config
+        log.warning("config reload: %s cannot change while running; keeping the running "
+                    "value (restart to apply)", ", ".join(changed))
+        server = config.server.model_copy(
+            update={"host": running.server.host, "port": running.server.port}
+        )
+        limits = config.limits.model_copy(
+            update={"max_header_bytes": running.limits.max_header_bytes}
+        )
+        return config.model_copy(
+            update={"server": server, "limits": limits, "logging": running.logging}
+        )
+
+    def _session(self) -> aiohttp.ClientSession:
+        session = self.runtime.session
+        assert session is not None
+        return session
+
+    async def run(self) -> None:
+        """Background task: reload on ``trigger`` or a changed watched file; close retirees."""
+        while True:
+            watching = self.runtime.config.watch
+            wait = self.watch_interval if watching else None
+            if self.retired:
+                wait = min(wait or RETIRE_INTERVAL, RETIRE_INTERVAL)
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._requested:
+                self._requested = False
+                await self.reload()
+            elif watching and self._file_stamp() != self._stamp:
+                await self.reload()
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        for backend in [b for b in self.retired if b.active == 0]:
+            self.retired.remove(backend)
+            await _close_quietly(backend.adapter)
+
+    async def close(self) -> None:
+        """Close every retired adapter (at shutdown, after the last request)."""
+        retired, self.retired = self.retired, []
+        for backend in retired:
+            await _close_quietly(backend.adapter)
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        path = self.runtime.config_path
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+
+async def _close_quietly(adapter: Adapter) -> None:
+    try:
+        await adapter.close()
+    except Exception:
+        log.exception("closing the previous %s adapter failed", adapter.name or "upstream")
+
+
+RELOADER = web.AppKey("reloader", Reloader)
+
+
+async def reloading(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx`` entry: the reload task runs while the application does."""
+    reloader = app[RELOADER]
+    task = asyncio.create_task(reloader.run(), name="config-reload")
+    try:
+        yield
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await reloader.close()
+
+
+__all__ = ["RELOADER", "Reloader", "reloading"]

@@ -1,0 +1,166 @@
+"""When and how long to wait before another upstream attempt (``retries:``), with tenacity.
+
+Retried: an ``UpstreamError`` with ``retryable`` set (refused, reset or timed out before the
+first byte) and an answer whose status is in ``RETRYABLE_STATUSES`` (429/502/503/504). Waits
+are exponential with full jitter, or the upstream's ``Retry-After`` when it gives one. A
+``Retry-After`` beyond ``retry_after_cap`` means "not soon": the proxy gives up at once and
+relays that answer. Attempts stop at ``attempts``, before a wait would pass the request's
+deadline (the smaller of ``retries.total`` and ``timeouts.total``), or when the circuit opens.
+After the last attempt the last answer is relayed as it is, or the last error raised.
+
+Only the pipeline calls this, and only for an attempt whose response the client has not seen
+a byte of. The first attempt runs outside tenacity, so the success path costs nothing here;
+a failed first attempt hands its outcome to :meth:`RetryPolicy.run`, which replays it as
+tenacity's attempt 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt
+from tenacity.stop import stop_base
+from tenacity.wait import wait_random_exponential
+
+from proxy.adapters.base import UpstreamResponse
+from proxy.config import RetriesSection, TimeoutsSection
+from proxy.errors import RETRYABLE_STATUSES, UpstreamError, UpstreamTimeout
+from proxy.metrics import Metrics
+from proxy.upstream.breaker import Breaker
+
+Attempt = Callable[[], Awaitable[UpstreamResponse]]
+
+
+@dataclass(slots=True)
+class _Request:
+    """Per-request state of a retry run (tenacity's objects are per policy)."""
+
+    first: UpstreamResponse | UpstreamError | None
+    again: Attempt
+    #: ``loop.time()`` by which the whole request, waits included, must be done.
+    deadline: float
+
+
+class RetryPolicy:
+    """Built once per backend from ``retries:`` and ``timeouts:``; shared by all requests."""
+
+    def __init__(
+        self, retries: RetriesSection, timeouts: TimeoutsSection, breaker: Breaker,
+        metrics: Metrics,
+    ) -> None:
+        self.cap = retries.retry_after_cap
+        self.budget = min(retries.total, timeouts.total)
+        self.breaker = breaker
+        self.metrics = metrics
+        self._backoff = wait_random_exponential(
+            multiplier=retries.backoff_initial, max=retries.backoff_max
+        )
+        # A template: AsyncRetrying keeps its iteration state on the instance, so each retry
+        # run works on a copy (made only when a first attempt has failed).
+        self._template = AsyncRetrying(
+            stop=stop_after_attempt(retries.attempts) | _PastDeadline(),
+            wait=self._wait,
+            retry=self._should_retry,
+            before_sleep=_discard,
+            retry_error_callback=_last_outcome,
+        )
+
+    async def run(
+        self, first: UpstreamResponse | UpstreamError, again: Attempt, elapsed: float
+    ) -> UpstreamResponse:
+        """Retry after a failed first attempt (``first``, which took ``elapsed`` seconds).
+
+        ``again`` makes one more attempt. Returns the answer to relay; raises the last error.
+        """
+        loop = asyncio.get_running_loop()
+        request = _Request(first, again, loop.time() - elapsed + self.budget)
+        retrying = self._template.copy()
+        result: UpstreamResponse = await retrying(self._attempt, request)
+        return result
+
+    async def _attempt(self, request: _Request) -> UpstreamResponse:
+        first = request.first
+        if first is not None:
+            request.first = None
+            if isinstance(first, UpstreamError):
+                raise first
+            return first
+        self.metrics.retries.inc()
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                return await request.again()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"the upstream gave no usable answer within {self.budget:g} s, retries included"
+            ) from exc
+
+    def _should_retry(self, state: RetryCallState) -> bool:
+        if self.breaker.is_open:
+            return False
+        outcome = state.outcome
+        assert outcome is not None
+        if outcome.failed:
+            exc = outcome.exception()
+            if not (isinstance(exc, UpstreamError) and exc.retryable):
+                return False
+            after = exc.retry_after
+        else:
+            response: UpstreamResponse = outcome.result()
+            if response.status not in RETRYABLE_STATUSES:
+                return False
+            after = retry_after(response.headers)
+        return after is None or after <= self.cap
+
+    def _wait(self, state: RetryCallState) -> float:
+        outcome = state.outcome
+        assert outcome is not None
+        if outcome.failed:
+            exc = outcome.exception()
+            after = exc.retry_after if isinstance(exc, UpstreamError) else None
+        else:
+            after = retry_after(outcome.result().headers)
+        return after if after is not None else float(self._backoff(state))
+
+
+class _PastDeadline(stop_base):
+    """Stop when the coming wait would end past the request's deadline."""
+
+    def __call__(self, state: RetryCallState) -> bool:
+        request: _Request = state.args[0]
+        return asyncio.get_running_loop().time() + state.upcoming_sleep >= request.deadline
+
+
+async def _discard(state: RetryCallState) -> None:
+    """Before a wait: free the answer that is being retried (its body is never relayed)."""
+    outcome = state.outcome
+    if outcome is not None and not outcome.failed:
+        response: UpstreamResponse = outcome.result()
+        await response.release()
+
+
+def _last_outcome(state: RetryCallState) -> Any:
+    """Out of attempts: relay the last answer as it is, or raise the last error."""
+    assert state.outcome is not None
+    return state.outcome.result()
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), if it has one."""
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)

@@ -1,0 +1,228 @@
+"""Input limits and the shape of the well-known request fields: refuse early, never crash.
+
+``guard`` (a middleware) caps the total size of the request headers (431). ``check_payload``
+runs once a JSON body has been parsed: nesting depth, number of messages, and the types and
+sane ranges of the fields every OpenAI-compatible server reads. Unknown fields pass on
+untouched (wire models allow extra fields); a known field of the wrong type or an absurd
+value is a 400 here rather than a crash or a confusing answer further on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.config import LimitsSection
+from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.server.runtime import BODY
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Longest model name accepted; real ones are far shorter, and names end up in messages.
+MAX_MODEL_CHARS = 256
+_INT32 = 2**31 - 1
+
+#: field -> (lowest, highest) for integers (bool is not an integer here).
+INT_FIELDS: dict[str, tuple[int, int]] = {
+    "max_tokens": (1, _INT32),
+    "max_completion_tokens": (1, _INT32),
+    "n": (1, 128),
+    "best_of": (1, 128),
+    "seed": (-(2**63), 2**64 - 1),
+    "top_k": (-1, _INT32),
+    "top_logprobs": (0, 20),
+    "dimensions": (1, 1 << 16),
+}
+#: field -> (lowest, highest) for finite numbers.
+NUMBER_FIELDS: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 100.0),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "repetition_penalty": (0.0, 100.0),
+}
+BOOL_FIELDS = frozenset({"stream", "echo", "parallel_tool_calls"})
+OBJECT_FIELDS = frozenset({"stream_options", "response_format", "logit_bias", "metadata"})
+#: Every top-level field with a rule here; a request's other fields pass untouched.
+CHECKED_FIELDS = frozenset(
+    {"model", "stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS, *OBJECT_FIELDS}
+)
+_HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
+
+
+def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
+    """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
+    raw = request.raw_headers
+    size = _HEADER_OVERHEAD * len(raw)
+    for name, value in raw:
+        size += len(name) + len(value)
+    if size > limits.max_header_bytes:
+        raise PayloadTooLarge(
+            f"request headers of {size} bytes exceed the limit of {limits.max_header_bytes}",
+            status=431,
+            code="headers_too_large",
+        )
+
+
+def check_payload(
+    endpoint: str, payload: dict[str, Any], body: bytes, limits: LimitsSection
+) -> None:
+    """Raise ``BadRequest`` (with ``param``) for the first problem found in ``payload``."""
+    _check_depth(payload, body, limits.max_json_depth)
+    # Only the fields the request has are looked at (a set intersection, done in C).
+    for name in payload.keys() & CHECKED_FIELDS:
+        _check_field(name, payload[name])
+    if endpoint == "chat":
+        _check_messages(payload.get("messages"), limits.max_messages)
+        _check_tools(payload)
+    elif endpoint == "completions":
+        _check_tokens_or_text(payload.get("prompt"), "prompt")
+    elif endpoint == "embeddings":
+        _check_tokens_or_text(payload.get("input"), "input")
+
+
+def _check_field(name: str, value: Any) -> None:
+    if value is None and name not in BOOL_FIELDS:
+        return
+    if name in INT_FIELDS:
+        low, high = INT_FIELDS[name]
+        if not (_is_int(value) and low <= value <= high):
+            raise BadRequest(f"{name} must be an integer from {low} to {high}", param=name)
+    elif name in NUMBER_FIELDS:
+        low_f, high_f = NUMBER_FIELDS[name]
+        if not (_is_number(value) and low_f <= value <= high_f):
+            raise BadRequest(f"{name} must be a number from {low_f:g} to {high_f:g}", param=name)
+    elif name in BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false", param=name)
+    elif name in OBJECT_FIELDS:
+        if not isinstance(value, dict):
+            raise BadRequest(f"{name} must be an object", param=name)
+    elif name == "stop":
+        _check_stop(value)
+    elif name == "model" and isinstance(value, str) and len(value) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value)
+    )
+
+
+def _check_depth(payload: Any, body: bytes, limit: int) -> None:
+    # Nesting needs brackets: a body with fewer of them than the limit is shallow enough, and
+    # counting bytes is C-speed, so the walk below runs only for bodies that might be deep.
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise BadRequest(f"JSON is nested deeper than {limit} levels", code="json_too_deep")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+def _check_stop(stop: Any) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise BadRequest("stop must be a string or a list of strings", param="stop")
+
+
+def _check_messages(messages: Any, limit: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of message objects", param="messages")
+    if len(messages) > limit:
+        raise BadRequest(
+            f"{len(messages)} messages exceed the limit of {limit}",
+            param="messages",
+            code="too_many_messages",
+        )
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where} must be an object", param=where)
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            raise BadRequest(f"{where}.role must be a non-empty string", param=f"{where}.role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRequest(
+                f"{where}.content must be a string, a list of parts or null",
+                param=f"{where}.content",
+            )
+        if isinstance(content, list) and not all(isinstance(p, (dict, str)) for p in content):
+            raise BadRequest(f"{where}.content parts must be objects", param=f"{where}.content")
+
+
+def _check_tools(payload: dict[str, Any]) -> None:
+    tools = payload.get("tools")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise BadRequest("tools must be a list of objects", param="tools")
+    choice = payload.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise BadRequest("tool_choice must be a string or an object", param="tool_choice")
+
+
+def _check_tokens_or_text(value: Any, name: str) -> None:
+    """``prompt`` / ``input``: a string, a list of strings, token ids, or lists of token ids."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value) or all(_is_token(v) for v in value):
+            return
+        if all(isinstance(v, list) and v and all(_is_token(t) for t in v) for v in value):
+            return
+    raise BadRequest(
+        f"{name} must be a string, a list of strings, or (lists of) token ids", param=name
+    )
+
+
+def _is_token(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= _INT32
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
+
+    Read from the network once per request: aiohttp keeps a body it has read, and a chunked
+    body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
+    """
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+        return await request.read()
+    body = request.get(BODY)
+    if body is None:
+        chunks = bytearray()
+        async for chunk in request.content.iter_any():
+            chunks += chunk
+            if len(chunks) > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        body = request[BODY] = bytes(chunks)
+    return body
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at byte {exc.pos}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload
