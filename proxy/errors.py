@@ -1,11 +1,11 @@
 """The project's few error types, and how each one reads on the wire.
 
 Every error a client can see is a :class:`ProxyError`: an HTTP status plus the fields of an
-OpenAI error body ``{"error": {"message", "type", "param", "code"}}``. One middleware renders
-them (``proxy.middleware``); after a stream has started, ``proxy.wire.answers`` renders the same body as a
-final ``data:`` event. Specialise only where a caller branches::
+OpenAI error body ``{"error": {"message", "type", "param", "code"}}``. The edge layer renders
+them (``proxy.server.edge``); after a stream has started, ``proxy.wire.answers`` renders the
+same body as a final ``data:`` event. Specialise only where a caller branches::
 
-    ProxyError                 any status; the base the middleware renders
+    ProxyError                 any status; the base the edge layer renders
     ├── BadRequest        400  the request itself is wrong (JSON, fields, unsupported params)
     ├── Unauthorized      401  missing or bad inbound credentials / signature
     ├── NotFound          404  unknown model or path

@@ -14,13 +14,25 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
 
+# ``*_created`` series (one per counter) say nothing an operator reads and look like gauges.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 Labels = tuple[str, ...]
@@ -104,6 +116,14 @@ class Metrics:
             "model_proxy_upstream_tokens_per_second",
             "Generation speed the upstream reports, per answer.", (),
             bounds=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280))
+        self.overhead = FastHistogram(
+            "model_proxy_overhead_seconds",
+            "The proxy's own share of a request's time: request time minus upstream time.",
+            ("endpoint",), bounds=OVERHEAD_BUCKETS)
+        self.chunk_gap = FastHistogram(
+            "model_proxy_stream_chunk_gap_seconds",
+            "Time between two chunks of a streamed answer, as relayed.", ("endpoint",),
+            bounds=GAP_BUCKETS)
         r.register(_FastCollector(self))
         self.retries = Counter(
             "model_proxy_upstream_retries", "Upstream attempts beyond the first.", registry=r)
@@ -130,7 +150,8 @@ class Metrics:
 
     def fast_families(self) -> tuple[FastCounter | FastHistogram, ...]:
         return (self.requests, self.latency, self.upstream_latency, self.ttft, self.tokens,
-                self.upstream_errors, self.upstream_timings, self.upstream_tokens_per_second)
+                self.upstream_errors, self.upstream_timings, self.upstream_tokens_per_second,
+                self.overhead, self.chunk_gap)
 
     def watch_gauges(
         self, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -150,6 +171,26 @@ class Metrics:
 
     def observe_ttft(self, endpoint: str, seconds: float) -> None:
         self.ttft.observe((endpoint,), seconds)
+
+    def observe_overhead(self, endpoint: str, seconds: float) -> None:
+        self.overhead.observe((endpoint,), seconds)
+
+    def observe_chunk_gap(self, endpoint: str, seconds: float) -> None:
+        self.chunk_gap.observe((endpoint,), seconds)
+
+    def count_retry(self) -> None:
+        self.retries.inc()
+
+    def count_reload(self, result: str) -> None:
+        """``result``: ``ok`` or ``error``."""
+        self.reloads.labels(result).inc()
+
+    def count_auth_failure(self, reason: str) -> None:
+        """``reason`` is one of ``proxy.auth.inbound.REASONS``: a fixed set."""
+        self.auth_failures.labels(reason).inc()
+
+    def set_upstream_up(self, up: bool) -> None:
+        self.upstream_up.set(up)
 
     def count_upstream_error(self, kind: str) -> None:
         """``kind`` is an error code from ``proxy.errors``: a fixed set, never client input."""

@@ -30,8 +30,12 @@ class Job:
     ``body`` is the exact bytes to send for OpenAI-compatible upstreams (``model`` already
     rewritten); ``payload`` is the parsed JSON object (``None`` for pass-through requests that
     carry no JSON). ``model`` is the public name the client asked for, ``upstream_model`` the
-    name the upstream knows. ``headers`` holds only client headers that are safe to forward.
+    name the upstream knows. ``headers`` is already the allow-listed set of client headers
+    that may travel upstream (``proxy.headers.request_headers``, applied where the job is
+    built): an adapter can forward it as it is and never leaks the client's credentials.
     ``request_id`` is the client's ``X-Request-Id`` when it is fit for logs, else ``""``.
+    ``upstream_seconds`` adds up the time spent waiting on the upstream (the pipeline's
+    attempts, then the relay's reads), for the proxy's overhead metric.
     """
 
     endpoint: Endpoint
@@ -45,6 +49,7 @@ class Job:
     stream: bool
     headers: Mapping[str, str]
     request_id: str
+    upstream_seconds: float = 0.0
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ With ``fxn.private_key`` (or ``fxn.private_key_file``) configured, every request
 adapter sends is signed as the network signs them (``proxy.auth.signing``): inference attempts,
 model lists and readiness probes alike. Signing happens per request (``attempt_headers``), so
 each retry of a job carries a fresh timestamp and nonce and is never taken for a replay.
-The client's own signature headers never travel on; ``proxy.headers`` drops them.
+The client's own signature headers never travel on: ``Job.headers`` is allow-listed.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from collections.abc import Mapping
 import aiohttp
 
 from proxy.adapters.base import Job, UpstreamResponse
-from proxy.adapters.openai import HTTPUpstream, release_response
+from proxy.adapters.http import HTTPUpstream, release_response
 from proxy.auth.signing import Signer
 from proxy.config import BaseConfig, FxnConfig
 from proxy.errors import UpstreamError
-from proxy.headers import request_headers
 
 
 class FxnAdapter(HTTPUpstream):
@@ -53,6 +52,6 @@ class FxnAdapter(HTTPUpstream):
 
     async def send(self, job: Job) -> UpstreamResponse:
         response = await self.request(
-            job.method, job.path, body=job.body, headers=request_headers(job.headers)
+            job.method, job.path, body=job.body, headers=job.headers
         )
         return await self.relay(response)

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.auth.nonces import NonceCache
@@ -27,8 +26,6 @@ from proxy.auth.signing import REASONS as SIGNATURE_REASONS
 from proxy.auth.signing import SIGNATURE_HEADERS, Verifier
 from proxy.config import AuthSection, BaseConfig
 from proxy.errors import ConfigError, Unauthorized
-from proxy.server.runtime import Runtime
-from proxy.wire.checks import read_body
 
 log = logging.getLogger("model_proxy")
 
@@ -36,9 +33,6 @@ log = logging.getLogger("model_proxy")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 #: Every reason a refusal can carry (the ``reason`` label of the failure counter).
 REASONS = SIGNATURE_REASONS | {"missing_credentials", "missing_api_key", "bad_api_key"}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 class Authenticator:
     """Decides whether a request may pass, for one ``auth`` section.
@@ -97,6 +91,11 @@ class Authenticator:
         if not failures:
             return
         raise _most_telling(failures, headers)
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        """The authenticator for the current section (``None`` while auth is off)."""
+        return self._auth
 
     def check_keys(self, headers: CIMultiDictProxy[str]) -> None:
         """The whole check when only API keys are configured (no body needed)."""
@@ -157,66 +156,67 @@ class AuthState:
     """The authenticator for the current ``auth`` section, rebuilt when the section changes.
 
     One nonce cache outlives every rebuild, so a reloaded config cannot reopen the window
-    for replays of requests the previous one accepted.
+    for replays of requests the previous one accepted. Every refusal is reported to
+    ``refused`` with its reason (the failure counter) before ``Unauthorized`` is raised.
     """
 
-    __slots__ = ("_auth", "_clock", "_nonces", "_section")
+    __slots__ = ("_auth", "_clock", "_nonces", "_refused", "_section", "enabled", "needs_body")
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: BaseConfig, *, refused: Callable[[str], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._section: AuthSection | None = None
         self._auth: Authenticator | None = None
         self._nonces: NonceCache | None = None
+        self._refused = refused
         self._clock = clock
+        self.enabled = False
+        self.needs_body = False
+        self.configure(config)
 
-    def current(self, section: AuthSection) -> Authenticator | None:
-        if section is not self._section and section != self._section:
-            auth = None
-            if section.enabled:
-                auth = Authenticator(section, nonces=self._nonces, clock=self._clock)
-                if auth.verifier is not None:
-                    self._nonces = auth.verifier.nonces
-            self._section, self._auth = section, auth
+    def configure(self, config: BaseConfig) -> None:
+        section = config.auth
+        if section is self._section or section == self._section:
+            return
+        auth = None
+        if section.enabled:
+            auth = Authenticator(section, nonces=self._nonces, clock=self._clock)
+            if auth.verifier is not None:
+                self._nonces = auth.verifier.nonces
+        self._section, self._auth = section, auth
+        self.enabled = auth is not None
+        self.needs_body = auth is not None and auth.verifier is not None
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        """The authenticator for the current section (``None`` while auth is off)."""
         return self._auth
 
-
-
-
-def authenticate(
-    request: web.Request, config: BaseConfig, runtime: Runtime
-) -> Awaitable[None] | None:
-    """Let ``request`` pass or raise ``Unauthorized``.
-
-    API keys are decided at once (``None`` returned: passed). A signature needs the body, so
-    then an awaitable is returned that finishes the check; the caller awaits it.
-    """
-    if request.path in PUBLIC_PATHS:
-        return None
-    assert runtime.auth is not None
-    auth = runtime.auth.current(config.auth)
-    if auth is None:
-        return None
-    if auth.verifier is None:
+    def check_keys(self, headers: CIMultiDictProxy[str]) -> None:
+        """The whole check when only API keys are configured (``needs_body`` is false)."""
+        assert self._auth is not None, "check only when enabled"
         try:
-            auth.check_keys(request.headers)
+            self._auth.check_keys(headers)
         except Unauthorized as exc:
-            _refused(request, exc, runtime)
+            self._refuse(exc)
             raise
-        return None
-    return _verify(request, auth, config.limits.max_body_bytes, runtime)
 
+    async def verify(
+        self, headers: CIMultiDictProxy[str], body: Callable[[], Awaitable[bytes]]
+    ) -> None:
+        """The whole check when a signature may need the body (``needs_body``)."""
+        assert self._auth is not None, "verify only when enabled"
+        try:
+            await self._auth.check(headers, body)
+        except Unauthorized as exc:
+            self._refuse(exc)
+            raise
 
-async def _verify(request: web.Request, auth: Authenticator, limit: int, runtime: Runtime) -> None:
-    try:
-        await auth.check(request.headers, lambda: read_body(request, limit))
-    except Unauthorized as exc:
-        _refused(request, exc, runtime)
-        raise
-
-
-def _refused(request: web.Request, exc: Unauthorized, runtime: Runtime) -> None:
-    reason = exc.code if exc.code in REASONS else "unauthorized"
-    runtime.metrics.auth_failures.labels(reason).inc()
-    log.debug("refused %s %s: %s", request.method, request.path[:200], reason)
+    def _refuse(self, exc: Unauthorized) -> None:
+        reason = exc.code if exc.code in REASONS else "unauthorized"
+        self._refused(reason)
+        log.debug("refused a request: %s", reason)
 
 
 def check_exposure(config: BaseConfig) -> str | None:

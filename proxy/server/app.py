@@ -16,6 +16,7 @@ from proxy.metrics import Metrics
 from proxy.server import routes
 from proxy.server.drain import Drain
 from proxy.server.edge import UNCOUNTED, layered
+from proxy.server.health import Readiness
 from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
 from proxy.upstream.limiter import Limiter
@@ -33,55 +34,40 @@ def create_app(
     registry: CollectorRegistry | None = None,
     config_path: str | None = None,
 ) -> web.Application:
-    """Build the proxy for ``config``; adapters start and stop with the application.
+    """Build the proxy for ``config``; the adapter starts and stops with the application.
 
-    Raises ``ConfigError`` if the configured adapter cannot be imported.
+    Call it with an event loop running (the upstream connection pool belongs to it). Raises
+    ``ConfigError`` if the configured adapter cannot be imported.
     """
     adapter_class = load_adapter_class(config)
-    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     metrics = Metrics(registry)
-    runtime = Runtime(config=config, metrics=metrics, config_path=config_path)
     limiter = Limiter(config.limits)
-    pipeline = runtime.pipeline = Pipeline(metrics, limiter)
-    drain = runtime.drain = Drain()
+    pipeline = Pipeline(metrics, limiter)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    runtime = Runtime(
+        config=config,
+        metrics=metrics,
+        pipeline=pipeline,
+        drain=Drain(),
+        auth=AuthState(config, refused=metrics.count_auth_failure),
+        readiness=Readiness(config),
+        session=session,
+        backend=pipeline.backend(config, adapter_class(config, session)),
+        config_path=config_path,
+    )
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[RUNTIME] = runtime
     app[RELOADER] = Reloader(runtime)
-    app[routes.READY_CACHE] = routes.ReadyCache()
-    runtime.auth = AuthState()
     metrics.watch_gauges(
         in_flight=lambda: limiter.active,
         queued=lambda: limiter.waiting,
-        circuit_state=lambda: runtime.backend.breaker.state if runtime.backend else 0,
+        circuit_state=lambda: runtime.backend.breaker.state,
     )
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        runtime.session = session
-        adapter = adapter_class(config, session)
-        try:
-            await adapter.start()
-            runtime.backend = pipeline.backend(config, adapter)
-            metrics.watch_stats(lambda: runtime.backend.adapter.stats() if runtime.backend else {})
-            yield
-        finally:
-            runtime.shutting_down = True
-            backend, runtime.backend = runtime.backend, None
-            await (backend.adapter if backend else adapter).close()
-            await session.close()
-
-    async def drain_requests(app: web.Application) -> None:
-        # Runs after the listening sockets are closed and before aiohttp waits for routes.
-        runtime.shutting_down = True
-        ended = await drain.shutdown(
-            runtime.config.server.shutdown_grace, lambda: limiter.active + limiter.waiting > 0
-        )
-        if ended:
-            log.warning("shutdown: ended %d unfinished streams with an error event", ended)
-
-    app.cleanup_ctx.append(lifecycle)
+    metrics.watch_stats(lambda: runtime.backend.adapter.stats())
+    app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(reloading)
-    app.on_shutdown.append(drain_requests)
+    app.on_shutdown.append(_drain_requests)
     router = app.router
     for path, endpoint in routes.ENDPOINTS.items():
         router.add_post(path, layered(runtime, routes.inference, endpoint))
@@ -92,6 +78,30 @@ def create_app(
         router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
     router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
     return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """The adapter and the upstream connection pool, from start-up to the last request."""
+    runtime = app[RUNTIME]
+    try:
+        await runtime.backend.adapter.start()
+        yield
+    finally:
+        runtime.shutting_down = True
+        await runtime.backend.adapter.close()
+        await runtime.session.close()
+
+
+async def _drain_requests(app: web.Application) -> None:
+    # Runs after the listening sockets are closed and before aiohttp waits for handlers.
+    runtime = app[RUNTIME]
+    runtime.shutting_down = True
+    limiter = runtime.pipeline.limiter
+    ended = await runtime.drain.shutdown(
+        runtime.config.server.shutdown_grace, lambda: limiter.active + limiter.waiting > 0
+    )
+    if ended:
+        log.warning("shutdown: ended %d unfinished streams with an error event", ended)
 
 
 __all__ = ["CLIENT_MAX_SIZE", "create_app"]

@@ -1,4 +1,5 @@
-"""The layer around every handler: count, guard, authenticate, render errors.
+"""The layer around every handler: count, guard, authenticate, render errors; and the readers
+of a request's headers and body.
 
 Everything cross-cutting happens here, once per request: the metrics observe every answer,
 oversized headers and missing credentials are refused before a handler reads the body, and
@@ -17,18 +18,25 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import orjson
 from aiohttp import web
 
-from proxy.auth.inbound import authenticate
+from proxy.auth.inbound import PUBLIC_PATHS
+from proxy.config import LimitsSection
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
-from proxy.server.runtime import Runtime
-from proxy.wire.checks import check_headers
+from proxy.server.runtime import BODY, Runtime
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RuntimeHandler = Callable[[web.Request, Runtime], Awaitable[web.StreamResponse]]
+
+_HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
+
+#: On a response of a forwarded request: the seconds spent waiting on the upstream, so that the
+#: rest of the request's time is the proxy's own (``model_proxy_overhead_seconds``).
+UPSTREAM_SECONDS = web.ResponseKey("upstream_seconds", float)
 
 #: ``endpoint`` label for paths that are not counted (probes, scrapes).
 UNCOUNTED = ""
@@ -58,14 +66,18 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
             label = "passthrough" if request.path.startswith("/v1/") else "other"
         backend = runtime.backend
         status = 500
+        response: web.StreamResponse | None = None
         try:
             try:
-                config = backend.config if backend is not None else runtime.config
+                config = backend.config
                 check_headers(request, config.limits)
-                if config.auth.enabled:
-                    pending = authenticate(request, config, runtime)
-                    if pending is not None:
-                        await pending
+                auth = runtime.auth
+                if auth.enabled and request.path not in PUBLIC_PATHS:
+                    if auth.needs_body:
+                        limit = config.limits.max_body_bytes
+                        await auth.verify(request.headers, partial(read_body, request, limit))
+                    else:
+                        auth.check_keys(request.headers)
                 response = await handler(request, runtime)
             except ProxyError as exc:
                 response = error_response(exc)
@@ -87,8 +99,12 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
             raise
         finally:
             if label:
-                model = backend.model_label if backend is not None else "none"
-                metrics.observe_request(label, model, status, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                metrics.observe_request(label, backend.model_label, status, seconds)
+                if response is not None:
+                    upstream = response.get(UPSTREAM_SECONDS)
+                    if upstream is not None:
+                        metrics.observe_overhead(label, max(seconds - upstream, 0.0))
 
     return handle
 
@@ -111,3 +127,41 @@ def method_not_allowed(request: web.Request) -> ProxyError:
         type="invalid_request_error",
         code="method_not_allowed",
     )
+
+
+def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
+    """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
+    raw = request.raw_headers
+    size = _HEADER_OVERHEAD * len(raw)
+    for name, value in raw:
+        size += len(name) + len(value)
+    if size > limits.max_header_bytes:
+        raise PayloadTooLarge(
+            f"request headers of {size} bytes exceed the limit of {limits.max_header_bytes}",
+            status=431,
+            code="headers_too_large",
+        )
+
+
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
+
+    Read from the network once per request: aiohttp keeps a body it has read, and a chunked
+    body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
+    """
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+        return await request.read()
+    body = request.get(BODY)
+    if body is None:
+        chunks = bytearray()
+        async for chunk in request.content.iter_any():
+            chunks += chunk
+            if len(chunks) > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        body = request[BODY] = bytes(chunks)
+    return body

@@ -32,17 +32,26 @@ async def relay(
             return web.Response(status=upstream.status, body=body, headers=upstream.headers)
         response = web.StreamResponse(status=upstream.status, headers=upstream.headers)
         await response.prepare(request)
-        start = time.perf_counter()
+        endpoint = job.endpoint
+        clock = time.perf_counter
+        start = previous = resumed = clock()
+        waited = 0.0  # on the upstream, between our writes
         first = True
         task = asyncio.current_task()
         assert task is not None
         drain.streams.add(task)
         try:
             async for chunk in upstream.chunks():
+                now = clock()
+                waited += now - resumed
                 if first:
-                    metrics.observe_ttft(job.endpoint, time.perf_counter() - start)
+                    metrics.observe_ttft(endpoint, now - start)
                     first = False
+                else:
+                    metrics.observe_chunk_gap(endpoint, now - previous)
+                previous = now
                 await response.write(chunk)
+                resumed = clock()
         except ProxyError as exc:
             log.warning("stream %s ended early: %s", job.request_id or "-", exc.message)
             metrics.count_upstream_error(exc.code or "upstream_error")
@@ -54,6 +63,7 @@ async def relay(
             await response.write(answers.error_event(SHUTTING_DOWN))
         finally:
             drain.streams.discard(task)
+            job.upstream_seconds += waited
         await response.write_eof()
         return response
     finally:

@@ -1,9 +1,10 @@
 """Hot reload: SIGHUP, or a changed file when ``watch: true``, swaps in a new configuration.
 
 A reload reads and validates the file (``load_config``), builds and starts a new adapter, and
-swaps ``runtime.backend``: new requests use the new backend, requests in flight finish on the
-old one, which is closed once its last request has left. If anything fails, nothing changes:
-the old configuration keeps serving and one log line says why. Both outcomes are counted in
+hands both to ``Runtime.configure``, the one reload hook of every long-lived part: new
+requests use the new backend, requests in flight finish on the old one, which is closed once
+its last request has left. If anything fails, nothing changes: the old configuration keeps
+serving and one log line says why. Both outcomes are counted in
 ``model_proxy_config_reloads{result="ok"|"error"}``.
 
 Some settings cannot change in a running process (the bound address, the header size limit,
@@ -17,7 +18,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from proxy.adapters import load_adapter_class
@@ -25,7 +25,8 @@ from proxy.adapters.base import Adapter
 from proxy.config import BaseConfig
 from proxy.configfile import load_config
 from proxy.errors import ConfigError, ProxyError
-from proxy.server.runtime import Backend, Runtime
+from proxy.server.runtime import Runtime
+from proxy.upstream.pipeline import Backend
 
 log = logging.getLogger("model_proxy")
 
@@ -67,34 +68,29 @@ class Reloader:
             return False
         if path is None:
             log.warning("config reload ignored: the configuration was not read from a file")
-            metrics.reloads.labels("error").inc()
+            metrics.count_reload("error")
             return False
         self._stamp = self._file_stamp()
         adapter: Adapter | None = None
         try:
             config = self._keep_fixed(load_config(path))
-            adapter = load_adapter_class(config)(config, self._session())
-            if runtime.backend is not None:
-                adapter.take_over(runtime.backend.adapter)
+            adapter = load_adapter_class(config)(config, runtime.session)
+            adapter.take_over(runtime.backend.adapter)
             await adapter.start()
             await adapter.until_started()
         except (ConfigError, ProxyError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [exc.message]
             log.error("config reload rejected, still serving the previous config: %s",
                       " | ".join(problems))
-            metrics.reloads.labels("error").inc()
+            metrics.count_reload("error")
             if adapter is not None:
                 await _close_quietly(adapter)
             return False
         old = runtime.backend
-        assert runtime.pipeline is not None
-        runtime.backend = runtime.pipeline.backend(config, adapter)
-        runtime.config = config
-        runtime.pipeline.limiter.configure(config.limits)
-        if old is not None:
-            self.retired.append(old)
-            self._wake.set()
-        metrics.reloads.labels("ok").inc()
+        runtime.configure(config, runtime.pipeline.backend(config, adapter))
+        self.retired.append(old)
+        self._wake.set()
+        metrics.count_reload("ok")
         log.info("config reloaded from %s (%s)", path, config.backend_provider)
         await self._close_idle()
         return True
@@ -123,11 +119,6 @@ class Reloader:
         return config.model_copy(
             update={"server": server, "limits": limits, "logging": running.logging}
         )
-
-    def _session(self) -> aiohttp.ClientSession:
-        session = self.runtime.session
-        assert session is not None
-        return session
 
     async def run(self) -> None:
         """Background task: reload on ``trigger`` or a changed watched file; close retirees."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -11,103 +9,68 @@ from aiohttp import web
 
 from proxy.adapters.base import Endpoint, Job
 from proxy.config import BaseConfig
-from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.errors import NotFound, ProxyError
+from proxy.headers import request_headers
 from proxy.metrics import CONTENT_TYPE
-from proxy.server.edge import method_not_allowed
+from proxy.server.edge import UPSTREAM_SECONDS, method_not_allowed, read_body
 from proxy.server.relay import relay
-from proxy.server.runtime import RUNTIME, Backend, Runtime
-from proxy.wire.checks import check_payload, parse_object, read_body
+from proxy.server.runtime import Runtime
+from proxy.upstream.pipeline import Backend
+from proxy.wire.checks import check_request, parse_object
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
-#: The field each endpoint cannot do without.
-REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
-READY_CACHE_SECONDS = 1.0
 #: Paths with routes; another method on one of them is a 405, not a 404.
 KNOWN_PATHS = frozenset({*ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics"})
 
 
 async def inference(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    backend = runtime.current()
+    backend = runtime.backend
     config = backend.config
     endpoint = ENDPOINTS[request.path]
     body = await read_body(request, config.limits.max_body_bytes)
     payload = parse_object(body)
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model is required and must be a non-empty string", param="model")
-    required = REQUIRED[endpoint]
-    if required not in payload:
-        raise BadRequest(f"{required} is required", param=required)
-    stream = payload.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be true or false", param="stream")
-    check_payload(endpoint, payload, body, config.limits)
+    model, stream = check_request(endpoint, payload, body, config.limits)
     upstream_model = resolve_model(config, model)
     if upstream_model != model:
         payload["model"] = upstream_model
         body = orjson.dumps(payload)
-    job = Job(
-        endpoint,
-        "POST",
-        request.path,
-        "",
-        body,
-        payload,
-        model,
-        upstream_model,
-        stream,
-        request.headers,
-        request_id(request),
-    )
-    return await _forward(request, runtime, backend, job)
+    job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
+              request_headers(request.headers), request_id(request))
+    return await forward(request, runtime, backend, job)
 
 
 async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    backend = runtime.current()
+    backend = runtime.backend
     if request.path in ENDPOINTS or request.path == "/v1/models":
         raise method_not_allowed(request)
     if not backend.adapter.passthrough:
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     body = await read_body(request, backend.config.limits.max_body_bytes)
-    job = Job(
-        "passthrough",
-        request.method,
-        request.path,
-        request.query_string,
-        body,
-        None,
-        None,
-        None,
-        False,
-        request.headers,
-        request_id(request),
-    )
-    return await _forward(request, runtime, backend, job)
+    job = Job("passthrough", request.method, request.path, request.query_string, body, None,
+              None, None, False, request_headers(request.headers), request_id(request))
+    return await forward(request, runtime, backend, job)
 
 
-async def _forward(
+async def forward(
     request: web.Request, runtime: Runtime, backend: Backend, job: Job
 ) -> web.StreamResponse:
+    """Admit ``job``, send it (with retries), relay the answer."""
     pipeline = runtime.pipeline
-    assert pipeline is not None and runtime.drain is not None
-    probe = pipeline.admit(backend)
-    if probe is None:
-        probe = await pipeline.enter(backend)
-    try:
+    async with pipeline.admitted(backend):
         upstream = await pipeline.call(backend, job)
-        return await relay(request, upstream, job, runtime.metrics, runtime.drain)
-    finally:
-        pipeline.leave(backend, probe)
+        response = await relay(request, upstream, job, runtime.metrics, runtime.drain)
+    response[UPSTREAM_SECONDS] = job.upstream_seconds
+    return response
 
 
 async def models(request: web.Request, runtime: Runtime) -> web.Response:
-    backend = runtime.current()
+    backend = runtime.backend
     config = backend.config
-    ready = await readiness(request.app) is None
+    ready = await runtime.readiness.reason(runtime) is None
     metadata = {
         "backend_provider": config.backend_provider,
         "warm": ready,
@@ -145,59 +108,16 @@ async def healthz(request: web.Request, runtime: Runtime) -> web.Response:
 
 
 async def readyz(request: web.Request, runtime: Runtime) -> web.Response:
-    reason = await readiness(request.app)
+    reason = await runtime.readiness.reason(runtime)
     if reason is None:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "unavailable", "reason": reason}, status=503)
 
 
 async def metrics(request: web.Request, runtime: Runtime) -> web.Response:
-    if not runtime.current().config.metrics.enabled:
+    if not runtime.backend.config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")
-    return web.Response(
-        body=runtime.metrics.render(),
-        headers={"Content-Type": CONTENT_TYPE},
-    )
-
-
-async def readiness(app: web.Application) -> str | None:
-    """``None`` when the proxy can serve, else why not; upstream probes are cached briefly."""
-    runtime = app[RUNTIME]
-    if runtime.shutting_down:
-        return "shutting down"
-    backend = runtime.backend
-    if backend is None:
-        return "starting"
-    circuit = backend.breaker.reason()
-    if circuit is not None:
-        return circuit
-    cached = app[READY_CACHE]
-    now = time.monotonic()
-    if cached.backend is backend and now - cached.at < READY_CACHE_SECONDS:
-        return cached.reason
-    reason = None
-    try:
-        async with asyncio.timeout(backend.config.timeouts.connect + 5):
-            await backend.adapter.check_ready()
-    except ProxyError as exc:
-        reason = exc.message
-    except TimeoutError:
-        reason = "upstream readiness check timed out"
-    cached.backend, cached.at, cached.reason = backend, now, reason
-    runtime.metrics.upstream_up.set(reason is None)
-    return reason
-
-
-class ReadyCache:
-    __slots__ = ("at", "backend", "reason")
-
-    def __init__(self) -> None:
-        self.backend: Backend | None = None
-        self.at = 0.0
-        self.reason: str | None = None
-
-
-READY_CACHE = web.AppKey("ready_cache", ReadyCache)
+    return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def not_found(request: web.Request, runtime: Runtime) -> web.Response:

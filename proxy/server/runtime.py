@@ -1,4 +1,4 @@
-"""What the application holds: the current backend and the shared resources around it."""
+"""What one running proxy holds: the current backend and the long-lived parts around it."""
 
 from __future__ import annotations
 
@@ -6,59 +6,48 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
-    import aiohttp
-
-    from proxy.adapters.base import Adapter
     from proxy.auth.inbound import AuthState
     from proxy.config import BaseConfig
     from proxy.metrics import Metrics
     from proxy.server.drain import Drain
-    from proxy.upstream.breaker import Breaker
-    from proxy.upstream.pipeline import Pipeline
-    from proxy.upstream.retry import RetryPolicy
+    from proxy.server.health import Readiness
+    from proxy.upstream.pipeline import Backend, Pipeline
 
 
-@dataclass(slots=True)
-class Backend:
-    """One configuration and the adapter built from it; replaced whole on reload.
+@dataclass(slots=True, eq=False)
+class Runtime:
+    """The proxy's state, built whole by ``create_app`` and hung on the app under ``RUNTIME``.
 
-    A request keeps the backend it started on to the end, so after a reload the old one
-    serves its in-flight requests (counted in ``active``) and is closed when that reaches 0.
+    ``backend`` is replaced whole on reload (:meth:`configure` is the one reload hook of the
+    long-lived parts); everything else lives as long as the application.
     """
 
     config: BaseConfig
-    adapter: Adapter
-    #: Metric label for the model: a configured name, never a client's input.
-    model_label: str
-    breaker: Breaker
-    retry: RetryPolicy
-    #: Requests between ``Pipeline.enter`` and ``Pipeline.leave`` on this backend.
-    active: int = 0
-
-
-@dataclass(slots=True)
-class Runtime:
-    """Mutable state of one running proxy, hung on the application under ``RUNTIME``."""
-
-    config: BaseConfig
     metrics: Metrics
+    pipeline: Pipeline
+    drain: Drain
+    auth: AuthState
+    readiness: Readiness
+    session: aiohttp.ClientSession
+    backend: Backend
     config_path: str | None = None
-    backend: Backend | None = None
-    pipeline: Pipeline | None = None
-    drain: Drain | None = None
-    auth: AuthState | None = None
-    session: aiohttp.ClientSession | None = None
     shutting_down: bool = False
     started_at: float = field(default_factory=time.time)
 
     def current(self) -> Backend:
-        backend = self.backend
-        if backend is None:
-            raise RuntimeError("the backend is not started")
-        return backend
+        return self.backend
+
+    def configure(self, config: BaseConfig, backend: Backend) -> None:
+        """Swap in ``config`` and the backend built from it; every long-lived part follows."""
+        self.config = config
+        self.backend = backend
+        self.pipeline.configure(config)
+        self.auth.configure(config)
+        self.readiness.configure(config)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

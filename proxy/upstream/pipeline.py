@@ -1,28 +1,48 @@
-"""The one layer between handlers and adapters: every upstream attempt goes through here.
+"""The one layer between routes and adapters: every upstream attempt goes through here.
 
-A request passes ``enter`` (circuit breaker, then a concurrency slot or a place in the queue),
-``call`` (attempts, with retries while the client has seen nothing), and ``leave`` (always,
-in a ``finally``). ``call`` returns an upstream response that is safe to relay: a non-streamed
-body is read in full inside the attempt, so anything that fails before the client has seen a
-byte surfaces here, where it can still be retried. A stream's status and headers are known
-when ``call`` returns; its body is relayed afterwards and never retried.
+A request is admitted (``async with pipeline.admitted(backend)``: circuit breaker, then a
+concurrency slot or a place in the queue, released on the way out), then ``call`` makes the
+attempts, with retries while the client has seen nothing. ``call`` returns an upstream response
+that is safe to relay: a non-streamed body is read in full inside the attempt, so anything that
+fails before the client has seen a byte surfaces here, where it can still be retried. A
+stream's status and headers are known when ``call`` returns; its body is relayed afterwards and
+never retried.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from types import TracebackType
 
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig
 from proxy.errors import RETRYABLE_STATUSES, UpstreamError
 from proxy.metrics import Metrics
-from proxy.server.runtime import Backend
 from proxy.upstream.breaker import Breaker, State
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.retry import RetryPolicy
 
 #: Answers that count against the circuit breaker (as do raised ``UpstreamError``s).
 FAILED_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """One configuration and the adapter built from it; replaced whole on reload.
+
+    A request keeps the backend it started on to the end, so after a reload the old one
+    serves its in-flight requests (counted in ``active``) and is closed when that reaches 0.
+    """
+
+    config: BaseConfig
+    adapter: Adapter
+    #: Metric label for the model: a configured name, never a client's input.
+    model_label: str
+    breaker: Breaker
+    retry: RetryPolicy
+    #: Requests admitted on this backend and not yet left.
+    active: int = 0
 
 
 class Pipeline:
@@ -32,44 +52,19 @@ class Pipeline:
         self.metrics = metrics
         self.limiter = limiter
 
+    def configure(self, config: BaseConfig) -> None:
+        self.limiter.configure(config.limits)
+
     def backend(self, config: BaseConfig, adapter: Adapter) -> Backend:
-        """A backend for a started ``adapter``, with its own breaker and retry policy."""
+        """A backend for ``adapter``, with its own breaker and retry policy."""
         breaker = Breaker(config.circuit)
         policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics)
         return Backend(config, adapter, model_label(config), breaker, policy)
 
-    def admit(self, backend: Backend) -> bool | None:
-        """Admit a request at once if a slot is free: whether it is the breaker's probe.
-
-        ``None`` means no slot is free: await :meth:`enter` instead. Raises ``Unavailable``
-        while the circuit is open. Pair every admission with :meth:`leave`.
-        """
-        limiter = self.limiter
-        if limiter.active >= limiter.max_active or limiter.waiting:
-            return None
-        probe = backend.breaker.admit()
-        limiter.active += 1
-        backend.active += 1
-        return probe
-
-    async def enter(self, backend: Backend) -> bool:
-        """Admit a request, waiting for a slot if need be; raise ``Unavailable`` /
-        ``Overloaded``. Pair with ``leave``. Returns whether it is the breaker's probe."""
-        probe = backend.breaker.admit()
-        try:
-            await self.limiter.acquire()
-        except BaseException:
-            if probe:
-                backend.breaker.abandon()
-            raise
-        backend.active += 1
-        return probe
-
-    def leave(self, backend: Backend, probe: bool) -> None:
-        self.limiter.release()
-        backend.active -= 1
-        if probe:
-            backend.breaker.abandon()
+    def admitted(self, backend: Backend) -> Admission:
+        """``async with`` it around a request's upstream work: raises ``Unavailable`` while
+        the circuit is open and ``Overloaded`` when the queue is full."""
+        return Admission(self.limiter, backend)
 
     async def call(self, backend: Backend, job: Job) -> UpstreamResponse:
         """The upstream's answer to ``job`` after any retries; raises the last error."""
@@ -97,15 +92,55 @@ class Pipeline:
             if not response.stream and response.body is None:
                 await response.buffer()
         except UpstreamError as exc:
+            job.upstream_seconds += time.perf_counter() - start
             self.metrics.count_upstream_error(exc.code or "upstream_error")
             breaker.failure()
             raise
+        elapsed = time.perf_counter() - start
+        job.upstream_seconds += elapsed
         if response.status in FAILED_STATUSES:
             breaker.failure()
         elif breaker.failures or breaker.state is not State.CLOSED:
             breaker.success()
-        self.metrics.observe_upstream(job.endpoint, time.perf_counter() - start)
+        self.metrics.observe_upstream(job.endpoint, elapsed)
         return response
+
+
+class Admission:
+    """A request's place at one backend: a concurrency slot, and the breaker's probe if it is
+    the one let through a half-open circuit. Entered once; left always."""
+
+    __slots__ = ("backend", "limiter", "probe")
+
+    def __init__(self, limiter: Limiter, backend: Backend) -> None:
+        self.limiter = limiter
+        self.backend = backend
+        self.probe = False
+
+    async def __aenter__(self) -> Admission:
+        limiter, backend = self.limiter, self.backend
+        self.probe = backend.breaker.admit()
+        if limiter.active < limiter.max_active and not limiter.waiting:
+            limiter.active += 1  # the fast path: a free slot and nobody queued
+        else:
+            try:
+                await limiter.acquire()
+            except BaseException:
+                if self.probe:
+                    backend.breaker.abandon()
+                raise
+        backend.active += 1
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.limiter.release()
+        backend = self.backend
+        backend.active -= 1
+        if self.probe:
+            backend.breaker.abandon()
 
 
 def model_label(config: BaseConfig) -> str:

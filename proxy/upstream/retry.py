@@ -10,16 +10,18 @@ After the last attempt the last answer is relayed as it is, or the last error ra
 
 Only the pipeline calls this, and only for an attempt whose response the client has not seen
 a byte of. The first attempt runs outside tenacity, so the success path costs nothing here;
-a failed first attempt hands its outcome to :meth:`RetryPolicy.run`, which replays it as
-tenacity's attempt 1.
+a failed first attempt hands its outcome to :meth:`RetryPolicy.run`, whose tenacity loop
+(``async for attempt in AsyncRetrying(...)``) takes it as attempt 1. The loop is built per
+retry run, so each run's deadline is its own and nothing travels through tenacity's call
+arguments. This module holds the project's only ``Retry-After`` parser.
 """
+
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -36,16 +38,6 @@ from proxy.upstream.breaker import Breaker
 Attempt = Callable[[], Awaitable[UpstreamResponse]]
 
 
-@dataclass(slots=True)
-class _Request:
-    """Per-request state of a retry run (tenacity's objects are per policy)."""
-
-    first: UpstreamResponse | UpstreamError | None
-    again: Attempt
-    #: ``loop.time()`` by which the whole request, waits included, must be done.
-    deadline: float
-
-
 class RetryPolicy:
     """Built once per backend from ``retries:`` and ``timeouts:``; shared by all requests."""
 
@@ -54,20 +46,12 @@ class RetryPolicy:
         metrics: Metrics,
     ) -> None:
         self.cap = retries.retry_after_cap
+        self.attempts = retries.attempts
         self.budget = min(retries.total, timeouts.total)
         self.breaker = breaker
         self.metrics = metrics
         self._backoff = wait_random_exponential(
             multiplier=retries.backoff_initial, max=retries.backoff_max
-        )
-        # A template: AsyncRetrying keeps its iteration state on the instance, so each retry
-        # run works on a copy (made only when a first attempt has failed).
-        self._template = AsyncRetrying(
-            stop=stop_after_attempt(retries.attempts) | _PastDeadline(),
-            wait=self._wait,
-            retry=self._should_retry,
-            before_sleep=_discard,
-            retry_error_callback=_last_outcome,
         )
 
     async def run(
@@ -78,22 +62,38 @@ class RetryPolicy:
         ``again`` makes one more attempt. Returns the answer to relay; raises the last error.
         """
         loop = asyncio.get_running_loop()
-        request = _Request(first, again, loop.time() - elapsed + self.budget)
-        retrying = self._template.copy()
-        result: UpstreamResponse = await retrying(self._attempt, request)
-        return result
+        deadline = loop.time() - elapsed + self.budget
 
-    async def _attempt(self, request: _Request) -> UpstreamResponse:
-        first = request.first
-        if first is not None:
-            request.first = None
-            if isinstance(first, UpstreamError):
-                raise first
-            return first
-        self.metrics.retries.inc()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts) | _PastDeadline(loop, deadline),
+            wait=self._wait,
+            retry=self._should_retry,
+            before_sleep=_discard,
+            retry_error_callback=_last_outcome,
+        )
+        outcome: UpstreamResponse | UpstreamError | None = first
+        last = None
+        async for attempt in retrying:
+            answer = None
+            with attempt:
+                if outcome is not None:
+                    taken, outcome = outcome, None
+                    if isinstance(taken, UpstreamError):
+                        raise taken
+                    answer = taken
+                else:
+                    answer = await self._again(again, deadline)
+            if answer is not None:  # an error raised above is the attempt's outcome instead
+                attempt.retry_state.set_result(answer)
+                last = answer
+        assert last is not None  # the loop ends on an answer; a last error is raised
+        return last
+
+    async def _again(self, again: Attempt, deadline: float) -> UpstreamResponse:
+        self.metrics.count_retry()
         try:
-            async with asyncio.timeout_at(request.deadline):
-                return await request.again()
+            async with asyncio.timeout_at(deadline):
+                return await again()
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"the upstream gave no usable answer within {self.budget:g} s, retries included"
@@ -128,11 +128,14 @@ class RetryPolicy:
 
 
 class _PastDeadline(stop_base):
-    """Stop when the coming wait would end past the request's deadline."""
+    """Stop when the coming wait would end past this run's deadline (loop time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self.loop = loop
+        self.deadline = deadline
 
     def __call__(self, state: RetryCallState) -> bool:
-        request: _Request = state.args[0]
-        return asyncio.get_running_loop().time() + state.upcoming_sleep >= request.deadline
+        return self.loop.time() + state.upcoming_sleep >= self.deadline
 
 
 async def _discard(state: RetryCallState) -> None:
@@ -144,7 +147,7 @@ async def _discard(state: RetryCallState) -> None:
 
 
 def _last_outcome(state: RetryCallState) -> Any:
-    """Out of attempts: relay the last answer as it is, or raise the last error."""
+    """Out of attempts: end the loop on the last answer, or raise the last error."""
     assert state.outcome is not None
     return state.outcome.result()
 

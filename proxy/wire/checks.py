@@ -1,26 +1,21 @@
-"""Input limits and the shape of the well-known request fields: refuse early, never crash.
+"""Every request-field rule in one place: refuse early, never crash. Pure data, no I/O.
 
-``guard`` (a middleware) caps the total size of the request headers (431). ``check_payload``
-runs once a JSON body has been parsed: nesting depth, number of messages, and the types and
-sane ranges of the fields every OpenAI-compatible server reads. Unknown fields pass on
-untouched (wire models allow extra fields); a known field of the wrong type or an absurd
-value is a 400 here rather than a crash or a confusing answer further on.
+``check_payload`` runs once a JSON body has been parsed (``parse_object``): nesting depth,
+number of messages, and the types and sane ranges of the fields every OpenAI-compatible
+server reads. Unknown fields pass on untouched (wire models allow extra fields); a known field
+of the wrong type or an absurd value is a 400 here rather than a crash or a confusing answer
+further on. Adapters keep only their "this backend cannot honour X" refusals.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from proxy.config import LimitsSection
-from proxy.errors import BadRequest, PayloadTooLarge
-from proxy.server.runtime import BODY
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from proxy.errors import BadRequest
 
 #: Longest model name accepted; real ones are far shorter, and names end up in messages.
 MAX_MODEL_CHARS = 256
@@ -52,21 +47,28 @@ OBJECT_FIELDS = frozenset({"stream_options", "response_format", "logit_bias", "m
 CHECKED_FIELDS = frozenset(
     {"model", "stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS, *OBJECT_FIELDS}
 )
-_HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 
 
-def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
-    """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
-    raw = request.raw_headers
-    size = _HEADER_OVERHEAD * len(raw)
-    for name, value in raw:
-        size += len(name) + len(value)
-    if size > limits.max_header_bytes:
-        raise PayloadTooLarge(
-            f"request headers of {size} bytes exceed the limit of {limits.max_header_bytes}",
-            status=431,
-            code="headers_too_large",
-        )
+#: The field each inference endpoint cannot do without.
+REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+def check_request(
+    endpoint: str, payload: dict[str, Any], body: bytes, limits: LimitsSection
+) -> tuple[str, bool]:
+    """The requested model and whether a stream is asked for; ``BadRequest`` (with ``param``)
+    for the first problem found in ``payload``."""
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model is required and must be a non-empty string", param="model")
+    required = REQUIRED[endpoint]
+    if required not in payload:
+        raise BadRequest(f"{required} is required", param=required)
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false", param="stream")
+    check_payload(endpoint, payload, body, limits)
+    return model, stream
 
 
 def check_payload(
@@ -192,28 +194,6 @@ def _check_tokens_or_text(value: Any, name: str) -> None:
 
 def _is_token(value: Any) -> bool:
     return _is_int(value) and 0 <= value <= _INT32
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
-
-    Read from the network once per request: aiohttp keeps a body it has read, and a chunked
-    body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
-    """
-    length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-        return await request.read()
-    body = request.get(BODY)
-    if body is None:
-        chunks = bytearray()
-        async for chunk in request.content.iter_any():
-            chunks += chunk
-            if len(chunks) > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        body = request[BODY] = bytes(chunks)
-    return body
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

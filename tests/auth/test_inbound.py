@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from proxy.auth.inbound import REASONS, AuthState, check_exposure
 from proxy.auth.signing import Signer
 from proxy.cli import main
-from proxy.config import AuthSection, build_config
+from proxy.config import BaseConfig, build_config
 from proxy.errors import ConfigError
 from tests.conftest import StartProxy
 from tests.fakes.fxn_node import gateway_headers
@@ -190,21 +190,26 @@ async def test_mode_all(start_proxy: StartProxy) -> None:
 
 
 def test_new_auth_section_keeps_replay_cache() -> None:
-    state = AuthState()
-    first = AuthSection.model_validate({"fxn_signatures": {"allowed_addresses": [GATEWAY]}})
-    auth = state.current(first)
+    def config(auth: dict[str, Any]) -> BaseConfig:
+        return build_config({"backend_provider": "mock", "auth": auth})
+
+    reasons: list[str] = []
+    first = config({"fxn_signatures": {"allowed_addresses": [GATEWAY]}})
+    state = AuthState(first, refused=reasons.append)
+    auth = state.authenticator
     assert auth is not None and auth.verifier is not None
-    assert state.current(first) is auth  # unchanged section: same authenticator
+    assert state.enabled and state.needs_body
+    state.configure(config({"fxn_signatures": {"allowed_addresses": [GATEWAY]}}))
+    assert state.authenticator is auth  # an equal section: the same authenticator
     headers = signed()
     auth.verifier.verify(headers, BODY)
-    wider = AuthSection.model_validate(
-        {"fxn_signatures": {"allowed_addresses": [GATEWAY], "window": 900}}
-    )
-    rebuilt = state.current(wider)
+    state.configure(config({"fxn_signatures": {"allowed_addresses": [GATEWAY], "window": 900}}))
+    rebuilt = state.authenticator
     assert rebuilt is not None and rebuilt is not auth and rebuilt.verifier is not None
     with pytest.raises(Exception, match="already used"):
         rebuilt.verifier.verify(headers, BODY)
-    assert state.current(AuthSection()) is None
+    state.configure(config({}))
+    assert state.authenticator is None and not state.enabled
 
 
 # -- exposure -------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def gateway_headers(
     timestamp: str | None = None,
     nonce: str = "gw-nonce-1",
 ) -> dict[str, str]:
-    """Signature headers as a network gateway would send them, made without ``proxy.auth.signing``."""
+    """Signature headers as a network gateway sends them, made without ``proxy.auth.signing``."""
     key = PrivateKey(private_key)
     ts = str(int(time.time())) if timestamp is None else timestamp
     signature = key.sign_msg_hash(eip191_digest(_message(body, ts, nonce)))

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -22,10 +21,10 @@ import aiohttp
 import orjson
 
 from proxy.adapters.base import Job, UpstreamResponse, Usage
+from proxy.adapters.http import HTTPUpstream, Stage
 from proxy.adapters.ollama import replies
 from proxy.adapters.ollama import requests as wire
 from proxy.adapters.ollama.replies import NDJSONLines, StreamTranslator, parse_line
-from proxy.adapters.openai import HTTPUpstream
 from proxy.config import BaseConfig, OllamaConfig, OllamaSection
 from proxy.errors import (
     RETRYABLE_STATUSES,
@@ -33,7 +32,6 @@ from proxy.errors import (
     NotFound,
     ProxyError,
     UpstreamError,
-    UpstreamTimeout,
 )
 
 _PATHS = {"chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"}
@@ -176,11 +174,11 @@ class OllamaAdapter(HTTPUpstream):
     async def _read_all(self, resp: aiohttp.ClientResponse, until: float) -> bytes:
         """The whole body by loop time ``until``; the connection is released either way."""
         try:
-            with self._mapped(before_first_byte=True):
-                async with asyncio.timeout_at(until):
-                    return await resp.read()
-        finally:
-            resp.release()
+            async with asyncio.timeout_at(until):
+                return await self.read_all(resp, "start")
+        except TimeoutError as exc:
+            resp.close()
+            raise self.error(exc, "start") from exc
 
     @staticmethod
     def _deadline(seconds: float) -> float:
@@ -261,30 +259,14 @@ class OllamaAdapter(HTTPUpstream):
     async def _read(
         self, resp: aiohttp.ClientResponse, until: float, *, before_first_byte: bool
     ) -> bytes:
-        with self._mapped(before_first_byte=before_first_byte):
-            async with asyncio.timeout_at(until):
-                return await resp.content.readany()
-
-    @contextmanager
-    def _mapped(self, *, before_first_byte: bool) -> Iterator[None]:
-        """Translate aiohttp and timeout failures while reading a body to the project's errors.
-
-        Before the first byte nothing reached the client, so they are retryable; after it, a
-        retry would duplicate output, so they are not. (Sending is mapped by ``request``.)
-        """
+        """The next bytes by loop time ``until``: the first line's deadline is ``first_byte``
+        (a model may be loading), each later read's is ``idle``."""
+        stage: Stage = "start" if before_first_byte else "body"
         try:
-            yield
-        except TimeoutError as exc:  # our deadlines and aiohttp's total timeout alike
-            stage = "answer" if before_first_byte else "send more of its answer"
-            raise UpstreamTimeout(
-                f"Ollama at {self.where} did not {stage} in time", retryable=before_first_byte
-            ) from exc
-        except aiohttp.ClientError as exc:
-            stage = "before answering" if before_first_byte else "mid-answer"
-            raise UpstreamError(
-                f"the connection to Ollama at {self.where} failed {stage}",
-                retryable=before_first_byte,
-            ) from exc
+            async with asyncio.timeout_at(until):
+                return await self.read_some(resp, stage)
+        except TimeoutError as exc:
+            raise self.error(exc, stage) from exc
 
 
 def _max_tool_calls(payload: Mapping[str, Any]) -> int | None:

@@ -1,0 +1,215 @@
+"""HTTP upstreams: ``HTTPUpstream``, the plumbing every adapter that speaks HTTP shares, and the
+one place where a failure of the HTTP client becomes a project error.
+
+Every send and every body read of every HTTP adapter goes through :meth:`HTTPUpstream.request`,
+:meth:`~HTTPUpstream.read_all`, :meth:`~HTTPUpstream.read_some` or
+:meth:`~HTTPUpstream.body_chunks`, and each of them hands aiohttp's exceptions and timeouts to
+:func:`upstream_error`, the single map (always chained: ``raise mapped from exc``). Before the
+upstream has started its answer a failure is retryable; once it has, the upstream may have done
+the work, and a retry would do it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from proxy.adapters.base import Adapter, UpstreamResponse
+from proxy.config import BaseConfig, TimeoutsSection
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.headers import response_headers
+
+#: Where a failure happened: sending and waiting for the status line; reading the start of the
+#: answer before anything of it can have reached the client; reading the rest of it.
+Stage = Literal["send", "start", "body"]
+
+
+def upstream_error(
+    exc: BaseException, stage: Stage, where: str, timeouts: TimeoutsSection
+) -> UpstreamError:
+    """The project's error for an aiohttp exception or a timeout at ``stage``."""
+    if stage == "send":
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return UpstreamTimeout(f"upstream at {where} did not accept a connection within "
+                                   f"{timeouts.connect:g} s", retryable=True)
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"upstream at {where} did not answer within "
+                                   f"{timeouts.first_byte:g} s", retryable=True)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamError(f"upstream at {where} is unreachable: {_reason(exc)}",
+                                 retryable=True)
+        return UpstreamError(f"upstream at {where} failed before answering: {_reason(exc)}",
+                             retryable=True)
+    if stage == "start":
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"upstream at {where} did not start its answer within "
+                                   f"{timeouts.first_byte:g} s", retryable=True)
+        return UpstreamError(f"upstream at {where} failed before answering: {_reason(exc)}",
+                             retryable=True)
+    if isinstance(exc, aiohttp.SocketTimeoutError):  # aiohttp's per-read (idle) timer
+        return UpstreamTimeout(f"upstream at {where} sent nothing for {timeouts.idle:g} s "
+                               "mid-answer")
+    if isinstance(exc, TimeoutError):  # an adapter's idle deadline, or the attempt's total
+        return UpstreamTimeout(f"upstream at {where} stopped answering in time (idle "
+                               f"{timeouts.idle:g} s, total {timeouts.total:g} s)")
+    return UpstreamError(f"upstream at {where} broke off mid-answer: {_reason(exc)}")
+
+
+#: What the map takes: everything the HTTP client raises for a failed exchange.
+CLIENT_FAILURES = (TimeoutError, aiohttp.ClientError)
+
+
+class HTTPUpstream(Adapter):
+    """Shared plumbing for adapters that speak HTTP to ``config.url``."""
+
+    def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, session)
+        assert config.url is not None
+        self.base_url = config.url
+        self.where = _safe_origin(config.url)
+        self.timeouts = config.timeouts
+        self.auth_headers = credential_headers(config)
+        # Sent on every request; identity keeps bodies byte-for-byte relayable.
+        self.fixed_headers = {**self.auth_headers, "Accept-Encoding": "identity"}
+        t = config.timeouts
+        # aiohttp's per-read timer bounds the wait for the status line (first_byte); once the
+        # headers are in, ``request`` switches the same timer to the gap between reads (idle).
+        # It is cheaper than wrapping each await in asyncio.timeout.
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=t.total, sock_connect=t.connect, sock_read=t.first_byte
+        )
+
+    def error(self, exc: BaseException, stage: Stage) -> UpstreamError:
+        return upstream_error(exc, stage, self.where, self.timeouts)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        read_timeout: float | Literal["idle"] | None = "idle",
+    ) -> aiohttp.ClientResponse:
+        """Send one request and wait for the status line, within the first-byte timeout.
+
+        Afterwards each read of the body may wait ``read_timeout`` seconds (``timeouts.idle``
+        unless given; ``None`` leaves the body's pace to the caller).
+        """
+        all_headers = {**headers, **self.fixed_headers} if headers else self.fixed_headers
+        signed = self.attempt_headers(body or b"")
+        if signed:
+            all_headers = {**all_headers, **signed}
+        try:
+            response = await self.session.request(
+                method,
+                self.base_url + path,
+                data=body,
+                headers=all_headers,
+                timeout=self.client_timeout,
+                allow_redirects=False,
+            )
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, "send") from exc
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = (
+                self.timeouts.idle if read_timeout == "idle" else read_timeout
+            )
+        return response
+
+    def attempt_headers(self, body: bytes) -> Mapping[str, str] | None:
+        """Headers made afresh for each request sent (e.g. a signature over ``body``)."""
+        return None
+
+    async def read_all(self, response: aiohttp.ClientResponse, stage: Stage = "body") -> bytes:
+        """The whole body; the connection is released (or closed, if unread) either way."""
+        try:
+            return await response.read()
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, stage) from exc
+        finally:
+            release_response(response)
+
+    async def read_some(self, response: aiohttp.ClientResponse, stage: Stage) -> bytes:
+        """The next bytes of the body as they arrive (``b""`` at its end)."""
+        try:
+            return await response.content.readany()
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, stage) from exc
+
+    async def body_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
+        content = response.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, "body") from exc
+
+    async def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
+        """The answer to relay: a stream as it arrives, anything else read whole (one read)."""
+        headers = response_headers(response.headers)
+        if response.content_type == "text/event-stream":
+            # The per-read timer still holds the first-byte deadline until the next read
+            # re-arms it; re-arm it now so a stream that stalls right away ends after `idle`.
+            protocol = response.connection.protocol if response.connection else None
+            if protocol is not None and not response.content.at_eof():
+                protocol.start_timeout()
+            return UpstreamResponse(
+                response.status, headers, self.body_chunks(response), stream=True,
+                release=lambda: release_response(response),
+            )
+        body = await self.read_all(response)
+        return UpstreamResponse(response.status, headers, stream=False, body=body)
+
+    async def get_json(self, path: str) -> Any:
+        response = await self.request("GET", path)
+        body = await self.read_all(response)
+        if response.status >= 400:
+            raise UpstreamError(f"upstream at {self.where} answered {path} with {response.status}")
+        try:
+            return orjson.loads(body)
+        except ValueError as exc:
+            raise UpstreamError(f"upstream at {self.where} sent a bad answer to {path}") from exc
+
+
+def credential_headers(config: BaseConfig) -> dict[str, str]:
+    """The upstream credentials from the config, as headers."""
+    headers = {}
+    if config.api_key is not None:
+        name = config.api_key_header_name
+        key = config.api_key.get_secret_value()
+        headers[name] = f"Bearer {key}" if name.lower() == "authorization" else key
+    if config.bearer_token is not None:
+        headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
+    return headers
+
+
+def release_response(response: aiohttp.ClientResponse) -> None:
+    # A half-read body must close the connection so the upstream sees the client go away;
+    # a fully read one goes back to the keep-alive pool.
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+def _safe_origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, without credentials or path, for messages."""
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or type(exc.os_error).__name__
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the response body was incomplete"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return type(exc).__name__
