@@ -92,11 +92,6 @@ class Authenticator:
             return
         raise _most_telling(failures, headers)
 
-    @property
-    def authenticator(self) -> Authenticator | None:
-        """The authenticator for the current section (``None`` while auth is off)."""
-        return self._auth
-
     def check_keys(self, headers: CIMultiDictProxy[str]) -> None:
         """The whole check when only API keys are configured (no body needed)."""
         self._check_api_key(headers)
@@ -187,6 +182,11 @@ class AuthState:
         self._section, self._auth = section, auth
         self.enabled = auth is not None
         self.needs_body = auth is not None and auth.verifier is not None
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        """The authenticator for the current section (``None`` while auth is off)."""
+        return self._auth
 
     @property
     def authenticator(self) -> Authenticator | None:
