@@ -188,11 +188,6 @@ class AuthState:
         """The authenticator for the current section (``None`` while auth is off)."""
         return self._auth
 
-    @property
-    def authenticator(self) -> Authenticator | None:
-        """The authenticator for the current section (``None`` while auth is off)."""
-        return self._auth
-
     def check_keys(self, headers: CIMultiDictProxy[str]) -> None:
         """The whole check when only API keys are configured (``needs_body`` is false)."""
         assert self._auth is not None, "check only when enabled"
