@@ -26,6 +26,7 @@ must hold no secrets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 #: Upstream statuses worth another attempt: the upstream is busy or briefly gone.
@@ -113,9 +114,15 @@ class UpstreamError(ProxyError):
     type = "upstream_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, retryable: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False,
+        headers: Mapping[str, str] | None = None, **kwargs: Any,
+    ) -> None:
         super().__init__(message, **kwargs)
         self.retryable = retryable
+        #: The upstream's answer headers, when it answered: the retry layer reads its
+        #: ``Retry-After`` from them (``proxy.upstream.retry``, the one parser).
+        self.headers = headers
 
 
 class UpstreamTimeout(UpstreamError):

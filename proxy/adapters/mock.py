@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -37,47 +36,28 @@ class MockAdapter(Adapter):
         if job.endpoint == "embeddings":
             return UpstreamResponse.from_json(embeddings(model, payload))
         prompt = _prompt(job.endpoint, payload)
+        # checked with the request: an integer of at least 1 (proxy.wire.checks)
         limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
-        if limit is not None and (type(limit) is not int or limit < 1):
-            raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
         count = DEFAULT_WORDS if limit is None else min(limit, DEFAULT_WORDS)
         words = list(_words(model, prompt, count))
         finish = "length" if limit is not None and limit < DEFAULT_WORDS else "stop"
-        usage = {
-            "prompt_tokens": len(prompt.split()),
-            "completion_tokens": count,
-            "total_tokens": len(prompt.split()) + count,
-        }
-        chat = job.endpoint == "chat"
-        ident = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        prompt_tokens = len(prompt.split())
+        counts = answers.usage(prompt_tokens, count)
+        kind: answers.Kind = "chat" if job.endpoint == "chat" else "completions"
+        ident = answers.new_id(kind)
         created = int(time.time())
         if job.stream:
-            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            shown = usage if include_usage else None
-            events = _stream(ident, created, model, chat, words, finish, shown)
-            response = UpstreamResponse.from_sse(events)
+            options = payload.get("stream_options") or {}
+            shown = counts if options.get("include_usage") else None
+            chunks = answers.Chunks(kind, ident, created, model)
+            response = UpstreamResponse.from_sse(_stream(chunks, words, finish, shown))
         else:
             text = " ".join(words)
-            choice: dict[str, Any] = (
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                }
-                if chat
-                else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            )
+            choice = (answers.chat_choice({"role": "assistant", "content": text}, finish)
+                      if kind == "chat" else answers.text_choice(text, finish))
             response = UpstreamResponse.from_json(
-                {
-                    "id": ident,
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                    "usage": usage,
-                }
-            )
-        response.usage.prompt_tokens = usage["prompt_tokens"]
+                answers.completion(kind, ident, created, model, [choice], counts))
+        response.usage.prompt_tokens = prompt_tokens
         response.usage.completion_tokens = count
         return response
 
@@ -114,45 +94,19 @@ def _prompt(endpoint: str, payload: dict[str, Any]) -> str:
 
 
 async def _stream(
-    ident: str,
-    created: int,
-    model: str,
-    chat: bool,
-    words: list[str],
-    finish: str,
-    usage: dict[str, int] | None,
+    chunks: answers.Chunks, words: list[str], finish: str, usage: dict[str, int] | None
 ) -> AsyncIterator[bytes]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: dict[str, Any] | str, finish_reason: str | None) -> bytes:
-        choice: dict[str, Any] = (
-            {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            if chat
-            else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
-        )
-        return answers.event(
-            {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
-        )
-
+    chat = chunks.kind == "chat"
     for i, word in enumerate(words):
         text = word if i == 0 else " " + word
         if chat:
-            delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
-            yield chunk(delta, None)
+            yield chunks.content({"role": "assistant", "content": text} if i == 0
+                                 else {"content": text})
         else:
-            yield chunk(text, None)
-    yield chunk({} if chat else "", finish)
+            yield chunks.content(text)
+    yield chunks.finish(finish)
     if usage is not None:
-        yield answers.event(
-            {
-                "id": ident,
-                "object": kind,
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-        )
+        yield chunks.usage(usage)
     yield answers.DONE
 
 
@@ -162,12 +116,10 @@ def embeddings(model: str, payload: dict[str, Any]) -> dict[str, Any]:
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("input must be a string or a non-empty list", param="input")
-    dims = payload.get("dimensions", DEFAULT_DIMENSIONS)
-    if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 4096:
-        raise BadRequest("dimensions must be an integer from 1 to 4096", param="dimensions")
-    data = []
+    dims = payload.get("dimensions") or DEFAULT_DIMENSIONS  # range checked with the request
+    vectors = []
     tokens = 0
-    for index, item in enumerate(inputs):
+    for item in inputs:
         text = item if isinstance(item, str) else str(item)
         tokens += len(text.split())
         raw = b"".join(
@@ -176,11 +128,5 @@ def embeddings(model: str, payload: dict[str, Any]) -> dict[str, Any]:
         )
         vector = [b / 127.5 - 1.0 for b in raw[:dims]]
         norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        unit = [v / norm for v in vector]
-        data.append({"object": "embedding", "index": index, "embedding": unit})
-    return {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+        vectors.append([v / norm for v in vector])
+    return answers.embeddings(model, vectors, tokens, payload.get("encoding_format"))

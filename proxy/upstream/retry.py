@@ -108,7 +108,7 @@ class RetryPolicy:
             exc = outcome.exception()
             if not (isinstance(exc, UpstreamError) and exc.retryable):
                 return False
-            after = exc.retry_after
+            after = _error_retry_after(exc)
         else:
             response: UpstreamResponse = outcome.result()
             if response.status not in RETRYABLE_STATUSES:
@@ -121,10 +121,18 @@ class RetryPolicy:
         assert outcome is not None
         if outcome.failed:
             exc = outcome.exception()
-            after = exc.retry_after if isinstance(exc, UpstreamError) else None
+            after = _error_retry_after(exc) if isinstance(exc, UpstreamError) else None
         else:
             after = retry_after(outcome.result().headers)
         return after if after is not None else float(self._backoff(state))
+
+
+def _error_retry_after(exc: UpstreamError) -> float | None:
+    """The wait an upstream error asks for: its own, else its answer's ``Retry-After`` (then
+    kept on the error, so that the client is told the same if retries end here)."""
+    if exc.retry_after is None and exc.headers is not None:
+        exc.retry_after = retry_after(exc.headers)
+    return exc.retry_after
 
 
 class _PastDeadline(stop_base):

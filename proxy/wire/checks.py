@@ -42,10 +42,12 @@ NUMBER_FIELDS: dict[str, tuple[float, float]] = {
     "repetition_penalty": (0.0, 100.0),
 }
 BOOL_FIELDS = frozenset({"stream", "echo", "parallel_tool_calls"})
+#: field -> the values it may take.
+CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"encoding_format": ("float", "base64")}
 OBJECT_FIELDS = frozenset({"stream_options", "response_format", "logit_bias", "metadata"})
 #: Every top-level field with a rule here; a request's other fields pass untouched.
 CHECKED_FIELDS = frozenset(
-    {"model", "stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS, *OBJECT_FIELDS}
+    {"model", "stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS, *OBJECT_FIELDS, *CHOICE_FIELDS}
 )
 
 
@@ -102,6 +104,10 @@ def _check_field(name: str, value: Any) -> None:
     elif name in BOOL_FIELDS:
         if not isinstance(value, bool):
             raise BadRequest(f"{name} must be true or false", param=name)
+    elif name in CHOICE_FIELDS:
+        if value not in CHOICE_FIELDS[name]:
+            allowed = " or ".join(CHOICE_FIELDS[name])
+            raise BadRequest(f"{name} must be {allowed}", param=name)
     elif name in OBJECT_FIELDS:
         if not isinstance(value, dict):
             raise BadRequest(f"{name} must be an object", param=name)

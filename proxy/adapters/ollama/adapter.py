@@ -33,6 +33,7 @@ from proxy.errors import (
     ProxyError,
     UpstreamError,
 )
+from proxy.wire import answers
 
 _PATHS = {"chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"}
 _JSON = {"Content-Type": "application/json"}
@@ -80,7 +81,7 @@ class OllamaAdapter(HTTPUpstream):
             translator = StreamTranslator(
                 "chat" if job.endpoint == "chat" else "completions",
                 model=model,
-                response_id=replies.new_id("chatcmpl" if job.endpoint == "chat" else "cmpl"),
+                response_id=answers.new_id("chat" if job.endpoint == "chat" else "completions"),
                 created=created,
                 include_usage=isinstance(options, Mapping) and bool(options.get("include_usage")),
                 max_tool_calls=_max_tool_calls(payload),
@@ -95,13 +96,13 @@ class OllamaAdapter(HTTPUpstream):
             answer = replies.chat_response(
                 obj,
                 model=model,
-                response_id=replies.new_id("chatcmpl"),
+                response_id=answers.new_id("chat"),
                 created=created,
                 max_tool_calls=_max_tool_calls(payload),
             )
         else:
             answer = replies.completion_response(
-                obj, model=model, response_id=replies.new_id("cmpl"), created=created
+                obj, model=model, response_id=answers.new_id("completions"), created=created
             )
         out = UpstreamResponse.from_json(answer)
         _fill_usage(out.usage, obj)
@@ -166,7 +167,7 @@ class OllamaAdapter(HTTPUpstream):
         if resp.status == 200:
             return resp
         raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
-        raise _status_error(resp.status, raw, resp.headers.get("Retry-After"), model, tag)
+        raise _status_error(resp.status, raw, resp.headers, model, tag)
 
     async def _read_json(self, resp: aiohttp.ClientResponse, until: float) -> dict[str, Any]:
         return _json_object(await self._read_all(resp, until), "its answer")
@@ -292,7 +293,7 @@ def _fill_usage(usage: Usage, final: Mapping[str, Any]) -> None:
 
 
 def _status_error(
-    status: int, raw: bytes, retry_after: str | None, model: str, tag: str
+    status: int, raw: bytes, headers: Mapping[str, str], model: str, tag: str
 ) -> ProxyError:
     message = _error_text(raw)
     if tag != model:
@@ -313,18 +314,19 @@ def _status_error(
     if status in (401, 403):
         # The node's credentials, not the client's: the client cannot fix this, so a 502.
         return UpstreamError(f"Ollama rejected the configured credentials ({status})")
-    after = _retry_after(retry_after)
+    # Retry-After stays in the headers for the retry layer, the one place that parses it.
+    retry = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else None
     if status in (429, 503):
         return UpstreamError(
             f"Ollama is busy ({status}): {message}",
             status=status,
             retryable=True,
-            retry_after=after,
+            headers=retry,
         )
     return UpstreamError(
         f"Ollama failed ({status}): {message}",
         retryable=status in RETRYABLE_STATUSES,
-        retry_after=after,
+        headers=retry,
     )
 
 
@@ -337,13 +339,6 @@ def _error_text(raw: bytes) -> str:
     if isinstance(obj, dict) and isinstance(obj.get("error"), str):
         return str(obj["error"])
     return orjson.dumps(obj).decode()[:_ERROR_SNIPPET]
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(float(value), 0.0) if value else None
-    except ValueError:
-        return None  # an HTTP date: rare from Ollama; the retry layer's backoff applies
 
 
 def _canonical(name: str) -> str:

@@ -9,24 +9,16 @@ once and only the delta is encoded per line.
 
 from __future__ import annotations
 
-import base64
 import secrets
-import struct
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import orjson
 
 from proxy.errors import UpstreamError
+from proxy.wire import answers
 
-DONE = b"data: [DONE]\n\n"
-_NULL_TAIL = b',"logprobs":null,"finish_reason":null}]}\n\n'
 _FINISH_REASONS: Mapping[str, str] = {"length": "length", "stop": "stop"}
-
-
-def new_id(prefix: str) -> str:
-    """An OpenAI-style object id such as ``chatcmpl-3f2a...``."""
-    return f"{prefix}-{secrets.token_hex(12)}"
 
 
 def finish_reason(obj: Mapping[str, Any], saw_tool_calls: bool) -> str:
@@ -37,13 +29,7 @@ def finish_reason(obj: Mapping[str, Any], saw_tool_calls: bool) -> str:
 
 
 def usage(obj: Mapping[str, Any]) -> dict[str, int]:
-    prompt = obj.get("prompt_eval_count") or 0
-    completion = obj.get("eval_count") or 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
+    return answers.usage(obj.get("prompt_eval_count") or 0, obj.get("eval_count") or 0)
 
 
 def timings(obj: Mapping[str, Any]) -> dict[str, float]:
@@ -147,61 +133,26 @@ def chat_response(
         out_message["tool_calls"] = calls
     if message.get("thinking"):
         out_message["reasoning_content"] = message["thinking"]
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": out_message,
-                "logprobs": chat_logprobs(obj.get("logprobs")),
-                "finish_reason": finish_reason(obj, bool(calls)),
-            }
-        ],
-        "usage": usage(obj),
-    }
+    choice = answers.chat_choice(out_message, finish_reason(obj, bool(calls)),
+                                 chat_logprobs(obj.get("logprobs")))
+    return answers.completion("chat", response_id, created, model, [choice], usage(obj))
 
 
 def completion_response(
     obj: Mapping[str, Any], *, model: str, response_id: str, created: int
 ) -> dict[str, Any]:
     """The OpenAI ``text_completion`` for a non-streamed ``/api/generate`` answer."""
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": obj.get("response") or "",
-                "logprobs": completion_logprobs(obj.get("logprobs")),
-                "finish_reason": finish_reason(obj, False),
-            }
-        ],
-        "usage": usage(obj),
-    }
+    choice = answers.text_choice(obj.get("response") or "", finish_reason(obj, False),
+                                 completion_logprobs(obj.get("logprobs")))
+    return answers.completion("completions", response_id, created, model, [choice], usage(obj))
 
 
 def embeddings_response(
     obj: Mapping[str, Any], *, model: str, encoding_format: str | None
 ) -> dict[str, Any]:
     """The OpenAI embeddings list; ``base64`` packs each vector as little-endian float32."""
-    data = []
-    for index, vector in enumerate(obj.get("embeddings") or ()):
-        embedding: list[float] | str = vector
-        if encoding_format == "base64":
-            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-        data.append({"object": "embedding", "index": index, "embedding": embedding})
-    prompt = obj.get("prompt_eval_count") or 0
-    return {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-    }
+    return answers.embeddings(model, list(obj.get("embeddings") or ()),
+                              obj.get("prompt_eval_count") or 0, encoding_format)
 
 
 class NDJSONLines:
@@ -282,16 +233,7 @@ class StreamTranslator:
         self._tool_calls = 0
         self._role_sent = False
         self._text_offset = 0
-        self._head = orjson.dumps(
-            {
-                "id": response_id,
-                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                "created": created,
-                "model": model,
-            }
-        )[:-1]
-        field = b'"delta":' if kind == "chat" else b'"text":'
-        self._prefix = b"data: " + self._head + b',"choices":[{"index":0,' + field
+        self._chunks = answers.Chunks(kind, response_id, created, model)
 
     def line(self, obj: Mapping[str, Any]) -> bytes:
         error = obj.get("error")
@@ -300,10 +242,7 @@ class StreamTranslator:
         out = self._chat(obj) if self.kind == "chat" else self._completion(obj)
         if obj.get("done"):
             self.final = dict(obj)
-            reason = finish_reason(obj, self._tool_calls > 0)
-            empty = b"{}" if self.kind == "chat" else b'""'
-            out += self._prefix + empty + b',"logprobs":null,"finish_reason":"' + reason.encode()
-            out += b'"}]}\n\n'
+            out += self._chunks.finish(finish_reason(obj, self._tool_calls > 0))
         return out
 
     def end(self) -> bytes:
@@ -311,15 +250,8 @@ class StreamTranslator:
         if self.final is None:
             raise UpstreamError("Ollama closed the stream before its final 'done' object")
         if not self._include_usage:
-            return DONE
-        return (
-            b"data: "
-            + self._head
-            + b',"choices":[],"usage":'
-            + orjson.dumps(usage(self.final))
-            + b"}\n\n"
-            + DONE
-        )
+            return answers.DONE
+        return self._chunks.usage(usage(self.final)) + answers.DONE
 
     def _chat(self, obj: Mapping[str, Any]) -> bytes:
         message = obj.get("message") or {}
@@ -342,7 +274,7 @@ class StreamTranslator:
                 self._tool_calls += len(calls)
         if not delta:
             return b""
-        return self._chunk(delta, chat_logprobs(obj.get("logprobs")))
+        return self._chunks.content(delta, chat_logprobs(obj.get("logprobs")))
 
     def _completion(self, obj: Mapping[str, Any]) -> bytes:
         text = obj.get("response")
@@ -350,19 +282,7 @@ class StreamTranslator:
             return b""
         logprobs = completion_logprobs(obj.get("logprobs"), self._text_offset)
         self._text_offset += len(text)
-        return self._chunk(text, logprobs)
-
-    def _chunk(self, content: Any, logprobs: dict[str, Any] | None) -> bytes:
-        """One content chunk: the fixed prefix, the delta (or text), logprobs if any."""
-        if logprobs is None:
-            return self._prefix + orjson.dumps(content) + _NULL_TAIL
-        return (
-            self._prefix
-            + orjson.dumps(content)
-            + b',"logprobs":'
-            + orjson.dumps(logprobs)
-            + b',"finish_reason":null}]}\n\n'
-        )
+        return self._chunks.content(text, logprobs)
 
 
 def _error_text(error: Any) -> str:

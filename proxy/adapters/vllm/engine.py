@@ -202,7 +202,7 @@ class VllmEngineAdapter(Adapter):
         from vllm.pooling_params import PoolingParams
 
         assert job.payload is not None
-        encoding = wire.embedding_encoding(job.payload)
+        encoding = job.payload.get("encoding_format")  # float or base64: checked with the request
         dimensions = job.payload.get("dimensions")
         prompts = wire.embedding_inputs(job.payload)
 
@@ -219,12 +219,8 @@ class VllmEngineAdapter(Adapter):
         with _engine_errors():
             results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         tokens = sum(n for _, n in results)
-        response = UpstreamResponse.from_json({
-            "object": "list",
-            "data": [wire.embedding_item(i, v, encoding) for i, (v, _) in enumerate(results)],
-            "model": job.model or self.section.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        response = UpstreamResponse.from_json(answers.embeddings(
+            job.model or self.section.model, [v for v, _ in results], tokens, encoding))
         response.usage.prompt_tokens = tokens
         return response
 

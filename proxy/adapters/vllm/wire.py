@@ -10,9 +10,6 @@ carrying ``finish_reason``, then (when ``stream_options.include_usage``) a usage
 
 from __future__ import annotations
 
-import base64
-import os
-import struct
 import time
 from typing import Any
 
@@ -100,66 +97,44 @@ def include_usage(payload: dict[str, Any]) -> bool:
     return bool((payload.get("stream_options") or {}).get("include_usage"))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
 class Answer:
-    """The fixed parts of one answer (id, creation time, model, kind) and its renderers."""
+    """The fixed parts of one answer (id, creation time, model, kind), rendered with the
+    shared answer shapes of :mod:`proxy.wire.answers`."""
 
-    __slots__ = ("chat", "created", "ident", "model")
+    __slots__ = ("chunks", "created", "ident", "kind", "model")
 
     def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
+        self.kind: answers.Kind = "chat" if chat else "completions"
         self.model = model
-        self.ident = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        self.ident = answers.new_id(self.kind)
         self.created = int(time.time())
+        self.chunks = answers.Chunks(self.kind, self.ident, self.created, model)
 
     def whole(self, text: str, finish: str | None, prompt_tokens: int,
               completion_tokens: int) -> dict[str, Any]:
         """A non-streamed answer."""
-        choice: dict[str, Any] = (
-            {"index": 0, "message": {"role": "assistant", "content": text},
-             "logprobs": None, "finish_reason": finish}
-            if self.chat
-            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        )
-        return {
-            "id": self.ident,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens),
-        }
+        choice = (answers.chat_choice({"role": "assistant", "content": text}, finish)
+                  if self.kind == "chat" else answers.text_choice(text, finish))
+        return answers.completion(self.kind, self.ident, self.created, self.model, [choice],
+                                  answers.usage(prompt_tokens, completion_tokens))
 
     def chunk(self, text: str, *, first: bool = False, finish: str | None = None) -> bytes:
         """One SSE event: a text delta (the role rides on the first), or the final chunk."""
-        if self.chat:
-            delta: dict[str, Any] = {} if finish is not None and not text else {"content": text}
-            if first:
-                delta = {"role": "assistant", **delta}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            kind = "text_completion"
-        return answers.event({"id": self.ident, "object": kind, "created": self.created,
-                          "model": self.model, "choices": [choice]})
+        out = b""
+        if text or first or finish is None:
+            if self.kind == "chat":
+                delta: dict[str, Any] = {"content": text}
+                if first:
+                    delta = {"role": "assistant", **delta}
+                out = self.chunks.content(delta)
+            else:
+                out = self.chunks.content(text)
+        if finish is not None:
+            out += self.chunks.finish(finish)
+        return out
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return answers.event({
-            "id": self.ident,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens),
-        })
+        return self.chunks.usage(answers.usage(prompt_tokens, completion_tokens))
 
 
 def embedding_inputs(payload: dict[str, Any]) -> list[str | list[int]]:
@@ -170,20 +145,3 @@ def embedding_inputs(payload: dict[str, Any]) -> list[str | list[int]]:
     if value and all(isinstance(v, int) for v in value):
         return [value]
     return list(value)
-
-
-def embedding_item(index: int, vector: list[float], encoding: str) -> dict[str, Any]:
-    """One ``data`` entry; ``base64`` is little-endian float32, as OpenAI sends it."""
-    if encoding == "base64":
-        raw = struct.pack(f"<{len(vector)}f", *vector)
-        embedding: Any = base64.b64encode(raw).decode("ascii")
-    else:
-        embedding = vector
-    return {"object": "embedding", "index": index, "embedding": embedding}
-
-
-def embedding_encoding(payload: dict[str, Any]) -> str:
-    encoding = payload.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise BadRequest("encoding_format must be float or base64", param="encoding_format")
-    return str(encoding)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from proxy.adapters.ollama import requests as wire
+from proxy.config import LimitsSection
 from proxy.errors import BadRequest
+from proxy.wire.checks import check_request
 from tests.fakes.openapi import problems
 
 USER = [{"role": "user", "content": "hi"}]
@@ -23,6 +26,11 @@ TOOL = {
     },
 }
 PNG = "iVBORw0KGgo="
+
+
+def checked(endpoint: str, payload: dict[str, Any]) -> None:
+    """The request-field rules every request passes before an adapter sees it."""
+    check_request(endpoint, payload, orjson.dumps(payload), LimitsSection())
 
 
 def chat(payload: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -230,10 +238,11 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("payload", "param"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED]
 )
 def test_chat_refuses_what_ollama_cannot_honour(payload: dict[str, Any], param: str) -> None:
+    """Refused on the way in: by the request-field rules, or by the Ollama mapping."""
+    request = {"model": "m", "messages": USER} | payload
     with pytest.raises(BadRequest) as caught:
-        wire.chat_request(
-            {"messages": USER} | payload, "m", options={}, keep_alive=None, stream=False
-        )
+        checked("chat", request)
+        wire.chat_request(request, "m", options={}, keep_alive=None, stream=False)
     assert caught.value.status == 400
     assert caught.value.param == param
     assert caught.value.message
@@ -323,5 +332,8 @@ def test_embed_request(payload: dict[str, Any], expected: dict[str, Any]) -> Non
     ids=["tokens", "token arrays", "empty", "missing", "dimensions", "encoding"],
 )
 def test_embed_refuses(payload: dict[str, Any]) -> None:
+    request = {"model": "m"} | payload
     with pytest.raises(BadRequest):
-        wire.embed_request(payload, "m", options={}, keep_alive=None)
+        if "input" in request:
+            checked("embeddings", request)
+        wire.embed_request(request, "m", options={}, keep_alive=None)
