@@ -138,7 +138,7 @@ class Answer:
 
 
 def embedding_inputs(payload: dict[str, Any]) -> list[str | list[int]]:
-    """``input`` as a list of prompts (text, or token ids); shape checked by proxy.inputs."""
+    """``input`` as a list of prompts (text, or token ids); shape checked by proxy.wire.checks."""
     value = payload["input"]
     if isinstance(value, str):
         return [value]
