@@ -36,6 +36,8 @@ GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 Labels = tuple[str, ...]
+#: The ``status`` label of every status the proxy answers with, made once.
+_STATUS_LABELS = {status: str(status) for status in range(100, 600)}
 
 
 class FastCounter:
@@ -75,6 +77,14 @@ class FastHistogram:
         child[bisect_left(self.bounds, value)] += 1  # bucket "le" holds values <= bound
         child[-1] += value
 
+    def child(self, labels: Labels) -> list[float]:
+        """One child's counts, for a caller that observes many values (``observe_into``)."""
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = [0] * (len(self.bounds) + 2)
+        return child
+
+
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
         edges = [*(str(float(b)) for b in self.bounds), "+Inf"]
@@ -85,6 +95,12 @@ class FastHistogram:
                 buckets.append((edge, running))
             family.add_metric(list(labels), buckets, sum_value=child[-1])
         return family
+
+
+def observe_into(child: list[float], bounds: tuple[float, ...], value: float) -> None:
+    """``FastHistogram.observe`` on a child already looked up: for per-chunk observations."""
+    child[bisect_left(bounds, value)] += 1
+    child[-1] += value
 
 
 class Metrics:
@@ -163,7 +179,8 @@ class Metrics:
         self.circuit_state.set_function(circuit_state)
 
     def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
-        self.requests.inc((endpoint, model, str(status)))
+        label = _STATUS_LABELS.get(status) or str(status)
+        self.requests.inc((endpoint, model, label))
         self.latency.observe((endpoint,), seconds)
 
     def observe_upstream(self, endpoint: str, seconds: float) -> None:
@@ -175,8 +192,9 @@ class Metrics:
     def observe_overhead(self, endpoint: str, seconds: float) -> None:
         self.overhead.observe((endpoint,), seconds)
 
-    def observe_chunk_gap(self, endpoint: str, seconds: float) -> None:
-        self.chunk_gap.observe((endpoint,), seconds)
+    def chunk_gaps(self, endpoint: str) -> tuple[list[float], tuple[float, ...]]:
+        """The chunk-gap child of ``endpoint`` and its bounds, for :func:`observe_into`."""
+        return self.chunk_gap.child((endpoint,)), self.chunk_gap.bounds
 
     def count_retry(self) -> None:
         self.retries.inc()

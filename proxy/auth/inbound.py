@@ -192,7 +192,7 @@ class AuthState:
         """The whole check when only API keys are configured (``needs_body`` is false)."""
         assert self._auth is not None, "check only when enabled"
         try:
-            self._auth.check_keys(headers)
+            self._auth._check_api_key(headers)
         except Unauthorized as exc:
             self._refuse(exc)
             raise

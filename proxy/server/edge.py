@@ -34,10 +34,6 @@ RuntimeHandler = Callable[[web.Request, Runtime], Awaitable[web.StreamResponse]]
 
 _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 
-#: On a response of a forwarded request: the seconds spent waiting on the upstream, so that the
-#: rest of the request's time is the proxy's own (``model_proxy_overhead_seconds``).
-UPSTREAM_SECONDS = web.ResponseKey("upstream_seconds", float)
-
 #: ``endpoint`` label for paths that are not counted (probes, scrapes).
 UNCOUNTED = ""
 
@@ -66,7 +62,6 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
             label = "passthrough" if request.path.startswith("/v1/") else "other"
         backend = runtime.backend
         status = 500
-        response: web.StreamResponse | None = None
         try:
             try:
                 config = backend.config
@@ -101,10 +96,10 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
             if label:
                 seconds = time.perf_counter() - start
                 metrics.observe_request(label, backend.model_label, status, seconds)
-                if response is not None:
-                    upstream = response.get(UPSTREAM_SECONDS)
-                    if upstream is not None:
-                        metrics.observe_overhead(label, max(seconds - upstream, 0.0))
+                upstream = runtime.upstream_seconds
+                if upstream >= 0.0:
+                    runtime.upstream_seconds = -1.0
+                    metrics.observe_overhead(label, seconds - upstream)
 
     return handle
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.adapters.base import Job, UpstreamResponse
 from proxy.errors import ProxyError
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, observe_into
 from proxy.server.drain import SHUTTING_DOWN, Drain
 from proxy.wire import answers
 
@@ -36,6 +36,7 @@ async def relay(
         clock = time.perf_counter
         start = previous = resumed = clock()
         waited = 0.0  # on the upstream, between our writes
+        gaps, bounds = metrics.chunk_gaps(endpoint)
         first = True
         task = asyncio.current_task()
         assert task is not None
@@ -48,7 +49,7 @@ async def relay(
                     metrics.observe_ttft(endpoint, now - start)
                     first = False
                 else:
-                    metrics.observe_chunk_gap(endpoint, now - previous)
+                    observe_into(gaps, bounds, now - previous)
                 previous = now
                 await response.write(chunk)
                 resumed = clock()

@@ -12,7 +12,7 @@ from proxy.config import BaseConfig
 from proxy.errors import NotFound, ProxyError
 from proxy.headers import request_headers
 from proxy.metrics import CONTENT_TYPE
-from proxy.server.edge import UPSTREAM_SECONDS, method_not_allowed, read_body
+from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
 from proxy.server.runtime import Runtime
 from proxy.upstream.pipeline import Backend
@@ -63,7 +63,7 @@ async def forward(
     async with pipeline.admitted(backend):
         upstream = await pipeline.call(backend, job)
         response = await relay(request, upstream, job, runtime.metrics, runtime.drain)
-    response[UPSTREAM_SECONDS] = job.upstream_seconds
+    runtime.upstream_seconds = job.upstream_seconds  # read by the edge as this returns
     return response
 
 

@@ -36,6 +36,11 @@ class Runtime:
     backend: Backend
     config_path: str | None = None
     shutting_down: bool = False
+    #: Handed from a forwarded request's handler to the edge as it returns: the seconds that
+    #: request spent waiting on the upstream (``-1``: none), so that the rest of its time is
+    #: the proxy's own (``model_proxy_overhead_seconds``). Set and read with no ``await``
+    #: between them, so no other request can come in between.
+    upstream_seconds: float = -1.0
     started_at: float = field(default_factory=time.time)
 
     def current(self) -> Backend:

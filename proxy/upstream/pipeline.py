@@ -12,8 +12,10 @@ never retried.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig
@@ -108,7 +110,12 @@ class Pipeline:
 
 class Admission:
     """A request's place at one backend: a concurrency slot, and the breaker's probe if it is
-    the one let through a half-open circuit. Entered once; left always."""
+    the one let through a half-open circuit. Entered once; left always.
+
+    Entering and leaving without a wait (a free slot, the usual case) happen synchronously:
+    ``__aenter__`` and ``__aexit__`` then hand back an already finished awaitable instead of
+    a coroutine, which costs a request less than a coroutine round trip.
+    """
 
     __slots__ = ("backend", "limiter", "probe")
 
@@ -117,30 +124,46 @@ class Admission:
         self.backend = backend
         self.probe = False
 
-    async def __aenter__(self) -> Admission:
+    def __aenter__(self) -> Awaitable[None]:
         limiter, backend = self.limiter, self.backend
         self.probe = backend.breaker.admit()
         if limiter.active < limiter.max_active and not limiter.waiting:
-            limiter.active += 1  # the fast path: a free slot and nobody queued
-        else:
-            try:
-                await limiter.acquire()
-            except BaseException:
-                if self.probe:
-                    backend.breaker.abandon()
-                raise
-        backend.active += 1
-        return self
+            limiter.active += 1  # a free slot and nobody queued
+            backend.active += 1
+            return DONE
+        return self._queue()
 
-    async def __aexit__(
+    async def _queue(self) -> None:
+        try:
+            await self.limiter.acquire()
+        except BaseException:
+            if self.probe:
+                self.backend.breaker.abandon()
+            raise
+        self.backend.active += 1
+
+    def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> Awaitable[None]:
         self.limiter.release()
         backend = self.backend
         backend.active -= 1
         if self.probe:
             backend.breaker.abandon()
+        return DONE
+
+
+class _Done:
+    """An awaitable that is finished already: awaiting it returns ``None`` at once."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+DONE = _Done()
 
 
 def model_label(config: BaseConfig) -> str:
