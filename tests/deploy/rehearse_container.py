@@ -66,8 +66,11 @@ def build(stage: Stage, root: Path, context: Path) -> None:
             command = relocate(rest, root)
             run_env = {k: relocate(v, root) for k, v in env.items()}
             print(f"+ RUN {rest}", flush=True)
-            subprocess.run(["sh", "-ec", command], cwd=workdir, env=run_env, check=True,
-                           timeout=600)
+            done = subprocess.run(["sh", "-ec", command], cwd=workdir, env=run_env,
+                                  capture_output=True, text=True, timeout=600, check=False)
+            if done.returncode != 0:
+                print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", file=sys.stderr)
+                raise SystemExit(f"RUN {rest}: exit {done.returncode}")
         else:
             raise AssertionError(f"{word} in a build stage: the rehearsal does not know it")
 
