@@ -18,6 +18,7 @@ from tests.deploy.files import (
     dashboard_expressions,
     tool,
 )
+from tests.deploy.test_prometheus_live import PENDING_METRICS
 
 needs_promtool = pytest.mark.skipif(
     tool("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
@@ -90,3 +91,10 @@ def test_dashboard_uses_the_provisioned_datasource_and_folder() -> None:
         for panel in dashboard["panels"]:
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             assert panel["targets"], panel["title"]
+
+
+def test_pending_metrics_are_on_the_dashboard_only() -> None:
+    """PENDING_METRICS excuses dashboard panels only, never an alert or a name nothing uses."""
+    used = set().union(*(e.metrics() for e in dashboard_expressions()))
+    assert used >= PENDING_METRICS
+    assert not any(e.metrics() & PENDING_METRICS for e in alert_expressions())
