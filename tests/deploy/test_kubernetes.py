@@ -14,13 +14,13 @@ import yaml
 
 from proxy.configfile import load_config
 from tests.deploy.dockerfile import parse
-from tests.deploy.files import DEPLOY, INSTALL_HINT, ROOT
+from tests.deploy.files import ALERTS, DEPLOY, INSTALL_HINT, ROOT
 
 MANIFESTS = DEPLOY / "kubernetes"
 #: Oldest and newest Kubernetes the manifests must be valid for.
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
 #: Prometheus Operator kinds: their schemas come with the operator, not with Kubernetes.
-OPERATOR_KINDS = {"ServiceMonitor"}
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def documents() -> dict[str, dict[str, Any]]:
@@ -41,7 +41,7 @@ def container() -> dict[str, Any]:
 def test_every_kind_is_there() -> None:
     assert set(documents()) == {"ConfigMap", "Secret", "Deployment", "Service",
                                 "PodDisruptionBudget", "HorizontalPodAutoscaler",
-                                "ServiceMonitor"}
+                                "ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -146,3 +146,9 @@ def test_replicas_fit_the_disruption_budget_and_autoscaler() -> None:
     assert 1 < hpa["minReplicas"] <= replicas <= hpa["maxReplicas"]
     assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] < hpa["minReplicas"]
     assert docs["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_prometheus_rule_holds_the_alert_rules() -> None:
+    rule = documents()["PrometheusRule"]
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert rule["metadata"]["name"] == documents()["Deployment"]["metadata"]["name"]
