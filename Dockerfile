@@ -1,12 +1,45 @@
-FROM python:3.11-slim
+# model-backend-proxy container image.
+#
+#   docker build -t model-proxy .                              # CPU image
+#   docker build -t model-proxy:vllm --build-arg EXTRAS=vllm . # GPU image, vLLM in process
+#   docker run -p 8080:8080 -v "$PWD/model_backend.yaml:/etc/model-proxy/model_backend.yaml:ro" model-proxy
+#
+# Config: /etc/model-proxy/model_backend.yaml (MODEL_BACKEND_CONFIG), mounted read-only.
+# Secrets: ${ENV_VAR} in the YAML (docker run -e UPSTREAM_API_KEY=...) or *_file keys that
+# point at mounted files (api_key_file: /run/secrets/upstream_api_key).
+# The container binds 0.0.0.0:8080, so the config needs inbound auth (auth.api_keys, ...) or
+# auth.allow_unauthenticated: true.
 
-WORKDIR /app
-COPY pyproject.toml README.md ./
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- dependencies: their own layer, rebuilt only when pyproject.toml changes ---------------
+FROM ${PYTHON_IMAGE} AS deps
+ARG EXTRAS=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/model-proxy
+ENV PATH=/opt/model-proxy/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml ./
+COPY deploy/container/requirements.py deploy/container/
+RUN python deploy/container/requirements.py pyproject.toml "$EXTRAS" > requirements.txt \
+    && pip install -r requirements.txt
+
+# --- the proxy itself, on top of the cached dependencies ------------------------------------
+FROM deps AS build
+COPY README.md ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 proxy
+RUN pip install --no-deps . && model-proxy --version
 
-USER proxy
-ENV MODEL_BACKEND_CONFIG=/etc/model-proxy/model_backend.yaml
+# --- runtime: the virtual environment only, as a numeric non-root user ----------------------
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/model-proxy/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    MODEL_BACKEND_CONFIG=/etc/model-proxy/model_backend.yaml
+COPY --from=build /opt/model-proxy /opt/model-proxy
+USER 10001:10001
 EXPOSE 8080
-# Binding 0.0.0.0 requires inbound auth in the config (or auth.allow_unauthenticated: true).
-CMD ["model-proxy", "serve", "--host", "0.0.0.0"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+CMD ["model-proxy", "serve", "--host", "0.0.0.0", "--port", "8080"]

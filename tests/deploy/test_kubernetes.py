@@ -1,0 +1,154 @@
+"""deploy/kubernetes: valid against Kubernetes' schemas offline, and wired together.
+
+The manifests are plain YAML (``kubectl apply -f deploy/kubernetes/``): nothing to render, so
+what is validated here is exactly what a cluster receives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.configfile import load_config
+from tests.deploy.dockerfile import parse
+from tests.deploy.files import ALERTS, DEPLOY, INSTALL_HINT, ROOT
+
+MANIFESTS = DEPLOY / "kubernetes"
+#: Oldest and newest Kubernetes the manifests must be valid for.
+KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
+#: Prometheus Operator kinds: their schemas come with the operator, not with Kubernetes.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def documents() -> dict[str, dict[str, Any]]:
+    found = {}
+    # secret.yaml.example: copied to secret.yaml with a real key, never applied as shipped
+    for path in sorted([*MANIFESTS.rglob("*.yaml"), *MANIFESTS.rglob("*.yaml.example")]):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document:
+                found[document["kind"]] = document
+    return found
+
+
+def container() -> dict[str, Any]:
+    (proxy,) = documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return dict(proxy)
+
+
+def test_every_kind_is_there() -> None:
+    assert set(documents()) == {"ConfigMap", "Secret", "Deployment", "Service",
+                                "PodDisruptionBudget", "HorizontalPodAutoscaler",
+                                "ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_valid_against_kubernetes_schemas(version: str) -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason=f"kubernetes-validate not installed ({INSTALL_HINT})")
+    for kind, document in documents().items():
+        if kind not in OPERATOR_KINDS:
+            kubernetes_validate.validate(document, version, strict=True)
+    broken = documents()["Deployment"]
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_probes_ports_and_selectors() -> None:
+    docs = documents()
+    proxy = container()
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port_names = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    image = parse(ROOT / "Dockerfile")[-1]
+    assert [str(p) for p in port_names.values()] == image.expose
+    assert proxy["args"] == image.cmd
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service",):
+        assert docs[kind]["spec"]["selector"].items() <= pod_labels.items()
+    for kind in ("PodDisruptionBudget", "ServiceMonitor"):
+        assert docs[kind]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (service_port,) = docs["Service"]["spec"]["ports"]
+    assert service_port["targetPort"] in port_names
+    monitor = docs["ServiceMonitor"]["spec"]
+    service_labels = docs["Service"]["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= service_labels.items()
+    assert [e["port"] for e in monitor["endpoints"]] == [service_port["name"]]
+    annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) in port_names.values()
+    target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    deployment = docs["Deployment"]["metadata"]["name"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment)
+
+
+def test_security_context_matches_the_image() -> None:
+    pod = documents()["Deployment"]["spec"]["template"]["spec"]
+    uid, _, gid = (parse(ROOT / "Dockerfile")[-1].user or "").partition(":")
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+        int(uid), int(gid))
+    context = container()["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    # a read-only root needs somewhere to write: the image's HOME
+    tmp = parse(ROOT / "Dockerfile")[-1].env["HOME"]
+    assert tmp in {m["mountPath"] for m in container()["volumeMounts"]}
+
+
+def mounted(tmp_path: Path) -> tuple[Path, Any]:
+    """The ConfigMap's file and the Secret's files where the pod would see them, under tmp."""
+    docs = documents()
+    volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container()["volumeMounts"]}
+    config_dir = tmp_path / mounts["config"].lstrip("/")
+    secret_dir = tmp_path / mounts["secrets"].lstrip("/")
+    assert volumes["config"]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert volumes["secrets"]["secret"]["secretName"] == docs["Secret"]["metadata"]["name"]
+    config_dir.mkdir(parents=True)
+    secret_dir.mkdir(parents=True)
+    for name, text in docs["ConfigMap"]["data"].items():
+        (config_dir / name).write_text(text.replace(mounts["secrets"], str(secret_dir)))
+    for name, text in docs["Secret"]["stringData"].items():
+        (secret_dir / name).write_text(text)
+    env = {e["name"]: e["value"] for e in container()["env"]}
+    config_file = tmp_path / env["MODEL_BACKEND_CONFIG"].lstrip("/")
+    assert env["MODEL_BACKEND_CONFIG"] == parse(ROOT / "Dockerfile")[-1].env["MODEL_BACKEND_CONFIG"]
+    return config_file, load_config(config_file, env={})
+
+
+def test_config_map_loads_with_the_secret_mounted(tmp_path: Path) -> None:
+    _, config = mounted(tmp_path)
+    keys = [key.get_secret_value() for key in config.auth.api_keys]
+    assert keys == [documents()["Secret"]["stringData"]["api_keys"].strip()]
+    assert config.watch is True  # the ConfigMap is a mounted folder, updated in place
+    assert not any("subPath" in m for m in container()["volumeMounts"])
+
+
+def test_grace_period_covers_pre_stop_and_shutdown_grace(tmp_path: Path) -> None:
+    _, config = mounted(tmp_path)
+    pod = documents()["Deployment"]["spec"]["template"]["spec"]
+    pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    needed = float(pre_stop[1]) + config.server.shutdown_grace
+    assert needed < pod["terminationGracePeriodSeconds"] <= needed + 15
+
+
+def test_replicas_fit_the_disruption_budget_and_autoscaler() -> None:
+    docs = documents()
+    replicas = docs["Deployment"]["spec"]["replicas"]
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert 1 < hpa["minReplicas"] <= replicas <= hpa["maxReplicas"]
+    assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] < hpa["minReplicas"]
+    assert docs["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_prometheus_rule_holds_the_alert_rules() -> None:
+    rule = documents()["PrometheusRule"]
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert rule["metadata"]["name"] == documents()["Deployment"]["metadata"]["name"]
