@@ -114,23 +114,45 @@ class LimitsSection(Section):
     max_header_bytes: int = Field(16 * 1024, ge=1024)
 
 
+def _address_text(value: Any) -> Any:
+    """Refuse an address YAML has read as a number, saying why (validators run it first)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            "write the address in quotes ('0x...'): unquoted, YAML reads 0x... as a number"
+        )
+    if isinstance(value, str) and not _ADDRESS.fullmatch(value):
+        raise ValueError("must be 0x followed by 40 hex digits")
+    return value
+
+
 class FxnSignaturesSection(Section):
     """Inbound Function Network request signatures (``proxy.auth.signing``)."""
 
     #: Addresses of the gateways/schedulers whose signed requests are accepted (any case).
-    allowed_addresses: tuple[str, ...] = Field(min_length=1)
-    #: Accepted clock difference, in seconds, between the signer and this node.
-    window: PositiveSeconds = 300.0
+    #: Required unless ``node:`` is set (then the scheduler, and the chain's gateways, are
+    #: allowed besides these).
+    allowed_addresses: tuple[str, ...] = ()
+    #: Accepted clock difference, in seconds, between the signer and this node; 0 checks no
+    #: timestamp at all (the reference node's behaviour; the nonce cache alone stops replays).
+    window: float = Field(300.0, ge=0)
     #: Most nonces remembered at once; when full, the accepted window narrows (no replays).
     nonce_cache_size: int = Field(100_000, ge=1)
 
-    @field_validator("allowed_addresses")
+    @field_validator("allowed_addresses", mode="before")
     @classmethod
-    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for i, address in enumerate(value):
-            if not _ADDRESS.fullmatch(address):
-                raise ValueError(f"[{i}] must be 0x followed by 40 hex digits")
+    def _addresses(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            for i, address in enumerate(value):
+                try:
+                    _address_text(address)
+                except ValueError as exc:
+                    raise ValueError(f"[{i}] {exc}") from None
         return value
+
+    @property
+    def window_seconds(self) -> float:
+        """The window as the verifier takes it: ``math.inf`` for ``window: 0``."""
+        return self.window or float("inf")
 
 
 class AuthSection(Section):
@@ -182,6 +204,78 @@ class FxnSection(Section):
             from proxy.auth.signing import Signer  # eth-account loads only for fxn configs
 
             Signer.from_text(value.get_secret_value())  # its errors never quote the key
+        return value
+
+
+class ChainSection(Section):
+    """Where node mode reads the network's gateways: JSON-RPC ``eth_call`` on the Router."""
+
+    rpc_url: str
+    router_address: str
+    #: Seconds between two reads of the gateway registry; the last good list stays meanwhile.
+    refresh: PositiveSeconds = 60.0
+    #: Seconds one JSON-RPC call may take.
+    timeout: PositiveSeconds = 10.0
+
+    @field_validator("rpc_url")
+    @classmethod
+    def _rpc_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// JSON-RPC URL")
+        return value
+
+    @field_validator("router_address", mode="before")
+    @classmethod
+    def _router(cls, value: Any) -> Any:
+        return _address_text(value)
+
+
+class NodeSection(Section):
+    """Node mode: answer the Function Network as its node does (``proxy.node``).
+
+    Serves ``POST /challenge`` (scheduler-signed) and ``GET /health``, and accepts signed
+    ``/v1/*`` requests from the scheduler and from the gateways the chain lists (besides any
+    ``auth.fxn_signatures.allowed_addresses``).
+    """
+
+    #: The node's identity: a key file in ``nodekey.json`` layout (``model-proxy keygen``).
+    key_file: str = Field(min_length=1)
+    scheduler_address: str
+    #: Without it only the scheduler and ``auth.fxn_signatures.allowed_addresses`` are trusted.
+    chain: ChainSection | None = None
+    #: The public IP that IDENTITY reports: an address, or an http(s) URL answering it as text
+    #: (behind NAT the node cannot see it itself). The reference node asks api.ipify.org.
+    public_ip: str = "https://api.ipify.org"
+    #: Largest matrix dimension MATRIX_MULTIPLICATION accepts; larger is a 400.
+    max_matrix_size: int = Field(4096, ge=1, le=16384)
+
+    @field_validator("scheduler_address", mode="before")
+    @classmethod
+    def _scheduler(cls, value: Any) -> Any:
+        return _address_text(value)
+
+    @field_validator("public_ip")
+    @classmethod
+    def _public_ip(cls, value: str) -> str:
+        if value.startswith(("http://", "https://")):
+            if not urlsplit(value).hostname:
+                raise ValueError("the URL has no host")
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                "must be an IP address or an http(s):// URL that answers one"
+            ) from None
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _usable_key(cls, value: str) -> str:
+        from proxy.signing import Signer  # eth-account loads only for node configs
+
+        Signer.from_file(value)  # names the file, never quotes the key
         return value
 
 
@@ -252,9 +346,33 @@ class BaseConfig(Section):
     auth: AuthSection = AuthSection()
     metrics: MetricsSection = MetricsSection()
     logging: LoggingSection = LoggingSection()
+    node: NodeSection | None = None
 
     #: The header ``api_key`` travels in unless ``api_key_header`` says otherwise.
     default_api_key_header: ClassVar[str] = "x-api-key"
+    #: Whether ``bearer_token`` is sent when ``api_key`` is too (the node sends one, not both).
+    bearer_with_api_key: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _node_verifies_signatures(cls, data: Any) -> Any:
+        # Node mode always checks signatures on /v1/*; its section may be left out.
+        if not isinstance(data, dict) or not isinstance(data.get("node"), dict):
+            return data
+        auth = data.get("auth", {})
+        if not isinstance(auth, dict) or "fxn_signatures" in auth or "fxnSignatures" in auth:
+            return data
+        return {**data, "auth": {**auth, "fxn_signatures": {}}}
+
+    @model_validator(mode="after")
+    def _someone_may_sign(self) -> BaseConfig:
+        signatures = self.auth.fxn_signatures
+        if signatures is not None and not signatures.allowed_addresses and self.node is None:
+            raise ValueError(
+                "auth.fxn_signatures.allowed_addresses: is required (at least one address) "
+                "unless node: is set"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -328,9 +446,13 @@ class FxnConfig(_NeedsUrl):
     fxn_id: str = Field(min_length=1)
     fxn: FxnSection = FxnSection()
 
+    #: The node sends ``x-api-key`` when it has an api key, else ``Authorization: Bearer``.
+    bearer_with_api_key: ClassVar[bool] = False
+
     @property
     def upstream_name(self) -> str:
-        return self.fxn_id
+        # As the node: model_name_alias replaces the model; without it the network's id goes.
+        return self.model_name_alias or self.fxn_id
 
     @property
     def public_name(self) -> str:

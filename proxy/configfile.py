@@ -46,6 +46,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     problems: list[str] = []
     data = _interpolate(data, (), os.environ if env is None else env, name, problems)
     _read_secret_files(data, (), path.parent, name, problems)
+    _anchor_key_file(data, path.parent)
     if problems:
         raise ConfigError(problems)
     try:
@@ -163,6 +164,17 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
             _read_secret_files(data[key], (*loc, key), base, name, problems)
 
 
+def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
+    """A relative ``node.key_file`` is relative to the config file, like ``*_file`` secrets."""
+    node = data.get("node")
+    if not isinstance(node, dict):
+        return
+    for key in ("key_file", "keyFile"):
+        value = node.get(key)
+        if isinstance(value, str) and value:
+            node[key] = str(base / Path(value).expanduser())
+
+
 def _describe(exc: ValidationError, data: dict[str, Any], name: str) -> list[str]:
     variant = VARIANTS[_provider_tag(data)]
     lines = []
@@ -176,6 +188,10 @@ def _describe(exc: ValidationError, data: dict[str, Any], name: str) -> list[str
             continue
         if err["type"] == "value_error" and not loc:
             message = str(ctx.get("error", err["msg"]))
+            where, colon, rest = message.partition(": ")
+            if colon and " " not in where and where.split(".")[0] in _names(variant):
+                lines.append(f"{name}: {where}: {rest}")  # a model check naming its key
+                continue
             first = message.split(" ", 1)[0]
             key = first if first in _names(variant) else "(top level)"
             lines.append(f"{name}: {key}: {message}")

@@ -236,6 +236,29 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class NodeMetrics:
+    """Node mode's metrics (``proxy.node``), registered only when ``node:`` is configured.
+
+    ``reason``, ``type`` and ``outcome`` labels come from fixed sets of the node package.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.registry_failures = Counter(
+            "model_proxy_node_registry_failures",
+            "Failed reads of the chain's gateway registry (the last good list stays).",
+            ["reason"], registry=r)
+        self.gateways = Gauge(
+            "model_proxy_node_gateways", "Gateways allowed by the last good registry read.",
+            registry=r)
+        self.registry_age = Gauge(
+            "model_proxy_node_registry_age_seconds",
+            "Seconds since the last good registry read (-1: none yet).", registry=r)
+        self.challenges = Counter(
+            "model_proxy_node_challenges", "Scheduler challenges answered, by type and outcome.",
+            ["type", "outcome"], registry=r)
+
+
 class _FastCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics

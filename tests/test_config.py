@@ -18,7 +18,7 @@ url: http://127.0.0.1:9000
 fxn_id: fxn-llama-3
 api_key: k1
 bearer_token: t1
-model_name_alias: ignored-for-fxn
+model_name_alias: served-as-alias
 timeouts: {first_byte: 30, connect: 2}
 limits: {max_body_bytes: 65536}
 """
@@ -28,7 +28,7 @@ url: http://127.0.0.1:9000
 fxnId: fxn-llama-3
 apiKey: k1
 bearerToken: t1
-modelNameAlias: ignored-for-fxn
+modelNameAlias: served-as-alias
 timeouts: {firstByte: 30, connect: 2}
 limits: {maxBodyBytes: 65536}
 """
@@ -45,7 +45,7 @@ def test_both_spellings_load_to_the_same_model(tmp_path: Path) -> None:
     camel = load_config(write(tmp_path, CAMEL, "b.yaml"))
     assert isinstance(snake, FxnConfig)
     assert snake == camel
-    assert snake.upstream_name == "fxn-llama-3"
+    assert snake.upstream_name == "served-as-alias"  # the alias wins, as on the node
     assert snake.timeouts.first_byte == 30
     assert snake.api_key is not None and snake.api_key.get_secret_value() == "k1"
 

@@ -185,7 +185,7 @@ def credential_headers(config: BaseConfig) -> dict[str, str]:
         name = config.api_key_header_name
         key = config.api_key.get_secret_value()
         headers[name] = f"Bearer {key}" if name.lower() == "authorization" else key
-    if config.bearer_token is not None:
+    if config.bearer_token is not None and (config.api_key is None or config.bearer_with_api_key):
         headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
     return headers
 

@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -147,6 +147,23 @@ class Signer:
         """The checksummed address that verifiers allow-list."""
         return str(self._account.address)
 
+    @property
+    def public_key(self) -> bytes:
+        """The uncompressed public key, 65 bytes ``0x04 || X || Y``."""
+        from eth_keys.datatypes import PrivateKey
+
+        return b"\x04" + PrivateKey(bytes(self._account.key)).public_key.to_bytes()
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """Sign a 32-byte hash as it is (no EIP-191 prefix): 65 bytes ``r || s || v``, v in
+        {0, 1}, low s (what the reference node's IDENTITY answer carries)."""
+        if len(digest) != 32:
+            raise ValueError("the digest must be 32 bytes")
+        from eth_keys.datatypes import PrivateKey
+
+        signature = PrivateKey(bytes(self._account.key)).sign_msg_hash(digest)
+        return bytes(signature.to_bytes())
+
     def headers(
         self, body: bytes, *, timestamp: str | None = None, nonce: str | None = None
     ) -> dict[str, str]:
@@ -240,6 +257,41 @@ def generate_key_file(path: str | os.PathLike[str]) -> str:
     return str(account.address)
 
 
+class AllowList:
+    """A set of signer addresses that can be replaced whole while verifiers use it.
+
+    Node mode keeps its allow-lists here (the chain's gateways, the scheduler); a
+    :class:`Verifier` given an ``AllowList`` sees every ``replace`` at once, with no lock: the
+    new frozenset is swapped in by one assignment. Addresses are validated and kept lower-case.
+    """
+
+    __slots__ = ("addresses",)
+
+    def __init__(self, addresses: Iterable[str] = ()) -> None:
+        self.addresses: frozenset[str] = _normalised(addresses)
+
+    def replace(self, addresses: Iterable[str]) -> None:
+        self.addresses = _normalised(addresses)
+
+    def __contains__(self, address: object) -> bool:
+        return address in self.addresses
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.addresses)
+
+
+def _normalised(addresses: Iterable[str]) -> frozenset[str]:
+    allowed: set[str] = set()
+    for index, address in enumerate(addresses):
+        if not isinstance(address, str) or not _ADDRESS_RE.fullmatch(address):
+            raise ValueError(f"allowed address #{index} is not 0x followed by 40 hex digits")
+        allowed.add(address.lower())
+    return frozenset(allowed)
+
+
 class Verifier:
     """Checks inbound signature headers against an allow-list of addresses.
 
@@ -249,29 +301,31 @@ class Verifier:
     the exact bytes received. Cheap checks (presence, format, allow-list, window) run before the
     public-key recovery, and a nonce is remembered only once its signature has verified, so
     unsigned traffic can neither cost much nor fill the replay cache.
+
+    ``addresses`` is a fixed, non-empty list, or an :class:`AllowList` whose current content is
+    read on every request (it may be empty for a while: then every signer is refused).
+    ``window`` is the accepted clock difference in seconds; ``math.inf`` checks no timestamp
+    at all (the reference node's behaviour): replays are then refused by the nonce cache alone,
+    which, once full, refuses timestamps older than what it forgot (``replay_cache_full``).
     """
 
-    __slots__ = ("_allowed", "_clock", "_nonces", "window")
+    __slots__ = ("_allowed", "_clock", "_live", "_nonces", "window")
 
     def __init__(
         self,
-        addresses: Iterable[str],
+        addresses: Iterable[str] | AllowList,
         *,
         window: float = 300.0,
         max_nonces: int = 100_000,
         clock: Callable[[], float] = time.time,
         nonces: NonceCache | None = None,
     ) -> None:
-        allowed: set[str] = set()
-        for index, address in enumerate(addresses):
-            if not isinstance(address, str) or not _ADDRESS_RE.fullmatch(address):
-                raise ValueError(f"allowed address #{index} is not 0x followed by 40 hex digits")
-            allowed.add(address.lower())
-        if not allowed:
+        self._live = addresses if isinstance(addresses, AllowList) else None
+        self._allowed = frozenset[str]() if self._live is not None else _normalised(addresses)
+        if self._live is None and not self._allowed:
             raise ValueError("the allow-list of signer addresses is empty")
-        if window <= 0:
-            raise ValueError("the timestamp window must be positive")
-        self._allowed = frozenset(allowed)
+        if not window > 0:
+            raise ValueError("the timestamp window must be positive (math.inf: no window)")
         self.window = window
         if nonces is None:
             nonces = NonceCache(window, max_nonces)
@@ -343,12 +397,13 @@ class Verifier:
             )
         signature = _decode_signature(values[HEADER_SIGNATURE])
         address = address.lower()
-        if address not in self._allowed:
+        live = self._live
+        if address not in (self._allowed if live is None else live.addresses):
             raise Unauthorized(f"{HEADER_ADDRESS} is not an allowed signer", code="unknown_address")
         now = self._clock()
         self._nonces.expire(now)
         timestamp = int(timestamp_text)
-        if now - timestamp > self.window:
+        if now - timestamp > self.window:  # never true for math.inf: no window
             raise Unauthorized(
                 f"{HEADER_TIMESTAMP} is {int(now - timestamp)} s old; "
                 f"the window is {self.window:g} s",

@@ -1,0 +1,88 @@
+"""Who may sign requests to this node, kept fresh from the chain.
+
+Two allow-lists, as the reference node has them: ``challenge`` holds the scheduler alone
+(``POST /challenge``); ``inference`` holds the gateways the chain's GatewayRegistry lists as
+active, the scheduler, and any static ``auth.fxn_signatures.allowed_addresses`` (``/v1/*``).
+Both are :class:`~proxy.signing.AllowList` objects: verifiers read them on every request,
+and a refresh swaps the content in one assignment, so the request path does no more than
+the set lookup it always did.
+
+:meth:`Registry.run` refreshes every ``node.chain.refresh`` seconds. A failed read (RPC down,
+an error answer, data that does not decode) keeps the last good list, counts
+``model_proxy_node_registry_failures{reason}`` and logs one line; nothing here can fail a
+request. Until the first good read only the scheduler and the static addresses are allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from proxy.config import NodeSection
+from proxy.metrics import NodeMetrics
+from proxy.node.chain import Chain, ChainError, gateway_address
+from proxy.signing import AllowList
+
+log = logging.getLogger("model_proxy")
+
+
+class Registry:
+    """The node's signer allow-lists, refreshed from a :class:`Chain` when there is one."""
+
+    def __init__(
+        self,
+        section: NodeSection,
+        static: Iterable[str],
+        metrics: NodeMetrics,
+    ) -> None:
+        self.section = section
+        self._metrics = metrics
+        self._static = tuple(static)
+        self.challenge = AllowList([section.scheduler_address])
+        self.inference = AllowList([section.scheduler_address, *self._static])
+        #: Lower-case addresses of the gateways of the last good read.
+        self.gateways: frozenset[str] = frozenset()
+        self.last_good: float | None = None
+        self._failing = False
+        metrics.gateways.set_function(lambda: len(self.gateways))
+        metrics.registry_age.set_function(
+            lambda: -1.0 if self.last_good is None else time.monotonic() - self.last_good
+        )
+
+    async def refresh(self, chain: Chain) -> bool:
+        """Read the registry once; on success adopt its gateways. Never raises ChainError."""
+        section = self.section.chain
+        if section is None:
+            return False
+        try:
+            registry = await chain.gateway_registry(section.router_address)
+            entries = await chain.active_gateways(registry)
+        except ChainError as exc:
+            self._metrics.registry_failures.labels(exc.reason).inc()
+            kept = "no list yet" if self.last_good is None else f"{len(self.gateways)} kept"
+            log.warning("node: gateway registry read failed (%s): %s; %s", exc.reason, exc, kept)
+            self._failing = True
+            return False
+        addresses = {a for a in map(gateway_address, entries) if a is not None}
+        self.gateways = frozenset(a.lower() for a in addresses)
+        self.inference.replace([self.section.scheduler_address, *self._static, *addresses])
+        self.last_good = time.monotonic()
+        if self._failing or log.isEnabledFor(logging.DEBUG):
+            log.info("node: gateway registry read again: %d active gateways", len(addresses))
+        self._failing = False
+        return True
+
+    async def run(self, chain: Chain | None) -> None:
+        """Refresh now, then every ``node.chain.refresh`` seconds, until cancelled."""
+        if chain is None or self.section.chain is None:
+            return
+        period = self.section.chain.refresh
+        while True:
+            try:
+                await self.refresh(chain)
+            except Exception:  # a bug must not stop the refreshes, nor take inference down
+                self._metrics.registry_failures.labels("internal").inc()
+                log.exception("node: gateway registry refresh failed")
+            await asyncio.sleep(period)
