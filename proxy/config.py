@@ -273,7 +273,7 @@ class NodeSection(Section):
     @field_validator("key_file")
     @classmethod
     def _usable_key(cls, value: str) -> str:
-        from proxy.signing import Signer  # eth-account loads only for node configs
+        from proxy.auth.signing import Signer  # eth-account loads only for node configs
 
         Signer.from_file(value)  # names the file, never quotes the key
         return value

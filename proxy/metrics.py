@@ -244,19 +244,30 @@ class NodeMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.registry_failures = Counter(
+        self._registry_failures = Counter(
             "model_proxy_node_registry_failures",
             "Failed reads of the chain's gateway registry (the last good list stays).",
             ["reason"], registry=r)
-        self.gateways = Gauge(
+        self._gateways = Gauge(
             "model_proxy_node_gateways", "Gateways allowed by the last good registry read.",
             registry=r)
-        self.registry_age = Gauge(
+        self._registry_age = Gauge(
             "model_proxy_node_registry_age_seconds",
             "Seconds since the last good registry read (-1: none yet).", registry=r)
-        self.challenges = Counter(
+        self._challenges = Counter(
             "model_proxy_node_challenges", "Scheduler challenges answered, by type and outcome.",
             ["type", "outcome"], registry=r)
+
+    def watch_registry(self, gateways: Callable[[], float], age: Callable[[], float]) -> None:
+        """Read the gateway count and the registry's age from the live registry at scrape."""
+        self._gateways.set_function(gateways)
+        self._registry_age.set_function(age)
+
+    def count_registry_failure(self, reason: str) -> None:
+        self._registry_failures.labels(reason).inc()
+
+    def count_challenge(self, kind: str, outcome: str) -> None:
+        self._challenges.labels(kind, outcome).inc()
 
 
 class _FastCollector(Collector):

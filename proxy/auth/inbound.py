@@ -23,14 +23,16 @@ from multidict import CIMultiDictProxy
 
 from proxy.auth.nonces import NonceCache
 from proxy.auth.signing import REASONS as SIGNATURE_REASONS
-from proxy.auth.signing import SIGNATURE_HEADERS, Verifier
+from proxy.auth.signing import SIGNATURE_HEADERS, AllowList, Verifier
 from proxy.config import AuthSection, BaseConfig
 from proxy.errors import ConfigError, Unauthorized
 
 log = logging.getLogger("model_proxy")
 
-#: Liveness, readiness and metrics stay reachable for orchestrators and Prometheus.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Liveness, readiness and metrics stay reachable for orchestrators and Prometheus; in node
+#: mode the node's ``/health`` too, and ``/challenge``, which checks the scheduler's signature
+#: itself (``proxy.node.routes``). Without node mode both are 404s.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/challenge"})
 #: Every reason a refusal can carry (the ``reason`` label of the failure counter).
 REASONS = SIGNATURE_REASONS | {"missing_credentials", "missing_api_key", "bad_api_key"}
 
@@ -40,6 +42,7 @@ class Authenticator:
     ``check(request)`` returns normally or raises ``Unauthorized`` (``code`` in
     :data:`REASONS`). The body is read (within ``limits.max_body_bytes``) only when a
     signature has to be verified, and only after the checks that need no body have passed.
+    ``allowed`` (node mode's live allow-list) replaces ``fxn_signatures.allowed_addresses``.
     """
 
     __slots__ = ("_digests", "mode", "verifier")
@@ -50,6 +53,7 @@ class Authenticator:
         *,
         nonces: NonceCache | None = None,
         clock: Callable[[], float] = time.time,
+        allowed: AllowList | None = None,
     ) -> None:
         self.mode = section.mode
         self._digests = tuple(_digest(key.get_secret_value()) for key in section.api_keys)
@@ -58,8 +62,8 @@ class Authenticator:
             None
             if signatures is None
             else Verifier(
-                signatures.allowed_addresses,
-                window=signatures.window,
+                signatures.allowed_addresses if allowed is None else allowed,
+                window=signatures.window_seconds,
                 max_nonces=signatures.nonce_cache_size,
                 clock=clock,
                 nonces=nonces,
@@ -155,12 +159,15 @@ class AuthState:
     ``refused`` with its reason (the failure counter) before ``Unauthorized`` is raised.
     """
 
-    __slots__ = ("_auth", "_clock", "_nonces", "_refused", "_section", "enabled", "needs_body")
+    __slots__ = (
+        "_allowed", "_auth", "_clock", "_nonces", "_refused", "_section", "enabled", "needs_body"
+    )
 
     def __init__(
         self, config: BaseConfig, *, refused: Callable[[str], None],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, allowed: AllowList | None = None,
     ) -> None:
+        self._allowed = allowed
         self._section: AuthSection | None = None
         self._auth: Authenticator | None = None
         self._nonces: NonceCache | None = None
@@ -176,7 +183,9 @@ class AuthState:
             return
         auth = None
         if section.enabled:
-            auth = Authenticator(section, nonces=self._nonces, clock=self._clock)
+            auth = Authenticator(
+                section, nonces=self._nonces, clock=self._clock, allowed=self._allowed
+            )
             if auth.verifier is not None:
                 self._nonces = auth.verifier.nonces
         self._section, self._auth = section, auth

@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 
+from proxy.auth.signing import Signer
 from proxy.errors import ProxyError
 from proxy.node.chain import read_capped
-from proxy.signing import Signer
 
 log = logging.getLogger("model_proxy")
 

@@ -3,7 +3,7 @@
 Two allow-lists, as the reference node has them: ``challenge`` holds the scheduler alone
 (``POST /challenge``); ``inference`` holds the gateways the chain's GatewayRegistry lists as
 active, the scheduler, and any static ``auth.fxn_signatures.allowed_addresses`` (``/v1/*``).
-Both are :class:`~proxy.signing.AllowList` objects: verifiers read them on every request,
+Both are :class:`~proxy.auth.signing.AllowList` objects: verifiers read them on every request,
 and a refresh swaps the content in one assignment, so the request path does no more than
 the set lookup it always did.
 
@@ -20,10 +20,10 @@ import logging
 import time
 from collections.abc import Iterable
 
+from proxy.auth.signing import AllowList
 from proxy.config import NodeSection
 from proxy.metrics import NodeMetrics
 from proxy.node.chain import Chain, ChainError, gateway_address
-from proxy.signing import AllowList
 
 log = logging.getLogger("model_proxy")
 
@@ -46,9 +46,9 @@ class Registry:
         self.gateways: frozenset[str] = frozenset()
         self.last_good: float | None = None
         self._failing = False
-        metrics.gateways.set_function(lambda: len(self.gateways))
-        metrics.registry_age.set_function(
-            lambda: -1.0 if self.last_good is None else time.monotonic() - self.last_good
+        metrics.watch_registry(
+            gateways=lambda: len(self.gateways),
+            age=lambda: -1.0 if self.last_good is None else time.monotonic() - self.last_good,
         )
 
     async def refresh(self, chain: Chain) -> bool:
@@ -60,7 +60,7 @@ class Registry:
             registry = await chain.gateway_registry(section.router_address)
             entries = await chain.active_gateways(registry)
         except ChainError as exc:
-            self._metrics.registry_failures.labels(exc.reason).inc()
+            self._metrics.count_registry_failure(exc.reason)
             kept = "no list yet" if self.last_good is None else f"{len(self.gateways)} kept"
             log.warning("node: gateway registry read failed (%s): %s; %s", exc.reason, exc, kept)
             self._failing = True
@@ -83,6 +83,6 @@ class Registry:
             try:
                 await self.refresh(chain)
             except Exception:  # a bug must not stop the refreshes, nor take inference down
-                self._metrics.registry_failures.labels("internal").inc()
+                self._metrics.count_registry_failure("internal")
                 log.exception("node: gateway registry refresh failed")
             await asyncio.sleep(period)

@@ -22,16 +22,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.auth.signing import Signer, Verifier
 from proxy.config import BaseConfig, NodeSection
 from proxy.errors import BadRequest, ProxyError, Unauthorized
-from proxy.inputs import read_body
 from proxy.metrics import NodeMetrics
 from proxy.node.chain import Chain
 from proxy.node.challenge import TYPES, Challenges
 from proxy.node.identity import Identity
 from proxy.node.registry import Registry
-from proxy.signing import Signer, Verifier
-from proxy.state import Runtime
+from proxy.server.edge import read_body
+from proxy.server.runtime import Runtime
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -110,21 +110,21 @@ async def challenge(request: web.Request, runtime: Runtime) -> web.Response:
         body = await read_body(request, runtime.config.limits.max_body_bytes)
         node.verifier.verify(request.headers, body)
     except Unauthorized as exc:
-        node.metrics.challenges.labels("none", "unauthorized").inc()
+        node.metrics.count_challenge("none", "unauthorized")
         log.info("node: challenge refused: %s", exc.code)
         raise
     assert node.session is not None
     try:
         kind, result = await node.challenges.answer(body, node.session)
     except BadRequest as exc:
-        node.metrics.challenges.labels(_kind(body), "bad_request").inc()
+        node.metrics.count_challenge(_kind(body), "bad_request")
         log.info("node: challenge refused: %s", exc.message)
         raise
     except ProxyError as exc:
-        node.metrics.challenges.labels(_kind(body), "failed").inc()
+        node.metrics.count_challenge(_kind(body), "failed")
         log.warning("node: challenge failed: %s", exc.message)
         raise
-    node.metrics.challenges.labels(kind, "ok").inc()
+    node.metrics.count_challenge(kind, "ok")
     return web.Response(body=orjson.dumps(result), content_type="application/json")
 
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from proxy.adapters import load_adapter_class
 from proxy.auth.inbound import AuthState
 from proxy.config import BaseConfig
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, NodeMetrics
 from proxy.server import routes
 from proxy.server.drain import Drain
 from proxy.server.edge import UNCOUNTED, layered
@@ -45,12 +45,21 @@ def create_app(
     pipeline = Pipeline(metrics, limiter)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    node = None
+    if config.node is not None:
+        from proxy.node import routes as node_routes  # numpy and eth-abi: node mode only
+
+        node = node_routes.build(config, NodeMetrics(metrics.registry))
     runtime = Runtime(
         config=config,
         metrics=metrics,
         pipeline=pipeline,
         drain=Drain(),
-        auth=AuthState(config, refused=metrics.count_auth_failure),
+        auth=AuthState(
+            config,
+            refused=metrics.count_auth_failure,
+            allowed=node.registry.inference if node is not None else None,
+        ),
         readiness=Readiness(config),
         session=session,
         backend=pipeline.backend(config, adapter_class(config, session)),
@@ -76,6 +85,8 @@ def create_app(
     for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz),
                           ("/metrics", routes.metrics)):
         router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
+    if node is not None:
+        node_routes.install(app, node, lambda handler, label: layered(runtime, handler, label))
     router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
     return app
 
