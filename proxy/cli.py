@@ -1,4 +1,5 @@
-"""``model-proxy``: serve and check; keygen and sign (``proxy.auth.keytool``)."""
+"""``model-proxy``: serve and check; keygen and sign (``proxy.auth.keytool``); migrate (from a
+function-node home, ``proxy.node.compat``)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument(
         "--probe", action="store_true", help="also ask the upstream whether it is ready to serve"
     )
+    check.add_argument(
+        "--node-backend", metavar="PATH",
+        help="model_backend.yaml of a function-node that forwards to this proxy, to check "
+             "that the two work together",
+    )
+
+    migrate = commands.add_parser(
+        "migrate", help="print this proxy's config for a function-node's config.yaml and "
+                        "model_backend.yaml (node mode)"
+    )
+    migrate.add_argument(
+        "--home", metavar="DIR", default=str(Path("~/.fxn").expanduser()),
+        help="the function-node home holding config.yaml, model_backend.yaml and nodekey.json "
+             "(default: ~/.fxn)",
+    )
 
     keytool.add_commands(commands)
 
     args = parser.parse_args(argv)
     if args.command in ("keygen", "sign"):  # these need no config file
         return keytool.run(args)
+    if args.command == "migrate":
+        return _migrate(Path(args.home))
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
@@ -66,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         if exposure:
             print(f"warning: {exposure}", file=sys.stderr)
+        try:
+            for line in _compat_warnings(config, args.node_backend):
+                print(f"warning: {line}", file=sys.stderr)
+        except ConfigError as exc:
+            for line in exc.problems:
+                print(line, file=sys.stderr)
+            return EXIT_CONFIG
         return _check(config, path, probe=args.probe)
     from proxy.server.logs import setup_logging
     from proxy.server.run import run
@@ -84,6 +109,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _compat_warnings(config: BaseConfig, node_backend: str | None) -> list[str]:
+    from proxy.node.compat import warnings
+
+    theirs = None
+    if node_backend is not None:
+        theirs = _read_yaml(Path(node_backend))
+    return warnings(config, theirs)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    from proxy.configfile import parse_yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse_yaml(text, str(path))
+
+
+def _migrate(home: Path) -> int:
+    from proxy.node.compat import translate
+
+    try:
+        theirs = _read_yaml(home / "config.yaml")
+        backend = _read_yaml(home / "model_backend.yaml")
+        ours, notes = translate(theirs, backend, home=home)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"{home / 'config.yaml'}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(yaml.safe_dump(ours, sort_keys=False), end="")
     return 0
 
 

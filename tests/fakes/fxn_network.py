@@ -29,7 +29,8 @@ def checksum(address_hex: str) -> str:
     """EIP-55 spelling of 40 hex digits."""
     lower = address_hex.lower()
     digest = keccak256(lower.encode()).hex()
-    return "0x" + "".join(c.upper() if int(d, 16) >= 8 else c for c, d in zip(lower, digest))
+    pairs = zip(lower, digest[:40], strict=True)
+    return "0x" + "".join(c.upper() if int(d, 16) >= 8 else c for c, d in pairs)
 
 
 def address_of(private_key_hex: str) -> str:
