@@ -1,4 +1,8 @@
-"""Function Network endpoints (``backend_provider: fxn``): OpenAI format, ``model`` = ``fxn_id``.
+"""Function Network endpoints (``backend_provider: fxn``): the job sent on in OpenAI format.
+
+As function-node sends it: ``model`` is ``model_name_alias`` when set, else ``fxn_id`` (the
+network's id for the model); the credential is ``x-api-key`` when there is an ``api_key``,
+else ``Authorization: Bearer`` (``FxnConfig.bearer_with_api_key`` is false).
 
 With ``fxn.private_key`` (or ``fxn.private_key_file``) configured, every request this
 adapter sends is signed as the network signs them (``proxy.auth.signing``): inference attempts,
@@ -21,7 +25,7 @@ from proxy.errors import UpstreamError
 
 
 class FxnAdapter(HTTPUpstream):
-    """Forwards to a Function Network node or gateway; the resolver already set ``fxn_id``."""
+    """Forwards to a Function Network node or gateway; the resolver already set the model."""
 
     name = "fxn"
 

@@ -175,3 +175,46 @@ async def test_readiness_probe_is_signed(start_proxy: StartProxy, aiohttp_server
     resp = await other.get("/readyz")
     assert resp.status == 503
     assert "refused this node's signature" in (await resp.json())["reason"]
+
+
+async def test_model_name_alias_wins_as_on_the_node(
+    start_proxy: StartProxy, aiohttp_server: Any
+) -> None:
+    server, fake = await node(aiohttp_server, allowed=[ADDRESS])
+    client = await start_proxy(fxn(server, model_name_alias="org/quantized-8b"))
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200, await resp.text()
+    assert json.loads(fake.received[-1].body)["model"] == "org/quantized-8b"
+    models = (await (await client.get("/v1/models")).json())["data"]
+    assert [m["id"] for m in models] == [FXN_ID]  # the network still sees its model id
+
+
+@pytest.mark.parametrize(
+    ("credentials", "sent"),
+    [
+        ({"api_key": "k1", "bearer_token": "t1"}, {"x-api-key": "k1"}),
+        ({"bearer_token": "t1"}, {"Authorization": "Bearer t1"}),
+        ({"api_key": "k1"}, {"x-api-key": "k1"}),
+    ],
+)
+async def test_credentials_follow_the_nodes_rule(
+    start_proxy: StartProxy, aiohttp_server: Any, credentials: dict[str, str],
+    sent: dict[str, str],
+) -> None:
+    """x-api-key when there is an api key, else Authorization: Bearer; never both."""
+    server, fake = await node(aiohttp_server, allowed=[ADDRESS])
+    client = await start_proxy(fxn(server, **credentials))
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+    headers = fake.received[-1].headers
+    seen = {k: headers[k] for k in ("x-api-key", "Authorization") if k in headers}
+    assert seen == sent
+
+
+async def test_custom_still_sends_both_credentials(
+    start_proxy: StartProxy, openai_upstream: TestServer, fake_openai: Any
+) -> None:
+    client = await start_proxy({"backend_provider": "custom", "url": upstream_url(openai_upstream),
+                                "api_key": "k1", "bearer_token": "t1"})
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+    headers = fake_openai.seen[-1].headers
+    assert headers["x-api-key"] == "k1" and headers["Authorization"] == "Bearer t1"
