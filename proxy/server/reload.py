@@ -104,6 +104,7 @@ class Reloader:
             "limits.max_header_bytes": (running.limits.max_header_bytes,
                                         config.limits.max_header_bytes),
             "logging": (running.logging, config.logging),
+            "node": (running.node, config.node),  # its routes and registry task are built once
         }
         changed = [key for key, (old, new) in fixed.items() if old != new]
         if not changed:
@@ -117,7 +118,8 @@ class Reloader:
             update={"max_header_bytes": running.limits.max_header_bytes}
         )
         return config.model_copy(
-            update={"server": server, "limits": limits, "logging": running.logging}
+            update={"server": server, "limits": limits, "logging": running.logging,
+                    "node": running.node}
         )
 
     async def run(self) -> None:

@@ -307,3 +307,40 @@ async def test_static_allow_list_still_works_without_a_chain(
     assert first.status == 200
     again = await client.post("/v1/chat/completions", data=body, headers=headers)
     assert again.status == 401 and (await again.json())["error"]["code"] == "replayed"
+
+
+async def test_reload_keeps_node_mode_and_the_chain_list(
+    aiohttp_client: object, key_file: Path, chain: FakeChain, chain_server: object,
+    tmp_path: Path, caplog: object,
+) -> None:
+    import logging
+
+    import yaml
+
+    from proxy.configfile import load_config
+    from proxy.server.app import create_app
+    from proxy.server.reload import RELOADER
+    from tests.conftest import upstream_url
+    from tests.node.conftest import node_config
+
+    chain.gateways.append(gateway_entry())
+    config = node_config(key_file, upstream_url(chain_server) + "/")  # type: ignore[arg-type]
+    path = tmp_path / "model_backend.yaml"
+    path.write_text(yaml.safe_dump(config))
+    client = await aiohttp_client(  # type: ignore[operator]
+        create_app(load_config(path), config_path=str(path))
+    )
+    await eventually(lambda: _accepted(client, GATEWAY_KEY))
+    config["node"]["scheduler_address"] = GATEWAY  # asks for what only a restart can do
+    config["auth"] = {"api_keys": ["inbound-key"]}
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.WARNING, logger="model_proxy"):  # type: ignore[attr-defined]
+        assert await client.app[RELOADER].reload()
+    assert "node cannot change while running" in caplog.text  # type: ignore[attr-defined]
+    assert await _accepted(client, GATEWAY_KEY)  # the chain's gateway, still
+    status, _ = await signed(client, "/challenge", GATEWAY_KEY, IDENTITY)
+    assert status == 401  # the scheduler is still the one the node started with
+    keyed = await client.post(
+        "/v1/chat/completions", json=CHAT, headers={"x-api-key": "inbound-key"}
+    )
+    assert keyed.status == 200  # the rest of the reload applied
