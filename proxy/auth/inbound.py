@@ -42,7 +42,8 @@ class Authenticator:
     ``check(request)`` returns normally or raises ``Unauthorized`` (``code`` in
     :data:`REASONS`). The body is read (within ``limits.max_body_bytes``) only when a
     signature has to be verified, and only after the checks that need no body have passed.
-    ``allowed`` (node mode's live allow-list) replaces ``fxn_signatures.allowed_addresses``.
+    ``allowed`` (node mode's live allow-list) is trusted besides
+    ``fxn_signatures.allowed_addresses``.
     """
 
     __slots__ = ("_digests", "mode", "verifier")
@@ -62,7 +63,8 @@ class Authenticator:
             None
             if signatures is None
             else Verifier(
-                signatures.allowed_addresses if allowed is None else allowed,
+                signatures.allowed_addresses,
+                live=allowed,
                 window=signatures.window_seconds,
                 max_nonces=signatures.nonce_cache_size,
                 clock=clock,

@@ -261,7 +261,7 @@ class AllowList:
     """A set of signer addresses that can be replaced whole while verifiers use it.
 
     Node mode keeps its allow-lists here (the chain's gateways, the scheduler); a
-    :class:`Verifier` given an ``AllowList`` sees every ``replace`` at once, with no lock: the
+    :class:`Verifier` given one as ``live`` sees every ``replace`` at once, with no lock: the
     new frozenset is swapped in by one assignment. Addresses are validated and kept lower-case.
     """
 
@@ -302,8 +302,9 @@ class Verifier:
     public-key recovery, and a nonce is remembered only once its signature has verified, so
     unsigned traffic can neither cost much nor fill the replay cache.
 
-    ``addresses`` is a fixed, non-empty list, or an :class:`AllowList` whose current content is
-    read on every request (it may be empty for a while: then every signer is refused).
+    ``addresses`` is a fixed list; ``live``, an :class:`AllowList` whose current content is
+    read on every request besides it (node mode: the chain's gateways and the scheduler; it
+    may be empty for a while). One of the two must be given.
     ``window`` is the accepted clock difference in seconds; ``math.inf`` checks no timestamp
     at all (the reference node's behaviour): replays are then refused by the nonce cache alone,
     which, once full, refuses timestamps older than what it forgot (``replay_cache_full``).
@@ -313,16 +314,17 @@ class Verifier:
 
     def __init__(
         self,
-        addresses: Iterable[str] | AllowList,
+        addresses: Iterable[str],
         *,
+        live: AllowList | None = None,
         window: float = 300.0,
         max_nonces: int = 100_000,
         clock: Callable[[], float] = time.time,
         nonces: NonceCache | None = None,
     ) -> None:
-        self._live = addresses if isinstance(addresses, AllowList) else None
-        self._allowed = frozenset[str]() if self._live is not None else _normalised(addresses)
-        if self._live is None and not self._allowed:
+        self._live = live
+        self._allowed = _normalised(addresses)
+        if live is None and not self._allowed:
             raise ValueError("the allow-list of signer addresses is empty")
         if not window > 0:
             raise ValueError("the timestamp window must be positive (math.inf: no window)")
@@ -398,7 +400,7 @@ class Verifier:
         signature = _decode_signature(values[HEADER_SIGNATURE])
         address = address.lower()
         live = self._live
-        if address not in (self._allowed if live is None else live.addresses):
+        if address not in self._allowed and (live is None or address not in live.addresses):
             raise Unauthorized(f"{HEADER_ADDRESS} is not an allowed signer", code="unknown_address")
         now = self._clock()
         self._nonces.expire(now)

@@ -2,7 +2,8 @@
 
 Two allow-lists, as the reference node has them: ``challenge`` holds the scheduler alone
 (``POST /challenge``); ``inference`` holds the gateways the chain's GatewayRegistry lists as
-active, the scheduler, and any static ``auth.fxn_signatures.allowed_addresses`` (``/v1/*``).
+active and the scheduler (``/v1/*``, where ``auth.fxn_signatures.allowed_addresses`` of the
+current config are trusted too, so a reload can change those).
 Both are :class:`~proxy.auth.signing.AllowList` objects: verifiers read them on every request,
 and a refresh swaps the content in one assignment, so the request path does no more than
 the set lookup it always did.
@@ -10,7 +11,7 @@ the set lookup it always did.
 :meth:`Registry.run` refreshes every ``node.chain.refresh`` seconds. A failed read (RPC down,
 an error answer, data that does not decode) keeps the last good list, counts
 ``model_proxy_node_registry_failures{reason}`` and logs one line; nothing here can fail a
-request. Until the first good read only the scheduler and the static addresses are allowed.
+request. Until the first good read only the scheduler (and the static addresses) may sign.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 
 from proxy.auth.signing import AllowList
 from proxy.config import NodeSection
@@ -34,14 +34,12 @@ class Registry:
     def __init__(
         self,
         section: NodeSection,
-        static: Iterable[str],
         metrics: NodeMetrics,
     ) -> None:
         self.section = section
         self._metrics = metrics
-        self._static = tuple(static)
         self.challenge = AllowList([section.scheduler_address])
-        self.inference = AllowList([section.scheduler_address, *self._static])
+        self.inference = AllowList([section.scheduler_address])
         #: Lower-case addresses of the gateways of the last good read.
         self.gateways: frozenset[str] = frozenset()
         self.last_good: float | None = None
@@ -67,7 +65,7 @@ class Registry:
             return False
         addresses = {a for a in map(gateway_address, entries) if a is not None}
         self.gateways = frozenset(a.lower() for a in addresses)
-        self.inference.replace([self.section.scheduler_address, *self._static, *addresses])
+        self.inference.replace([self.section.scheduler_address, *addresses])
         self.last_good = time.monotonic()
         if self._failing or log.isEnabledFor(logging.DEBUG):
             log.info("node: gateway registry read again: %d active gateways", len(addresses))

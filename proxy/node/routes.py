@@ -62,9 +62,10 @@ def build(config: BaseConfig, metrics: NodeMetrics, *, signer: Signer | None = N
     signatures = config.auth.fxn_signatures
     assert section is not None and signatures is not None  # the config guarantees both
     signer = signer or Signer.from_file(section.key_file)
-    registry = Registry(section, signatures.allowed_addresses, metrics)
+    registry = Registry(section, metrics)
     verifier = Verifier(
-        registry.challenge,
+        (),
+        live=registry.challenge,
         window=signatures.window_seconds,
         max_nonces=signatures.nonce_cache_size,
     )

@@ -12,6 +12,7 @@ from proxy.auth.signing import (
     REASONS,
     SECP256K1_N,
     SIGNATURE_HEADERS,
+    AllowList,
     Signer,
     Verifier,
     eip191_digest,
@@ -396,3 +397,31 @@ def test_verifier_configuration_errors() -> None:
 
 def test_reason_codes_are_a_fixed_set() -> None:
     assert all(code.isidentifier() and code.islower() for code in REASONS)
+
+
+def test_live_allow_list_is_read_on_every_request(clock: Clock, signer: Signer) -> None:
+    live = AllowList()
+    verifier = Verifier([], live=live, clock=clock)
+    assert reason(verifier, signer.headers(BODY)) == "unknown_address"
+    live.replace([signer.address.upper().replace("0X", "0x")])
+    assert verifier.verify(signer.headers(BODY), BODY) == signer.address
+    live.replace([])
+    assert reason(verifier, signer.headers(BODY)) == "unknown_address"
+    with pytest.raises(ValueError, match="empty"):
+        Verifier([], clock=clock)
+    with pytest.raises(ValueError, match="#0"):
+        AllowList(["0x123"])
+
+
+def test_no_window_accepts_any_timestamp_but_never_a_replay(clock: Clock, signer: Signer) -> None:
+    verifier = Verifier([signer.address], window=float("inf"), max_nonces=2, clock=clock)
+    old = signer.headers(BODY, timestamp="1000", nonce="n1")
+    assert verifier.verify(old, BODY) == signer.address
+    assert reason(verifier, old) == "replayed"
+    clock.now += 10**9  # a decade later the nonce is still remembered
+    assert reason(verifier, old) == "replayed"
+    verifier.verify(signer.headers(BODY, timestamp="2000", nonce="n2"), BODY)
+    verifier.verify(signer.headers(BODY, timestamp="3000", nonce="n3"), BODY)  # n1 forgotten
+    assert reason(verifier, old) == "replay_cache_full"  # but never accepted again
+    with pytest.raises(ValueError, match="positive"):
+        Verifier([signer.address], window=0)

@@ -12,7 +12,13 @@ from eth_keys.datatypes import Signature
 
 from proxy.auth.signing import Signer
 from tests.conftest import free_port
-from tests.fakes.fxn_network import Entry, FakeChain, keccak256, send_request_headers
+from tests.fakes.fxn_network import (
+    Entry,
+    FakeChain,
+    address_of,
+    keccak256,
+    send_request_headers,
+)
 from tests.node.conftest import (
     CHAT,
     GATEWAY,
@@ -331,8 +337,11 @@ async def test_reload_keeps_node_mode_and_the_chain_list(
         create_app(load_config(path), config_path=str(path))
     )
     await eventually(lambda: _accepted(client, GATEWAY_KEY))
+    extra_key = "7" * 64
+    assert not await _accepted(client, extra_key)
     config["node"]["scheduler_address"] = GATEWAY  # asks for what only a restart can do
-    config["auth"] = {"api_keys": ["inbound-key"]}
+    config["auth"] = {"api_keys": ["inbound-key"],
+                      "fxn_signatures": {"allowed_addresses": [address_of(extra_key)]}}
     path.write_text(yaml.safe_dump(config))
     with caplog.at_level(logging.WARNING, logger="model_proxy"):  # type: ignore[attr-defined]
         assert await client.app[RELOADER].reload()
@@ -344,3 +353,4 @@ async def test_reload_keeps_node_mode_and_the_chain_list(
         "/v1/chat/completions", json=CHAT, headers={"x-api-key": "inbound-key"}
     )
     assert keyed.status == 200  # the rest of the reload applied
+    assert await _accepted(client, extra_key)  # static addresses change on reload
