@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -111,8 +112,9 @@ class Challenges:
         return {"reachable": 200 <= status < 300}
 
     async def _matrix(self, payload: Any, session: aiohttp.ClientSession) -> Any:
-        a, b, backend = matrices(payload, self.max_matrix_size)
         async with self._matrix_turn:
+            # Even reading the matrices is numpy work on up to limits.max_body_bytes of JSON.
+            a, b, backend = await asyncio.to_thread(matrices, payload, self.max_matrix_size)
             gpu = None
             if backend in GPU_BACKENDS or (backend == "auto" and a.shape[0] >= GPU_AUTO_MIN):
                 gpu = await asyncio.to_thread(self._probe_gpu)
@@ -229,6 +231,8 @@ def _go_float(value: float) -> str:
 
 def _find_gpu() -> tuple[Matmul, dict[str, Any]] | None:
     """A float64 GPU multiplication and its device description, or ``None``."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return None  # no NVIDIA driver: do not import a GPU stack (torch is large) to learn it
     for finder in (_torch_gpu, _cupy_gpu):
         try:
             found = finder()
