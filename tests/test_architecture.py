@@ -1,8 +1,8 @@
 """The package layout is the architecture: imports point one way, with no cycles.
 
-``server`` → ``upstream`` → ``adapters`` → ``wire``; ``auth`` knows no app; only ``server``
-speaks ``aiohttp.web``. The flat modules (config, errors, metrics, headers, ...) are leaves any
-package may use. Read from the source, so a new import that breaks a rule fails here.
+``server`` → ``upstream`` → ``adapters`` → ``wire``; ``auth`` and ``node`` know no app; only
+``server`` speaks ``aiohttp.web``. The flat modules (config, errors, metrics, headers, ...) are
+leaves any package may use. Read from the source, so a new import that breaks a rule fails here.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ FORBIDDEN = {
     "adapters": {"server", "upstream"},
     "upstream": {"server"},
     "auth": {"server", "upstream", "adapters"},
+    "node": {"server", "upstream", "adapters"},
 }
 #: Where aiohttp's server side may be imported.
 WEB_ALLOWED = {"server"}

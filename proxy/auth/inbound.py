@@ -31,7 +31,7 @@ log = logging.getLogger("model_proxy")
 
 #: Liveness, readiness and metrics stay reachable for orchestrators and Prometheus; in node
 #: mode the node's ``/health`` too, and ``/challenge``, which checks the scheduler's signature
-#: itself (``proxy.node.routes``). Without node mode both are 404s.
+#: itself (``proxy.server.node``). Without node mode both are 404s.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/challenge"})
 #: Every reason a refusal can carry (the ``reason`` label of the failure counter).
 REASONS = SIGNATURE_REASONS | {"missing_credentials", "missing_api_key", "bad_api_key"}

@@ -2,6 +2,7 @@
 
 ``challenge`` answers the scheduler's checks, ``identity`` is what IDENTITY reports (key,
 public IP, GPUs), ``chain`` reads contracts over JSON-RPC, ``registry`` keeps the signer
-allow-lists fresh from the chain, and ``routes`` is the only module here that knows
-``aiohttp.web``. Enabled by the ``node:`` section of the config.
+allow-lists fresh from the chain, ``compat`` maps function-node's config files. None of them
+knows ``aiohttp.web``: the routes and the registry task live in ``proxy.server.node``.
+Enabled by the ``node:`` section of the config.
 """

@@ -47,9 +47,9 @@ def create_app(
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     node = None
     if config.node is not None:
-        from proxy.node import routes as node_routes  # numpy and eth-abi: node mode only
+        from proxy.server import node as node_mode  # numpy and eth-abi: node mode only
 
-        node = node_routes.build(config, NodeMetrics(metrics.registry))
+        node = node_mode.build(config, NodeMetrics(metrics.registry))
     runtime = Runtime(
         config=config,
         metrics=metrics,
@@ -86,7 +86,7 @@ def create_app(
                           ("/metrics", routes.metrics)):
         router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
     if node is not None:
-        node_routes.install(app, node, lambda handler, label: layered(runtime, handler, label))
+        node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
     router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
     return app
 

@@ -1,4 +1,5 @@
-"""Node mode on the application: ``POST /challenge``, ``GET /health`` and the registry task.
+"""Node mode (``proxy.node``) on the application: ``POST /challenge``, ``GET /health`` and the
+registry task.
 
 :func:`install` is called by ``create_app`` when the config has ``node:``; it adds the two
 routes (through the same edge layer as every route) and one ``cleanup_ctx`` that runs the
