@@ -66,10 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
-        try:
-            load_adapter_class(config)
-        except ConfigError as exc:
-            raise ConfigError([f"{path}: {line}" for line in exc.problems]) from None
+        for i, entry in enumerate(config.entries):
+            try:
+                load_adapter_class(entry)
+            except ConfigError as exc:
+                key = f"models[{i}]." if entry is not config else ""
+                raise ConfigError([f"{path}: {key}{line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
         try:

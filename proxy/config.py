@@ -8,6 +8,7 @@ one line each.
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import ipaddress
 import re
@@ -64,7 +65,46 @@ class ModelSection(Section):
     name: str | None = Field(None, min_length=1)
     aliases: tuple[Annotated[str, Field(min_length=1)], ...] = ()
     context_length: int | None = Field(None, gt=0)
+    #: Most tokens one answer may have (``max_output_length`` in the catalog).
+    max_output_length: int | None = Field(None, gt=0)
     supported_features: tuple[str, ...] = ()
+    #: Prices shown in the catalog, as OpenRouter writes them (USD per token, as strings).
+    pricing: PricingSection | None = None
+    #: From this day on the model leaves ``/v1/models``; it is served until removed.
+    deprecation_date: datetime.date | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The public name and its aliases (empty when no name is fixed)."""
+        return (self.name, *self.aliases) if self.name is not None else ()
+
+
+class PricingSection(Section):
+    """OpenRouter's ``pricing`` object; numbers are written out as strings."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    request: str | None = None
+    image: str | None = None
+
+    @field_validator("prompt", "completion", "request", "image", mode="before")
+    @classmethod
+    def _price(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a price (a number), not a boolean")
+        if isinstance(value, int | float):
+            value = format(value, "f").rstrip("0").rstrip(".") if value else "0"
+        if isinstance(value, str):
+            try:
+                if float(value) < 0:
+                    raise ValueError("must not be negative")
+            except ValueError as exc:
+                raise ValueError(str(exc) if "negative" in str(exc) else
+                                 "must be a number (USD per token)") from None
+        return value
+
+
+ModelSection.model_rebuild()
 
 
 class TimeoutsSection(Section):
@@ -328,7 +368,10 @@ def _check_url(url: str | None) -> str | None:
 
 class BaseConfig(Section):
     backend_provider: str
-    url: str | None = None
+    #: The upstream's base URL, or a list of them (the same model behind each; see ``routing``).
+    url: str | tuple[str, ...] | None = None
+    #: How requests spread over several ``url``s: in turn, or to the one with fewest in flight.
+    routing: Literal["round_robin", "least_busy"] = "round_robin"
     fxn_id: str | None = Field(None, min_length=1)
     api_key: SecretStr | None = None
     #: Header that carries ``api_key`` upstream; the provider's default when unset.
@@ -376,7 +419,19 @@ class BaseConfig(Section):
 
     @field_validator("url")
     @classmethod
-    def _url_is_base(cls, value: str | None) -> str | None:
+    def _url_is_base(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("must name at least one URL")
+            urls: list[str] = []
+            for i, url in enumerate(value):
+                try:
+                    urls.append(str(_check_url(url)))
+                except ValueError as exc:
+                    raise ValueError(f"[{i}] {exc}") from None
+            if len(set(urls)) < len(urls):
+                raise ValueError("names the same URL twice")
+            return urls[0] if len(urls) == 1 else tuple(urls)
         return _check_url(value)
 
     @field_validator("api_key", "bearer_token", mode="before")
@@ -394,6 +449,23 @@ class BaseConfig(Section):
                 "keep one, or set api_key_header"
             )
         return self
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every upstream base URL (none for upstreams without one)."""
+        url = self.url
+        if url is None:
+            return ()
+        return (url,) if isinstance(url, str) else url
+
+    def for_url(self, url: str) -> BaseConfig:
+        """This config with ``url`` as its one upstream (what each upstream's adapter gets)."""
+        return self.model_copy(update={"url": url})
+
+    @property
+    def entries(self) -> tuple[BaseConfig, ...]:
+        """The served models: this config itself, or each entry of ``models:``."""
+        return (self,)
 
     @property
     def api_key_header_name(self) -> str:
@@ -511,7 +583,8 @@ def _provider_tag(value: Any) -> str:
     return provider if provider in BUILTIN_PROVIDERS else "plugin"
 
 
-ProxyConfig = Annotated[
+#: One model's config: the single-model file, or one entry of ``models:``.
+ModelConfig = Annotated[
     Annotated[MockConfig, Tag("mock")]
     | Annotated[CustomConfig, Tag("custom")]
     | Annotated[VllmConfig, Tag("vllm")]
@@ -519,6 +592,102 @@ ProxyConfig = Annotated[
     | Annotated[FxnConfig, Tag("fxn")]
     | Annotated[PluginConfig, Tag("plugin")],
     Discriminator(_provider_tag),
+]
+
+#: Keys that belong to the whole proxy and are given only at the top level of ``models:``.
+TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models")
+#: Sections a ``models:`` entry takes from the top level when it does not give its own.
+INHERITED = ("timeouts", "retries", "circuit", "limits")
+#: Keys that describe one model, given in each ``models:`` entry instead of the top level.
+PER_MODEL = ("backend_provider", "url", "routing", "fxn_id", "api_key", "api_key_header",
+             "bearer_token", "model_name_alias", "model", "ollama", "engine", "fxn", "options")
+
+
+class ModelSetConfig(BaseConfig):
+    """Several models behind one proxy (``models:``): each entry is a whole single-model
+    config (``backend_provider``, ``url``, ``model``, ...) without the proxy-wide sections
+    (``server``, ``auth``, ``limits``, ``metrics``, ``logging``), which stay at the top level.
+    An entry without its own ``timeouts``, ``retries`` or ``circuit`` uses the top level's.
+    Requests are routed by their ``model`` to the entry whose ``model.name`` or alias it is.
+    """
+
+    backend_provider: Literal["models"] = "models"
+    models: tuple[ModelConfig, ...]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        top = {_snake(k): k for k in data}
+        for key in PER_MODEL:
+            if key in top:
+                raise ValueError(
+                    f"{key} belongs in each entry of models: (not at the top level with it)"
+                )
+        entries = data.get(top.get("models", "models"))
+        if not isinstance(entries, list | tuple):
+            return data
+        if not entries:
+            raise ValueError("models must list at least one model")
+        shared = {key: data[top[key]] for key in INHERITED if key in top}
+        merged = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                merged.append(entry)
+                continue
+            keys = {_snake(k) for k in entry}
+            for key in TOP_LEVEL_ONLY:
+                if key in keys:
+                    raise ValueError(
+                        f"models[{i}].{key}: is set for the whole proxy, at the top level"
+                    )
+            merged.append({**{k: v for k, v in shared.items() if k not in keys}, **entry})
+        return {**data, top.get("models", "models"): merged}
+
+    @model_validator(mode="after")
+    def _names_route(self) -> ModelSetConfig:
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(self.models):
+            names = entry.model.names or ((entry.public_name,) if entry.public_name else ())
+            if not names:
+                raise ValueError(
+                    f"models[{i}].model.name: is required: the name clients ask for"
+                )
+            for name in names:
+                if name in seen:
+                    raise ValueError(
+                        f"models[{i}].model: {name!r} is already served by models[{seen[name]}]"
+                    )
+                seen[name] = i
+        return self
+
+    @property
+    def entries(self) -> tuple[BaseConfig, ...]:
+        return self.models
+
+
+def _snake(key: Any) -> str:
+    from pydantic.alias_generators import to_snake
+
+    return to_snake(key) if isinstance(key, str) else str(key)
+
+
+def _top_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return "models" if "models" in value else _provider_tag(value)
+    return "models" if isinstance(value, ModelSetConfig) else _provider_tag(value)
+
+
+ProxyConfig = Annotated[
+    Annotated[MockConfig, Tag("mock")]
+    | Annotated[CustomConfig, Tag("custom")]
+    | Annotated[VllmConfig, Tag("vllm")]
+    | Annotated[OllamaConfig, Tag("ollama")]
+    | Annotated[FxnConfig, Tag("fxn")]
+    | Annotated[PluginConfig, Tag("plugin")]
+    | Annotated[ModelSetConfig, Tag("models")],
+    Discriminator(_top_tag),
 ]
 
 CONFIG_ADAPTER: TypeAdapter[ProxyConfig] = TypeAdapter(ProxyConfig)
@@ -530,6 +699,7 @@ VARIANTS: dict[str, type[BaseConfig]] = {
     "ollama": OllamaConfig,
     "fxn": FxnConfig,
     "plugin": PluginConfig,
+    "models": ModelSetConfig,
 }
 
 

@@ -20,7 +20,15 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel, to_snake
 
-from proxy.config import SECRET_KEYS, VARIANTS, ProxyConfig, _provider_tag, build_config
+from proxy.config import (
+    SECRET_KEYS,
+    VARIANTS,
+    ModelSetConfig,
+    ProxyConfig,
+    _provider_tag,
+    _top_tag,
+    build_config,
+)
 from proxy.errors import ConfigError
 
 Loc = tuple[str | int, ...]
@@ -175,33 +183,60 @@ def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
             node[key] = str(base / Path(value).expanduser())
 
 
+_ENTRY_MESSAGE = re.compile(r"(models\[\d+\]\.\S+): (.*)", re.S)
+
+
 def _describe(exc: ValidationError, data: dict[str, Any], name: str) -> list[str]:
-    variant = VARIANTS[_provider_tag(data)]
+    top = VARIANTS[_top_tag(data)]
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
         loc: Loc = tuple(err["loc"][1:])  # the first element is the provider tag
+        variant, where = top, data
+        prefix: Loc = ()
+        if top is ModelSetConfig and len(loc) >= 3 and loc[0] == "models" and isinstance(
+            loc[1], int
+        ):
+            # inside one entry: its own provider tag follows the index
+            entries = data.get("models")
+            entry = entries[loc[1]] if isinstance(entries, list) else None
+            if isinstance(entry, dict):
+                variant, where, prefix = VARIANTS[_provider_tag(entry)], entry, loc[:2]
+                loc = loc[3:]
         ctx = err.get("ctx") or {}
-        if err["type"] != "extra_forbidden":  # there the key is the user's own spelling
-            loc = tuple(to_snake(p) if isinstance(p, str) else p for p in loc)
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{name}: {_path(loc)}: {_unknown_key(variant, loc, data)}")
-            continue
         if err["type"] == "value_error" and not loc:
             message = str(ctx.get("error", err["msg"]))
-            where, colon, rest = message.partition(": ")
-            if colon and " " not in where and where.split(".")[0] in _names(variant):
-                lines.append(f"{name}: {where}: {rest}")  # a model check naming its key
+            entry_message = _ENTRY_MESSAGE.fullmatch(message)
+            if entry_message:
+                lines.append(f"{name}: {entry_message[1]}: {entry_message[2]}")
                 continue
-            first = message.split(" ", 1)[0]
-            key = first if first in _names(variant) else "(top level)"
-            lines.append(f"{name}: {key}: {message}")
-            continue
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            provider = data.get("backend_provider") or data.get("backendProvider")
-            message = "is required" + (f" for backend_provider {provider}" if len(loc) == 1 else "")
-        lines.append(f"{name}: {_path(loc)}: {message}")
+        lines.append(_problem(err, loc, variant, where, prefix, name))
     return lines
+
+
+def _problem(
+    err: Any, loc: Loc, variant: type[BaseModel], data: dict[str, Any], prefix: Loc, name: str
+) -> str:
+    """One line for one validation error at ``loc`` of ``data`` (a ``variant``)."""
+    ctx = err.get("ctx") or {}
+    if err["type"] != "extra_forbidden":  # there the key is the user's own spelling
+        loc = tuple(to_snake(p) if isinstance(p, str) else p for p in loc)
+    if err["type"] == "extra_forbidden":
+        return f"{name}: {_path((*prefix, *loc))}: {_unknown_key(variant, loc, data)}"
+    if err["type"] == "value_error" and not loc:
+        message = str(ctx.get("error", err["msg"]))
+        where, colon, rest = message.partition(": ")
+        if colon and " " not in where and where.split(".")[0] in _names(variant):
+            return f"{name}: {_path((*prefix, where))}: {rest}"  # a model check naming its key
+        first = message.split(" ", 1)[0]
+        key = _path((*prefix, first)) if first in _names(variant) else (
+            _path(prefix) if prefix else "(top level)")
+        return f"{name}: {key}: {message}"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        provider = data.get("backend_provider") or data.get("backendProvider")
+        message = "is required" + (
+            f" for backend_provider {provider}" if len(loc) == 1 and provider else "")
+    return f"{name}: {_path((*prefix, *loc))}: {message}"
 
 
 def _unknown_key(variant: type[BaseModel], loc: Loc, data: dict[str, Any]) -> str:
@@ -213,7 +248,8 @@ def _unknown_key(variant: type[BaseModel], loc: Loc, data: dict[str, Any]) -> st
     if twin in known and isinstance(parent, dict) and twin in parent:
         return f"given twice, as {twin} and {key}; keep one"
     if len(loc) == 1:
-        users = [p for p, cls in VARIANTS.items() if p != "plugin" and key in _names(cls)]
+        users = [p for p, cls in VARIANTS.items()
+                 if p not in ("plugin", "models") and key in _names(cls)]
         if users:
             provider = data.get("backend_provider") or data.get("backendProvider")
             return f"not used by backend_provider {provider} (only by {', '.join(users)})"

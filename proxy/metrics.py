@@ -140,6 +140,10 @@ class Metrics:
             "model_proxy_stream_chunk_gap_seconds",
             "Time between two chunks of a streamed answer, as relayed.", ("endpoint",),
             bounds=GAP_BUCKETS)
+        self.upstream_attempts = FastCounter(
+            "model_proxy_upstream_attempts",
+            "Attempts at each of a model's several upstreams, by outcome (ok or failed).",
+            ("model", "upstream", "outcome"))
         r.register(_FastCollector(self))
         self.retries = Counter(
             "model_proxy_upstream_retries", "Upstream attempts beyond the first.", registry=r)
@@ -167,7 +171,7 @@ class Metrics:
     def fast_families(self) -> tuple[FastCounter | FastHistogram, ...]:
         return (self.requests, self.latency, self.upstream_latency, self.ttft, self.tokens,
                 self.upstream_errors, self.upstream_timings, self.upstream_tokens_per_second,
-                self.overhead, self.chunk_gap)
+                self.overhead, self.chunk_gap, self.upstream_attempts)
 
     def watch_gauges(
         self, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -195,6 +199,11 @@ class Metrics:
     def chunk_gaps(self, endpoint: str) -> tuple[list[float], tuple[float, ...]]:
         """The chunk-gap child of ``endpoint`` and its bounds, for :func:`observe_into`."""
         return self.chunk_gap.child((endpoint,)), self.chunk_gap.bounds
+
+    def count_attempt(self, model: str, upstream: str, outcome: str) -> None:
+        """One attempt at one of a model's upstreams; all three labels come from the config
+        (``upstream`` is the URL's position) or a fixed set (``outcome``)."""
+        self.upstream_attempts.inc((model, upstream, outcome))
 
     def count_retry(self) -> None:
         self.retries.inc()

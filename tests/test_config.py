@@ -185,6 +185,56 @@ BAD = {
         "backend_provider: no_such_module_xyz:Adapter\n",
         "backend_provider: cannot import adapter no_such_module_xyz:Adapter",
     ),
+    "models: a name served twice": (
+        "models:\n  - {backend_provider: mock, model: {name: a}}\n"
+        "  - {backend_provider: mock, model: {name: b, aliases: [a]}}\n",
+        "models[1].model: 'a' is already served by models[0]",
+    ),
+    "models: an entry without a name": (
+        "models:\n  - {backend_provider: mock, model: {name: a}}\n  - {backend_provider: mock}\n",
+        "models[1].model.name: is required: the name clients ask for",
+    ),
+    "models: a per-model key at the top level": (
+        "url: http://h\nmodels:\n  - {backend_provider: mock, model: {name: a}}\n",
+        "url: url belongs in each entry of models:",
+    ),
+    "models: a proxy-wide section in an entry": (
+        "models:\n  - {backend_provider: mock, model: {name: a}, auth: {mode: all}}\n",
+        "models[0].auth: is set for the whole proxy, at the top level",
+    ),
+    "models: a typo in an entry": (
+        "models:\n  - {backend_provider: custom, model: {name: a}, ulr: http://h}\n",
+        "models[0].ulr: unknown key; did you mean 'url'?",
+    ),
+    "models: an entry without url": (
+        "models:\n  - {backend_provider: custom, model: {name: a}}\n",
+        "models[0].url: url is required for backend_provider custom",
+    ),
+    "models: an entry's plugin path": (
+        "models:\n  - {backend_provider: 'no_such_module_xyz:A', model: {name: a}}\n",
+        "models[0].backend_provider: cannot import adapter no_such_module_xyz:A",
+    ),
+    "models: empty": ("models: []\n", "models: models must list at least one model"),
+    "url list: a bad one": (
+        "backend_provider: custom\nurl: [http://a, ftp://b]\n",
+        "url: [1] must be an http:// or https:// URL",
+    ),
+    "url list: twice the same": (
+        "backend_provider: custom\nurl: [http://a, http://a/]\n",
+        "url: names the same URL twice",
+    ),
+    "bad routing": (
+        "backend_provider: custom\nurl: http://a\nrouting: random\n",
+        "routing: Input should be 'round_robin' or 'least_busy'",
+    ),
+    "bad price": (
+        "backend_provider: mock\nmodel: {pricing: {prompt: cheap}}\n",
+        "model.pricing.prompt: must be a number (USD per token)",
+    ),
+    "bad deprecation date": (
+        "backend_provider: mock\nmodel: {deprecation_date: soon}\n",
+        "model.deprecation_date: Input should be a valid date",
+    ),
 }
 
 

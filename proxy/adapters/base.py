@@ -127,6 +127,14 @@ class UpstreamResponse:
                 await self.release()
         return self.body
 
+    def swap_release(
+        self, release: Callable[[], Awaitable[None] | None] | None
+    ) -> Callable[[], Awaitable[None] | None] | None:
+        """Put ``release`` in place of the current release hook; returns the one replaced
+        (a layer that wraps it calls it from its own)."""
+        previous, self._release = self._release, release
+        return previous
+
     async def release(self) -> None:
         release, self._release = self._release, None
         if release is not None:

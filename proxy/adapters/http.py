@@ -68,7 +68,8 @@ class HTTPUpstream(Adapter):
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
-        assert config.url is not None
+        # several URLs are split by the pipeline, one adapter each (BaseConfig.for_url)
+        assert isinstance(config.url, str)
         self.base_url = config.url
         self.where = _safe_origin(config.url)
         self.timeouts = config.timeouts

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters import load_adapter_class
+from proxy.adapters.base import Adapter
 from proxy.auth.inbound import AuthState
 from proxy.config import BaseConfig
 from proxy.metrics import Metrics, NodeMetrics
@@ -21,6 +21,7 @@ from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
+from proxy.upstream.routing import Served
 
 log = logging.getLogger("model_proxy")
 
@@ -39,7 +40,6 @@ def create_app(
     Call it with an event loop running (the upstream connection pool belongs to it). Raises
     ``ConfigError`` if the configured adapter cannot be imported.
     """
-    adapter_class = load_adapter_class(config)
     metrics = Metrics(registry)
     limiter = Limiter(config.limits)
     pipeline = Pipeline(metrics, limiter)
@@ -62,7 +62,7 @@ def create_app(
         ),
         readiness=Readiness(config),
         session=session,
-        backend=pipeline.backend(config, adapter_class(config, session)),
+        served=Served([pipeline.build(entry, session) for entry in config.entries]),
         config_path=config_path,
     )
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
@@ -71,7 +71,7 @@ def create_app(
     metrics.watch_gauges(
         in_flight=lambda: limiter.active,
         queued=lambda: limiter.waiting,
-        circuit_state=lambda: runtime.backend.breaker.state,
+        circuit_state=lambda: runtime.served.circuit_state(),
     )
     metrics.watch_stats(lambda: runtime.backend.adapter.stats())
     app.cleanup_ctx.append(_lifecycle)
@@ -95,12 +95,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """The adapter and the upstream connection pool, from start-up to the last request."""
     runtime = app[RUNTIME]
     try:
-        await runtime.backend.adapter.start()
+        for adapter in _adapters(runtime):
+            await adapter.start()
         yield
     finally:
         runtime.shutting_down = True
-        await runtime.backend.adapter.close()
+        for adapter in _adapters(runtime):  # the set serving now; the reloader closes retirees
+            await adapter.close()
         await runtime.session.close()
+
+
+def _adapters(runtime: Runtime) -> list[Adapter]:
+    return [adapter for backend in runtime.served.backends for adapter in backend.adapters()]
 
 
 async def _drain_requests(app: web.Application) -> None:

@@ -95,7 +95,12 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         finally:
             if label:
                 seconds = time.perf_counter() - start
-                metrics.observe_request(label, backend.model_label, status, seconds)
+                model = runtime.routed_label
+                if model:
+                    runtime.routed_label = ""
+                else:
+                    model = backend.model_label
+                metrics.observe_request(label, model, status, seconds)
                 upstream = runtime.upstream_seconds
                 if upstream >= 0.0:
                     runtime.upstream_seconds = -1.0

@@ -12,6 +12,7 @@ import aiohttp
 from proxy.adapters import load_adapter_class
 from proxy.config import BaseConfig
 from proxy.errors import ProxyError
+from proxy.upstream.breaker import State
 
 if TYPE_CHECKING:
     from proxy.server.runtime import Runtime
@@ -25,30 +26,42 @@ class Readiness:
     """``/readyz``'s answer: shutting down, the circuit, then the upstream's own check, whose
     result is cached for :data:`READY_CACHE_SECONDS` per backend."""
 
-    __slots__ = ("at", "backend", "cached", "grace")
+    __slots__ = ("cache", "grace")
 
     def __init__(self, config: BaseConfig) -> None:
-        self.backend: Backend | None = None
-        self.at = 0.0
-        self.cached: str | None = None
+        #: id(backend) -> (backend, when, reason): the last answer of each backend's check
+        self.cache: dict[int, tuple[Backend, float, str | None]] = {}
         self.grace = 5.0
         self.configure(config)
 
     def configure(self, config: BaseConfig) -> None:
         # the upstream check may take a connect timeout and a little more, never forever
         self.grace = config.timeouts.connect + 5
+        self.cache = {}
 
     async def reason(self, runtime: Runtime) -> str | None:
-        """``None`` when the proxy can serve, else why not."""
+        """``None`` when the proxy can serve every model, else why not."""
         if runtime.shutting_down:
             return "shutting down"
-        backend = runtime.backend
+        served = runtime.served
+        if served.only is not None:
+            return await self.backend_reason(runtime, served.only)
+        reasons = await asyncio.gather(*(self.backend_reason(runtime, b) for b in served.backends))
+        problems = [f"model {name}: {reason}" for name, reason in zip(served.names, reasons,
+                                                                       strict=True) if reason]
+        return "; ".join(problems) or None
+
+    async def backend_reason(self, runtime: Runtime, backend: Backend) -> str | None:
+        """``None`` when ``backend`` can serve, else why not (checked at most once a second)."""
         circuit = backend.breaker.reason()
         if circuit is not None:
             return circuit
+        if backend.upstreams and all(u.breaker.state is State.OPEN for u in backend.upstreams):
+            return backend.upstreams[0].breaker.reason()
         now = time.monotonic()
-        if self.backend is backend and now - self.at < READY_CACHE_SECONDS:
-            return self.cached
+        cached = self.cache.get(id(backend))
+        if cached is not None and cached[0] is backend and now - cached[1] < READY_CACHE_SECONDS:
+            return cached[2]
         reason = None
         try:
             async with asyncio.timeout(self.grace):
@@ -57,13 +70,23 @@ class Readiness:
             reason = exc.message
         except TimeoutError:
             reason = "upstream readiness check timed out"
-        self.backend, self.at, self.cached = backend, now, reason
+        self.cache[id(backend)] = (backend, now, reason)
         runtime.metrics.set_upstream_up(reason is None)
         return reason
 
 
 async def probe(config: BaseConfig) -> str | None:
-    """``None`` when the upstream of ``config`` is ready, else the reason it is not."""
+    """``None`` when every upstream of ``config`` is ready, else the first reason one is not."""
+    for entry in config.entries:
+        for one in [entry.for_url(url) for url in entry.urls] if len(entry.urls) > 1 else [entry]:
+            problem = await _probe_one(one)
+            if problem is not None:
+                name = f"model {entry.public_name}: " if entry is not config else ""
+                return name + problem
+    return None
+
+
+async def _probe_one(config: BaseConfig) -> str | None:
     adapter_class = load_adapter_class(config)
     async with aiohttp.ClientSession() as session:
         adapter = adapter_class(config, session)

@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.adapters import load_adapter_class
 from proxy.adapters.base import Adapter
 from proxy.config import BaseConfig
 from proxy.configfile import load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.server.runtime import Runtime
 from proxy.upstream.pipeline import Backend
+from proxy.upstream.routing import Served
 
 log = logging.getLogger("model_proxy")
 
@@ -71,24 +71,33 @@ class Reloader:
             metrics.count_reload("error")
             return False
         self._stamp = self._file_stamp()
-        adapter: Adapter | None = None
+        adapters: list[Adapter] = []
         try:
             config = self._keep_fixed(load_config(path))
-            adapter = load_adapter_class(config)(config, runtime.session)
-            adapter.take_over(runtime.backend.adapter)
-            await adapter.start()
-            await adapter.until_started()
+            backends = [runtime.pipeline.build(entry, runtime.session) for entry in config.entries]
+            previous = {b.config.public_name: b for b in runtime.served.backends}
+            for backend in backends:
+                before = previous.get(backend.config.public_name)
+                if before is None and len(backends) == 1 == len(previous):
+                    before = runtime.backend  # one model renamed: still the same upstream
+                for i, adapter in enumerate(backend.adapters()):
+                    if before is not None and i < len(before.adapters()):
+                        adapter.take_over(before.adapters()[i])
+                    adapters.append(adapter)
+                    await adapter.start()
+            for adapter in adapters:
+                await adapter.until_started()
         except (ConfigError, ProxyError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [exc.message]
             log.error("config reload rejected, still serving the previous config: %s",
                       " | ".join(problems))
             metrics.count_reload("error")
-            if adapter is not None:
+            for adapter in adapters:
                 await _close_quietly(adapter)
             return False
-        old = runtime.backend
-        runtime.configure(config, runtime.pipeline.backend(config, adapter))
-        self.retired.append(old)
+        old = runtime.served.backends
+        runtime.configure(config, Served(backends))
+        self.retired.extend(old)
         self._wake.set()
         metrics.count_reload("ok")
         log.info("config reloaded from %s (%s)", path, config.backend_provider)
@@ -145,13 +154,15 @@ class Reloader:
     async def _close_idle(self) -> None:
         for backend in [b for b in self.retired if b.active == 0]:
             self.retired.remove(backend)
-            await _close_quietly(backend.adapter)
+            for adapter in backend.adapters():
+                await _close_quietly(adapter)
 
     async def close(self) -> None:
         """Close every retired adapter (at shutdown, after the last request)."""
         retired, self.retired = self.retired, []
         for backend in retired:
-            await _close_quietly(backend.adapter)
+            for adapter in backend.adapters():
+                await _close_quietly(adapter)
 
     def _file_stamp(self) -> tuple[int, int] | None:
         path = self.runtime.config_path

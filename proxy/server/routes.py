@@ -16,6 +16,7 @@ from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
 from proxy.server.runtime import Runtime
 from proxy.upstream.pipeline import Backend
+from proxy.upstream.routing import UNROUTED
 from proxy.wire.checks import check_request, parse_object
 
 ENDPOINTS: dict[str, Endpoint] = {
@@ -28,12 +29,14 @@ KNOWN_PATHS = frozenset({*ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metr
 
 
 async def inference(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    backend = runtime.backend
-    config = backend.config
+    served = runtime.served
+    limits = runtime.config.limits
     endpoint = ENDPOINTS[request.path]
-    body = await read_body(request, config.limits.max_body_bytes)
+    body = await read_body(request, limits.max_body_bytes)
     payload = parse_object(body)
-    model, stream = check_request(endpoint, payload, body, config.limits)
+    model, stream = check_request(endpoint, payload, body, limits)
+    backend = served.only or routed(runtime, model)
+    config = backend.config
     upstream_model = resolve_model(config, model)
     if upstream_model != model:
         payload["model"] = upstream_model
@@ -47,7 +50,8 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
     backend = runtime.backend
     if request.path in ENDPOINTS or request.path == "/v1/models":
         raise method_not_allowed(request)
-    if not backend.adapter.passthrough:
+    # with several models there is no one upstream an unknown path could belong to
+    if not backend.adapter.passthrough or runtime.served.only is None:
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     body = await read_body(request, backend.config.limits.max_body_bytes)
     job = Job("passthrough", request.method, request.path, request.query_string, body, None,
@@ -60,11 +64,23 @@ async def forward(
 ) -> web.StreamResponse:
     """Admit ``job``, send it (with retries), relay the answer."""
     pipeline = runtime.pipeline
-    async with pipeline.admitted(backend):
-        upstream = await pipeline.call(backend, job)
-        response = await relay(request, upstream, job, runtime.metrics, runtime.drain)
-    runtime.upstream_seconds = job.upstream_seconds  # read by the edge as this returns
+    try:
+        async with pipeline.admitted(backend):
+            upstream = await pipeline.call(backend, job)
+            response = await relay(request, upstream, job, runtime.metrics, runtime.drain)
+    finally:
+        runtime.routed_label = backend.model_label  # read by the edge as this returns
+    runtime.upstream_seconds = job.upstream_seconds  # likewise
     return response
+
+
+def routed(runtime: Runtime, model: str) -> Backend:
+    """The backend serving ``model`` in a set of several; 404 (labelled as unrouted) else."""
+    try:
+        return runtime.served.route(model)
+    except NotFound:
+        runtime.routed_label = UNROUTED  # read by the edge as the error passes
+        raise
 
 
 async def models(request: web.Request, runtime: Runtime) -> web.Response:
@@ -115,7 +131,7 @@ async def readyz(request: web.Request, runtime: Runtime) -> web.Response:
 
 
 async def metrics(request: web.Request, runtime: Runtime) -> web.Response:
-    if not runtime.backend.config.metrics.enabled:
+    if not runtime.config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")
     return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 

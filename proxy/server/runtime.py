@@ -1,4 +1,4 @@
-"""What one running proxy holds: the current backend and the long-lived parts around it."""
+"""What one running proxy holds: the served backends and the long-lived parts around them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from proxy.server.drain import Drain
     from proxy.server.health import Readiness
     from proxy.upstream.pipeline import Backend, Pipeline
+    from proxy.upstream.routing import Served
 
 
 @dataclass(slots=True, eq=False)
@@ -33,7 +34,10 @@ class Runtime:
     auth: AuthState
     readiness: Readiness
     session: aiohttp.ClientSession
-    backend: Backend
+    #: The served set, routed by model name; replaced whole on reload.
+    served: Served
+    #: The first backend of ``served`` (the only one of a single-model config).
+    backend: Backend = field(init=False)
     config_path: str | None = None
     shutting_down: bool = False
     #: Handed from a forwarded request's handler to the edge as it returns: the seconds that
@@ -41,15 +45,22 @@ class Runtime:
     #: the proxy's own (``model_proxy_overhead_seconds``). Set and read with no ``await``
     #: between them, so no other request can come in between.
     upstream_seconds: float = -1.0
+    #: Handed from a routed request's handler to the edge the same way: the ``model`` label
+    #: of the backend it went to (``""``: the edge uses ``backend``'s).
+    routed_label: str = ""
     started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.backend = self.served.backends[0]
 
     def current(self) -> Backend:
         return self.backend
 
-    def configure(self, config: BaseConfig, backend: Backend) -> None:
-        """Swap in ``config`` and the backend built from it; every long-lived part follows."""
+    def configure(self, config: BaseConfig, served: Served) -> None:
+        """Swap in ``config`` and the backends built from it; every long-lived part follows."""
         self.config = config
-        self.backend = backend
+        self.served = served
+        self.backend = served.backends[0]
         self.pipeline.configure(config)
         self.auth.configure(config)
         self.readiness.configure(config)
