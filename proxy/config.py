@@ -12,6 +12,7 @@ import datetime
 import importlib.metadata
 import ipaddress
 import re
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -93,7 +94,7 @@ class PricingSection(Section):
         if isinstance(value, bool):
             raise ValueError("must be a price (a number), not a boolean")
         if isinstance(value, int | float):
-            value = format(value, "f").rstrip("0").rstrip(".") if value else "0"
+            value = format(Decimal(repr(value)), "f")  # 2e-07 -> 0.0000002, exactly
         if isinstance(value, str):
             try:
                 if float(value) < 0:

@@ -206,6 +206,29 @@ class Adapter(ABC):
         """The upstream's own model objects (OpenAI ``/v1/models`` shape), if it has a list."""
         return []
 
+    async def facts(self) -> dict[str, Any]:
+        """What the upstream can tell of the configured model, for the catalog: any of
+        ``context_length``, ``max_output_length``, ``supported_features``,
+        ``input_modalities`` and ``model_type``, in OpenRouter's vocabulary.
+
+        Called in the background, never for a request; raise ``ProxyError`` when the upstream
+        cannot say. By default, read from the upstream's model list (``models()``): a vLLM
+        server's and the in-process engine's ``max_model_len``, or a ``context_length``.
+        """
+        items = await self.models()
+        wanted = self.config.upstream_name
+        item = next((m for m in items if m.get("id") == wanted), None)
+        if item is None and len(items) == 1:
+            item = items[0]
+        facts: dict[str, Any] = {}
+        if item is not None:
+            for key in ("max_model_len", "context_length", "context_window"):
+                value = item.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    facts["context_length"] = value
+                    break
+        return facts
+
     async def check_ready(self) -> None:
         """Raise ``UpstreamError`` with a reason when the upstream cannot serve right now."""
 

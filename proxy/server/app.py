@@ -14,6 +14,7 @@ from proxy.auth.inbound import AuthState
 from proxy.config import BaseConfig
 from proxy.metrics import Metrics, NodeMetrics
 from proxy.server import routes
+from proxy.server.catalog import Catalog, cataloguing
 from proxy.server.drain import Drain
 from proxy.server.edge import UNCOUNTED, layered
 from proxy.server.health import Readiness
@@ -61,6 +62,7 @@ def create_app(
             allowed=node.registry.inference if node is not None else None,
         ),
         readiness=Readiness(config),
+        catalog=Catalog(),
         session=session,
         served=Served([pipeline.build(entry, session) for entry in config.entries]),
         config_path=config_path,
@@ -76,11 +78,14 @@ def create_app(
     metrics.watch_stats(lambda: runtime.backend.adapter.stats())
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(reloading)
+    app.cleanup_ctx.append(cataloguing)
     app.on_shutdown.append(_drain_requests)
     router = app.router
     for path, endpoint in routes.ENDPOINTS.items():
         router.add_post(path, layered(runtime, routes.inference, endpoint))
     router.add_get("/v1/models", layered(runtime, routes.models, "models"), allow_head=False)
+    router.add_get("/v1/models/{id:.+}", layered(runtime, routes.model, "models"),
+                   allow_head=False)
     router.add_route("*", "/v1/{tail:.*}", layered(runtime, routes.passthrough, None))
     for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz),
                           ("/metrics", routes.metrics)):

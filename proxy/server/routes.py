@@ -9,9 +9,10 @@ from aiohttp import web
 
 from proxy.adapters.base import Endpoint, Job
 from proxy.config import BaseConfig
-from proxy.errors import NotFound, ProxyError
+from proxy.errors import NotFound
 from proxy.headers import request_headers
 from proxy.metrics import CONTENT_TYPE
+from proxy.server import catalog
 from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
 from proxy.server.runtime import Runtime
@@ -48,7 +49,9 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
 
 async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     backend = runtime.backend
-    if request.path in ENDPOINTS or request.path == "/v1/models":
+    if request.path in ENDPOINTS or (
+        request.path == "/v1/models" or request.path.startswith("/v1/models/")
+    ):
         raise method_not_allowed(request)
     # with several models there is no one upstream an unknown path could belong to
     if not backend.adapter.passthrough or runtime.served.only is None:
@@ -84,39 +87,17 @@ def routed(runtime: Runtime, model: str) -> Backend:
 
 
 async def models(request: web.Request, runtime: Runtime) -> web.Response:
-    backend = runtime.backend
-    config = backend.config
-    ready = await runtime.readiness.reason(runtime) is None
-    metadata = {
-        "backend_provider": config.backend_provider,
-        "warm": ready,
-        "can_accept": ready and not runtime.shutting_down,
-        "fxn_id": config.fxn_id,
-    }
-    if config.public_name is not None:
-        entry: dict[str, Any] = {
-            "id": config.public_name,
-            "object": "model",
-            "created": int(runtime.started_at),
-            "owned_by": config.backend_provider,
-        }
-        if config.model.aliases:
-            entry["aliases"] = list(config.model.aliases)
-        items = [entry]
-    else:
-        try:
-            items = [dict(m) for m in await backend.adapter.models()]
-        except ProxyError:
-            items = []
-    for item in items:
-        if config.model.context_length is not None:
-            item["context_length"] = config.model.context_length
-        if config.model.supported_features:
-            item["supported_features"] = list(config.model.supported_features)
-        item["metadata"] = {**item.get("metadata", {}), **metadata}
-    return web.Response(
-        body=orjson.dumps({"object": "list", "data": items}), content_type="application/json"
-    )
+    items = await catalog.listing(runtime, runtime.catalog)
+    return _json({"object": "list", "data": items})
+
+
+async def model(request: web.Request, runtime: Runtime) -> web.Response:
+    entry = await catalog.one(runtime, runtime.catalog, request.match_info["id"])
+    return _json(entry)
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
 async def healthz(request: web.Request, runtime: Runtime) -> web.Response:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from proxy.auth.inbound import AuthState
     from proxy.config import BaseConfig
     from proxy.metrics import Metrics
+    from proxy.server.catalog import Catalog
     from proxy.server.drain import Drain
     from proxy.server.health import Readiness
     from proxy.upstream.pipeline import Backend, Pipeline
@@ -33,6 +34,7 @@ class Runtime:
     drain: Drain
     auth: AuthState
     readiness: Readiness
+    catalog: Catalog
     session: aiohttp.ClientSession
     #: The served set, routed by model name; replaced whole on reload.
     served: Served
@@ -64,6 +66,7 @@ class Runtime:
         self.pipeline.configure(config)
         self.auth.configure(config)
         self.readiness.configure(config)
+        self.catalog.configure(config)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -395,6 +395,7 @@ def embedding(text: str, dimensions: int) -> list[float]:
 async def _show(request: web.Request) -> web.Response:
     state = request.app[FAKE_OLLAMA]
     body = await request.json()
+    state.requests.append(Recorded(request.path, body, dict(request.headers)))
     model = state.models.get(canonical(str(body.get("model", ""))))
     if model is None:
         return _error(404, f"model '{body.get('model')}' not found")

@@ -40,6 +40,8 @@ class FakeOpenAI:
     #: Set when a streamed answer's client went away before the end.
     stream_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Further fields of the one model ``/v1/models`` lists (e.g. vLLM's ``max_model_len``).
+    model_fields: dict[str, Any] = field(default_factory=dict)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -179,6 +181,7 @@ class FakeOpenAI:
                         "object": "model",
                         "created": 1,
                         "owned_by": "fake",
+                        **self.model_fields,
                     },
                 ],
             }

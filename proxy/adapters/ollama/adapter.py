@@ -127,6 +127,18 @@ class OllamaAdapter(HTTPUpstream):
                 rest.append(_model_object(entry, name))
         return first + rest
 
+    async def facts(self) -> dict[str, Any]:
+        """``/api/show`` of the configured model: its capabilities in OpenRouter's words, and
+        the context it is served with (``ollama.options.num_ctx`` if set, else the model's)."""
+        if self._tag is None:
+            return {}
+        resp = await self.request("POST", "/api/show", body=orjson.dumps({"model": self._tag}),
+                                  headers=_JSON)
+        raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
+        if resp.status != 200:
+            raise UpstreamError(f"Ollama at {self.where} answered /api/show with {resp.status}")
+        return show_facts(_json_object(raw, "/api/show"), self._options.get("num_ctx"))
+
     async def check_ready(self) -> None:
         """Ollama answers ``/api/version`` and has the configured model pulled."""
         version = await self._get_json("/api/version")
@@ -339,6 +351,33 @@ def _error_text(raw: bytes) -> str:
     if isinstance(obj, dict) and isinstance(obj.get("error"), str):
         return str(obj["error"])
     return orjson.dumps(obj).decode()[:_ERROR_SNIPPET]
+
+
+#: Ollama's capability names, as the catalog (OpenRouter) calls them.
+_FEATURES = {"tools": ("tools",), "thinking": ("reasoning",),
+             "completion": ("json_mode", "structured_outputs", "logprobs")}
+
+
+def show_facts(show: Mapping[str, Any], num_ctx: Any = None) -> dict[str, Any]:
+    """Catalog facts from an ``/api/show`` answer."""
+    capabilities = [c for c in show.get("capabilities") or () if isinstance(c, str)]
+    features = [f for c in capabilities for f in _FEATURES.get(c, ())]
+    facts: dict[str, Any] = {
+        "supported_features": sorted(set(features)),
+        "input_modalities": ["text", "image"] if "vision" in capabilities else ["text"],
+        "model_type": "embedding" if "embedding" in capabilities and "completion"
+        not in capabilities else "chat",
+    }
+    info = show.get("model_info")
+    context = None
+    if isinstance(info, Mapping):
+        arch = info.get("general.architecture")
+        context = info.get(f"{arch}.context_length")
+    if isinstance(num_ctx, int) and num_ctx > 0:
+        context = num_ctx
+    if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+        facts["context_length"] = context
+    return facts
 
 
 def _canonical(name: str) -> str:
