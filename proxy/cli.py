@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from proxy import __version__
+from proxy import __version__, backendtool, trial
 from proxy.adapters import load_adapter_class
 from proxy.auth import keytool
 from proxy.auth.inbound import check_exposure
@@ -57,12 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     keytool.add_commands(commands)
+    backendtool.add_commands(commands)
+    trial.add_commands(commands)
 
     args = parser.parse_args(argv)
     if args.command in ("keygen", "sign"):  # these need no config file
         return keytool.run(args)
     if args.command == "migrate":
         return _migrate(Path(args.home))
+    if args.command == "backends":
+        return backendtool.run(args)
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
@@ -83,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "test":
+        return trial.run(config, args)
     if args.command == "check":
         if exposure:
             print(f"warning: {exposure}", file=sys.stderr)

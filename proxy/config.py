@@ -381,6 +381,9 @@ class BaseConfig(Section):
     model_name_alias: str | None = Field(None, min_length=1)
     #: Reload when the file changes (SIGHUP always reloads).
     watch: bool = False
+    #: Adapter classes registered under a provider name of the operator's choosing, after
+    #: the built-ins and entry points (``model-proxy backends add`` writes them here).
+    plugins: dict[str, str] = Field(default_factory=dict)
     server: ServerSection = ServerSection()
     model: ModelSection = ModelSection()
     timeouts: TimeoutsSection = TimeoutsSection()
@@ -417,6 +420,15 @@ class BaseConfig(Section):
                 "unless node: is set"
             )
         return self
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugin_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            module, _, attr = path.partition(":")
+            if not (module and attr):
+                raise ValueError(f"{name}: must be a module:Class path, not {path!r}")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -555,19 +567,19 @@ class PluginConfig(BaseConfig):
     #: The adapter's own settings, handed to it as they are.
     options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("backend_provider")
-    @classmethod
-    def _known_provider(cls, value: str) -> str:
-        if ":" in value or value in adapter_entry_points():
-            return value
+    @model_validator(mode="after")
+    def _known_provider(self) -> PluginConfig:
+        value = self.backend_provider
+        if ":" in value or value in adapter_entry_points() or value in self.plugins:
+            return self
         from difflib import get_close_matches
 
-        known = [*BUILTIN_PROVIDERS, *adapter_entry_points()]
+        known = [*BUILTIN_PROVIDERS, *adapter_entry_points(), *self.plugins]
         close = get_close_matches(value, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown provider {value!r}{hint}; expected one of {', '.join(known)} "
-            "or a module:Class path"
+            f"backend_provider: unknown provider {value!r}{hint}; expected one of "
+            f"{', '.join(known)} or a module:Class path"
         )
 
 
@@ -596,9 +608,10 @@ ModelConfig = Annotated[
 ]
 
 #: Keys that belong to the whole proxy and are given only at the top level of ``models:``.
-TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models")
+TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models",
+                  "plugins")
 #: Sections a ``models:`` entry takes from the top level when it does not give its own.
-INHERITED = ("timeouts", "retries", "circuit", "limits")
+INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins")
 #: Keys that describe one model, given in each ``models:`` entry instead of the top level.
 PER_MODEL = ("backend_provider", "url", "routing", "fxn_id", "api_key", "api_key_header",
              "bearer_token", "model_name_alias", "model", "ollama", "engine", "fxn", "options")

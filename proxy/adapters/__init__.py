@@ -7,9 +7,12 @@ dependencies (vLLM) cost nothing unless a config names them.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+import importlib.metadata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-from proxy.config import BUILTIN_PROVIDERS, adapter_entry_points
+from proxy.config import ENTRY_POINT_GROUP
 from proxy.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -26,18 +29,47 @@ BUILTINS: dict[str, str] = {
 }
 
 
+_SOURCES = {"built-in": "built-in", "entry point": "entry point", "yaml": "plugins: entry"}
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """One provider name the registry knows, and where it came from."""
+
+    name: str
+    path: str
+    source: Literal["built-in", "entry point", "yaml"]
+
+
+def registry(plugins: Mapping[str, str] | None = None) -> dict[str, Registered]:
+    """Every provider name: built-ins, then entry points, then the YAML's ``plugins:``.
+
+    A name registered twice is an error (``ConfigError``), never a silent override.
+    """
+    known = {name: Registered(name, path, "built-in") for name, path in BUILTINS.items()}
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    later = [(ep.name, ep.value, "entry point") for ep in found]
+    later += [(name, path, "yaml") for name, path in (plugins or {}).items()]
+    for name, path, source in later:
+        if name in known:
+            first = known[name]
+            raise ConfigError([
+                f"backend_provider: {_SOURCES[source]} {name!r} ({path}) clashes with the "
+                f"{_SOURCES[first.source]} of that name ({first.path}); rename one"
+            ])
+        known[name] = Registered(name, path, source)  # type: ignore[arg-type]
+    return known
+
+
 def adapter_path(config: BaseConfig) -> str:
     """The ``module:Class`` that serves ``config``."""
     provider = config.backend_provider
     if provider == "vllm" and config.url is None:
         return BUILTINS["vllm-engine"]
-    if provider in BUILTINS:
-        return BUILTINS[provider]
-    plugins = adapter_entry_points()
-    clash = sorted(set(plugins) & set(BUILTIN_PROVIDERS))
-    if clash:
-        raise ConfigError([f"adapter entry point {clash[0]!r} clashes with a built-in provider"])
-    return plugins.get(provider, provider)
+    if provider in BUILTINS and not config.plugins:
+        return BUILTINS[provider]  # the usual case: no entry points need reading
+    known = registry(config.plugins)
+    return known[provider].path if provider in known else provider
 
 
 def load_adapter_class(config: BaseConfig) -> type[Adapter]:
