@@ -108,6 +108,15 @@ class PricingSection(Section):
 ModelSection.model_rebuild()
 
 
+class DeterminismSection(Section):
+    """Answers a quorum can compare: with ``enforce``, every request is sent with
+    temperature 0, top_p 1, top_k off (where the backend has it) and ``seed``, whatever the
+    client asked; each answer carries the SHA-256 of its text (``X-Output-SHA256``)."""
+
+    enforce: bool = False
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
 class TimeoutsSection(Section):
     connect: PositiveSeconds = 5.0
     first_byte: PositiveSeconds = 120.0
@@ -386,6 +395,7 @@ class BaseConfig(Section):
     plugins: dict[str, str] = Field(default_factory=dict)
     server: ServerSection = ServerSection()
     model: ModelSection = ModelSection()
+    determinism: DeterminismSection = DeterminismSection()
     timeouts: TimeoutsSection = TimeoutsSection()
     retries: RetriesSection = RetriesSection()
     limits: LimitsSection = LimitsSection()
@@ -611,7 +621,7 @@ ModelConfig = Annotated[
 TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models",
                   "plugins")
 #: Sections a ``models:`` entry takes from the top level when it does not give its own.
-INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins")
+INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism")
 #: Keys that describe one model, given in each ``models:`` entry instead of the top level.
 PER_MODEL = ("backend_provider", "url", "routing", "fxn_id", "api_key", "api_key_header",
              "bearer_token", "model_name_alias", "model", "ollama", "engine", "fxn", "options")

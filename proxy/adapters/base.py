@@ -127,6 +127,11 @@ class UpstreamResponse:
                 await self.release()
         return self.body
 
+    def map_chunks(self, wrap: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]) -> None:
+        """Pass the body through ``wrap`` from now on (a layer that rewrites it as it goes)."""
+        self._chunks = wrap(self.chunks())
+        self.body = None
+
     def swap_release(
         self, release: Callable[[], Awaitable[None] | None] | None
     ) -> Callable[[], Awaitable[None] | None] | None:

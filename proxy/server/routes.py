@@ -16,6 +16,7 @@ from proxy.server import catalog
 from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
 from proxy.server.runtime import Runtime
+from proxy.upstream import determinism
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import UNROUTED
 from proxy.wire.checks import check_request, parse_object
@@ -25,6 +26,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
+#: Answers that carry the SHA-256 of their text when determinism is enforced.
+STAMPED = frozenset({"chat", "completions"})
 #: Paths with routes; another method on one of them is a 405, not a 404.
 KNOWN_PATHS = frozenset({*ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics"})
 
@@ -39,7 +42,11 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
     backend = served.only or routed(runtime, model)
     config = backend.config
     upstream_model = resolve_model(config, model)
-    if upstream_model != model:
+    if config.determinism.enforce and endpoint != "embeddings":
+        determinism.force(payload, config.determinism, config.backend_provider)
+        payload["model"] = upstream_model
+        body = orjson.dumps(payload)
+    elif upstream_model != model:
         payload["model"] = upstream_model
         body = orjson.dumps(payload)
     job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
@@ -70,6 +77,8 @@ async def forward(
     try:
         async with pipeline.admitted(backend):
             upstream = await pipeline.call(backend, job)
+            if backend.config.determinism.enforce and job.endpoint in STAMPED:
+                determinism.stamp(upstream)
             response = await relay(request, upstream, job, runtime.metrics, runtime.drain)
     finally:
         runtime.routed_label = backend.model_label  # read by the edge as this returns
