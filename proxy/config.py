@@ -619,7 +619,7 @@ ModelConfig = Annotated[
 
 #: Keys that belong to the whole proxy and are given only at the top level of ``models:``.
 TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models",
-                  "plugins")
+                  "plugins", "node")
 #: Sections a ``models:`` entry takes from the top level when it does not give its own.
 INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism")
 #: Keys that describe one model, given in each ``models:`` entry instead of the top level.
