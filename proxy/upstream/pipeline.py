@@ -158,8 +158,8 @@ class Pipeline:
 
     async def _spread(self, backend: Backend, job: Job, start: float) -> UpstreamResponse:
         """One attempt over a model's upstreams: the chosen one first, then on to the next
-        while an attempt fails before the client has seen a byte (refused, timed out, a
-        retryable status). The last one's outcome is the attempt's."""
+        while an attempt fails before the client has seen a byte (refused, timed out, 429 or
+        a 5xx answer). The last one's outcome is the attempt's."""
         now = time.monotonic()
         order = _order(backend, now)
         last = len(order) - 1
@@ -197,7 +197,9 @@ class Pipeline:
                     breaker.failure()
                 elif breaker.failures or breaker.state is not State.CLOSED:
                     breaker.success()
-                if response.status in RETRYABLE_STATUSES and i < last:
+                if (response.status >= 500 or response.status in RETRYABLE_STATUSES) and (
+                    i < last
+                ):
                     metrics.count_attempt(model, upstream.label, "failed")
                     upstream.cool_until = time.monotonic() + cooldown
                     await response.release()

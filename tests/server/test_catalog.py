@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp.test_utils import TestClient
 
+from proxy.configfile import load_config
+from proxy.server.app import create_app
+from proxy.server.reload import RELOADER
 from proxy.server.runtime import RUNTIME
 from tests.conftest import StartProxy, free_port, upstream_url
 from tests.fakes.faulty_upstream import Faulty
@@ -176,3 +181,21 @@ async def test_warm_and_can_accept_are_live(
     client.app[RUNTIME].served.routes["busy"].breaker.failure()
     busy = (await listing(client))["busy"]["metadata"]
     assert busy["warm"] is False and busy["can_accept"] is False
+
+
+async def test_a_reload_gathers_the_new_sets_facts(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    small, large = (FakeOpenAI(model_fields={"max_model_len": n}) for n in (1024, 8192))
+    small_up, large_up = await aiohttp_server(small.app()), await aiohttp_server(large.app())
+    path = tmp_path / "model_backend.yaml"
+    path.write_text(yaml.safe_dump({"backend_provider": "vllm", "url": upstream_url(small_up),
+                                    "model": {"name": "m"}}))
+    client = await aiohttp_client(create_app(load_config(path), config_path=str(path)))
+    await catalogued(client)
+    assert (await listing(client))["m"]["context_length"] == 1024
+    path.write_text(yaml.safe_dump({"backend_provider": "vllm", "url": upstream_url(large_up),
+                                    "model": {"name": "m"}}))
+    assert await client.app[RELOADER].reload()
+    await catalogued(client)
+    assert (await listing(client))["m"]["context_length"] == 8192

@@ -167,7 +167,7 @@ async def test_failover_passes_over_a_down_and_a_slow_upstream(
 async def test_a_5xx_moves_on_and_the_last_upstream_answer_is_relayed(
     start_proxy: StartProxy, aiohttp_server: Any
 ) -> None:
-    first, second = Faulty(plan=[(503, {})]), Faulty(plan=[(502, {})])
+    first, second = Faulty(plan=[(500, {})]), Faulty(plan=[(502, {})])
     ups = [await aiohttp_server(f.app()) for f in (first, second)]
     client = await start_proxy({
         "backend_provider": "custom", "url": [upstream_url(u) for u in ups],
@@ -202,3 +202,16 @@ async def test_round_robin_and_least_busy_spread_the_load(
     await stream.read()
     backend = client.app[RUNTIME].backend
     assert [u.active for u in backend.upstreams] == [0, 0]  # the stream's place was given back
+
+
+async def test_readyz_names_the_model_that_cannot_serve(start_proxy: StartProxy) -> None:
+    client = await start_proxy({"models": [
+        {"backend_provider": "mock", "model": {"name": "fine"}},
+        {"backend_provider": "custom", "url": f"http://127.0.0.1:{free_port()}",
+         "model": {"name": "gone"}},
+    ]})
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    reason = (await resp.json())["reason"]
+    assert reason.startswith("model gone: ") and "fine" not in reason
+    assert (await client.post("/v1/chat/completions", json=chat("fine"))).status == 200
