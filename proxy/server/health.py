@@ -63,13 +63,19 @@ class Readiness:
         if cached is not None and cached[0] is backend and now - cached[1] < READY_CACHE_SECONDS:
             return cached[2]
         reason = None
-        try:
-            async with asyncio.timeout(self.grace):
-                await backend.adapter.check_ready()
-        except ProxyError as exc:
-            reason = exc.message
-        except TimeoutError:
-            reason = "upstream readiness check timed out"
+        # several upstreams: ready while one of them is (the first reason is kept otherwise)
+        for adapter in backend.adapters():
+            try:
+                async with asyncio.timeout(self.grace):
+                    await adapter.check_ready()
+            except ProxyError as exc:
+                reason = reason or exc.message
+                continue
+            except TimeoutError:
+                reason = reason or "upstream readiness check timed out"
+                continue
+            reason = None
+            break
         self.cache[id(backend)] = (backend, now, reason)
         runtime.metrics.set_upstream_up(reason is None)
         return reason

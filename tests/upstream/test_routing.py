@@ -215,3 +215,17 @@ async def test_readyz_names_the_model_that_cannot_serve(start_proxy: StartProxy)
     reason = (await resp.json())["reason"]
     assert reason.startswith("model gone: ") and "fine" not in reason
     assert (await client.post("/v1/chat/completions", json=chat("fine"))).status == 200
+
+
+async def test_a_model_is_ready_while_one_of_its_upstreams_is(
+    start_proxy: StartProxy, aiohttp_server: Any
+) -> None:
+    good = await aiohttp_server(FakeOpenAI().app())
+    down = f"http://127.0.0.1:{free_port()}"
+    client = await start_proxy({"backend_provider": "custom", "url": [down, upstream_url(good)]})
+    assert (await client.get("/readyz")).status == 200
+    ports = {free_port() for _ in range(4)}  # two different closed ports
+    assert len(ports) >= 2
+    closed = [f"http://127.0.0.1:{port}" for port in sorted(ports)[:2]]
+    client = await start_proxy({"backend_provider": "custom", "url": closed})
+    assert (await client.get("/readyz")).status == 503
