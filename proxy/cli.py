@@ -16,7 +16,7 @@ from proxy import __version__, backendtool, trial
 from proxy.adapters import load_adapter_class
 from proxy.auth import keytool
 from proxy.auth.inbound import check_exposure
-from proxy.config import BaseConfig, ProxyConfig, ServerSection
+from proxy.config import PER_MODEL, BaseConfig, ModelSetConfig, ProxyConfig, ServerSection
 from proxy.configfile import default_path, load_config
 from proxy.errors import ConfigError
 
@@ -199,6 +199,9 @@ def _check(config: BaseConfig, path: Path, *, probe: bool) -> int:
 def masked(config: BaseConfig) -> dict[str, Any]:
     """The effective config as plain data, every secret replaced by asterisks."""
     shown: dict[str, Any] = _mask(config.model_dump(mode="python"))
+    if isinstance(config, ModelSetConfig):  # the per-model keys live in each entry
+        for key in ("backend_provider", *PER_MODEL):
+            shown.pop(key, None)
     return shown
 
 

@@ -300,3 +300,18 @@ def test_unreadable_secret_file_permissions(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems[0].startswith(f"{path}: bearer_token_file: cannot read {secret}")
+
+
+def test_check_shows_each_model_with_its_secrets_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "models:\n"
+                 "  - {backend_provider: custom, url: http://h, api_key: sk-entry-secret,\n"
+                 "     model: {name: a}}\n"
+                 "  - {backend_provider: mock, model: {name: b}}\n")
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sk-entry-secret" not in out and "********" in out
+    assert "valid (models)" in out
+    assert "\nurl:" not in out  # per-model keys appear in the entries only
+    assert out.count("backend_provider:") == 2
