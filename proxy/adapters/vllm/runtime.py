@@ -155,9 +155,9 @@ def serve_args(section: EngineSection, served_names: tuple[str, ...]) -> Any:
             flag = "--" + dest.replace("_", "-") if "." not in dest else "--" + dest
             try:
                 words = _flag_words(flag, action, value)
-                parser.parse_args(["--model", section.model, *words])
+                parser.parse_args(words if dest == "model" else ["--model", section.model, *words])
             except _Refused as exc:
-                problems.append(f"{where}.{key}: {exc}")
+                problems.append(f"{where}.{key}: {_one_line(str(exc))}")
                 continue
             argv += words
     if problems:
@@ -167,8 +167,15 @@ def serve_args(section: EngineSection, served_names: tuple[str, ...]) -> Any:
         args.disable_log_stats = False  # the stat loggers feed /metrics
         validate_parsed_serve_args(args)
     except (_Refused, TypeError, ValueError) as exc:
-        raise ConfigError([f"engine: {str(exc).removeprefix('Error: ')}"]) from None
+        raise ConfigError([f"engine: {_one_line(str(exc).removeprefix('Error: '))}"]) from None
     return args
+
+
+def _one_line(message: str) -> str:
+    """vLLM's message (pydantic's, often) on one line, without pydantic's links."""
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.strip().startswith("For further information")]
+    return "; ".join(lines)[:1000]
 
 
 class _Refused(Exception):
