@@ -168,7 +168,32 @@ def serve_args(section: EngineSection, served_names: tuple[str, ...]) -> Any:
         validate_parsed_serve_args(args)
     except (_Refused, TypeError, ValueError) as exc:
         raise ConfigError([f"engine: {_one_line(str(exc).removeprefix('Error: '))}"]) from None
+    _check_parsers(args)
     return args
+
+
+def _check_parsers(args: Any) -> None:
+    """Tool-call and reasoning parsers by a name vLLM knows (plugins loaded first, as
+    ``vllm serve`` loads them); vLLM itself would find out only when serving starts."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    if getattr(args, "tool_parser_plugin", None):
+        ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+    if getattr(args, "reasoning_parser_plugin", None):
+        ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
+    problems = []
+    for key, known in (("tool_call_parser", ToolParserManager.list_registered()),
+                       ("reasoning_parser", ReasoningParserManager.list_registered())):
+        name = getattr(args, key, None)
+        if not name:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"engine.{key}: vLLM has no parser {name!r}{hint}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _one_line(message: str) -> str:
@@ -202,11 +227,12 @@ def _flag_words(flag: str, action: Any, value: Any) -> list[str]:
 
     if value is None:
         return []
+    boolean = isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction))
+    if boolean and not isinstance(value, bool):
+        raise _Refused(f"expected true or false, got {value!r}"[:200])
     if isinstance(action, argparse.BooleanOptionalAction):
         return [flag] if value else ["--no-" + flag.removeprefix("--")]
     if isinstance(action, argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            raise _Refused(f"expected true or false, got {value!r}"[:200])
         return [flag] if value else []
     if isinstance(value, dict):
         return [flag, json.dumps(value)]
