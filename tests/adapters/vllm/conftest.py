@@ -44,6 +44,8 @@ os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 
 HERE = Path(__file__).resolve().parent
 PUBLIC = "tiny"
+#: float32 on CPU; a GPU's attention kernels want half precision (scripts/gpu-check.sh).
+DTYPE = os.environ.get("MODEL_PROXY_TEST_VLLM_DTYPE", "float32")
 #: The vLLM server's other served name, and its API key.
 SERVED_NAME = "tiny-llama"
 SERVER_KEY = "sekret"
@@ -86,7 +88,7 @@ FRONTEND_ARGS: dict[str, Any] = {
 def engine_section(model: Path, frontend: bool = False) -> dict[str, Any]:
     return {
         "model": str(model),
-        "dtype": "float32",
+        "dtype": DTYPE,
         "max_model_len": MAX_MODEL_LEN,
         "kv_cache_memory_bytes": 64 * 1024 * 1024,  # unbounded, it takes most of the RAM
         "seed": 0,
@@ -100,7 +102,7 @@ def engine_section(model: Path, frontend: bool = False) -> dict[str, Any]:
 def server_flags(model: Path) -> list[str]:
     """``vllm serve`` flags for what ``engine_section(model, frontend=True)`` sets."""
     return [
-        "--model", str(model), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+        "--model", str(model), "--dtype", DTYPE, "--max-model-len", str(MAX_MODEL_LEN),
         "--kv-cache-memory-bytes", str(64 * 1024 * 1024), "--enforce-eager",
         "--max-num-seqs", "16", "--seed", "0",
         "--tool-call-parser", FRONTEND["tool_call_parser"], "--enable-auto-tool-choice",
