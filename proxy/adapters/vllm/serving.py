@@ -59,7 +59,18 @@ class Frontend:
     """vLLM's serving objects over one engine, built as ``vllm serve`` builds them."""
 
     def __init__(self, state: Any) -> None:
+        from pydantic import TypeAdapter
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
         self.state = state
+        #: The request model of each endpoint, as vLLM's router parses it from the body.
+        self.models: dict[str, Any] = {
+            "chat": TypeAdapter(ChatCompletionRequest),
+            "completions": TypeAdapter(CompletionRequest),
+            "embeddings": TypeAdapter(EmbeddingRequest),  # a union of two request shapes
+        }
 
     @classmethod
     async def open(cls, engine: Any, args: Any, tasks: tuple[Any, ...]) -> Frontend:
@@ -75,47 +86,28 @@ class Frontend:
         raw = RawRequest(job.headers, job.request_id, self.state)
         attribute, unsupported = HANDLERS[job.endpoint]
         handler = getattr(self.state, attribute, None)
+        # A stream must begin (its first event) within first_byte; a whole answer must be
+        # complete within total.
+        limit = first_byte if job.stream else total
+        deadline = asyncio.get_running_loop().time() + limit
         try:
-            if handler is None:
-                raise NotImplementedError(unsupported)
-            request = _parse(job.endpoint, job.body)
-            if job.endpoint == "embeddings":
-                async with asyncio.timeout(total):
+            async with asyncio.timeout_at(deadline):
+                if handler is None:
+                    raise NotImplementedError(unsupported)
+                request = self.models[job.endpoint].validate_json(job.body)
+                if job.endpoint == "embeddings":
                     return _whole_response(await handler(request, raw))
-            create = (handler.create_chat_completion if job.endpoint == "chat"
-                      else handler.create_completion)
-            async with asyncio.timeout(first_byte if job.stream else total):
+                create = (handler.create_chat_completion if job.endpoint == "chat"
+                          else handler.create_completion)
                 result = await create(request, raw)
         except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"the vLLM engine did not answer within {first_byte if job.stream else total:g} s"
-            ) from exc
+            raise UpstreamTimeout(f"the vLLM engine did not answer within {limit:g} s") from exc
         except Exception as exc:  # every vLLM refusal becomes an answer
             raise await error_from(exc, raw) from exc
-        return await _response(result, first_byte)
+        return await _response(result, deadline, limit)
 
 
-def _parse(endpoint: str, body: bytes) -> Any:
-    """The request model vLLM's router would have parsed from ``body``."""
-    if endpoint == "chat":
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-        return ChatCompletionRequest.model_validate_json(body)
-    if endpoint == "completions":
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-        return CompletionRequest.model_validate_json(body)
-    return _embedding_request().validate_json(body)
-
-
-def _embedding_request() -> Any:
-    from pydantic import TypeAdapter
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-
-    return TypeAdapter(EmbeddingRequest)
-
-
-async def _response(result: Any, first_byte: float) -> UpstreamResponse:
+async def _response(result: Any, deadline: float, limit: float) -> UpstreamResponse:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if isinstance(result, ErrorResponse):
@@ -133,12 +125,11 @@ async def _response(result: Any, first_byte: float) -> UpstreamResponse:
     # The first event inside ``send``: until the engine has produced something, a timeout
     # can still become a status (and the retry layer sees it).
     try:
-        async with asyncio.timeout(first_byte):
+        async with asyncio.timeout_at(deadline):
             first = await anext(result, None)
     except TimeoutError as exc:
         await result.aclose()
-        raise UpstreamTimeout(
-            f"the vLLM engine produced nothing within {first_byte:g} s") from exc
+        raise UpstreamTimeout(f"the vLLM engine produced nothing within {limit:g} s") from exc
     except BaseException:
         await result.aclose()
         raise
@@ -210,6 +201,6 @@ def _proxy_error(error: Any) -> ProxyError:
     status = int(info.code)
     if status == 503:
         return Unavailable(info.message, type=info.type, param=info.param, retry_after=1)
-    if status >= 500:
+    if status >= 500 and status != 501:  # 501: the model cannot do that; nothing failed
         return UpstreamError(info.message, status=status, type=info.type, param=info.param)
     return ProxyError(info.message, status=status, type=info.type, param=info.param)
