@@ -1,5 +1,7 @@
-"""The life of one in-process vLLM engine: its arguments, a load in a thread, the stat
-logger that feeds ``/metrics``, and a shutdown that reaps its processes.
+"""The life of one in-process vLLM engine: its arguments (the ``engine:`` section as
+``vllm serve`` flags, read by vLLM's own parser), a load in a thread that ends with vLLM's
+OpenAI serving layer over the engine (``vllm.serving.Frontend``), the stat logger that feeds
+``/metrics``, and a shutdown that reaps its processes.
 
 Used by ``proxy.adapters.vllm.engine``; vLLM is imported inside functions only.
 """
