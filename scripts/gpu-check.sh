@@ -51,13 +51,12 @@ trap 'rm -rf "$(dirname "$model_dir")"' EXIT
 "$PYTHON" tests/adapters/vllm/build_tiny_model.py --out "$model_dir"
 
 echo "== slow vLLM suite (in-process engine, fidelity against a vLLM server)"
-# Tensor parallel 2 and the two-node test need two GPUs; with one they are left out here
-# (and said so), not skipped inside the suite.
+# The two-node test (tensor parallel 2) needs two GPUs; with one it is left out here (and
+# said so), not skipped inside the suite.
 deselect=()
 if (( gpus < 2 )); then
-    echo "gpu-check: 1 GPU: leaving out test_parallel.py and test_multinode.py (need 2)"
-    deselect=(--ignore=tests/adapters/vllm/test_parallel.py
-              --ignore=tests/adapters/vllm/test_multinode.py)
+    echo "gpu-check: 1 GPU: leaving out test_multinode.py (tensor parallel 2 needs 2 GPUs)"
+    deselect=(--ignore=tests/adapters/vllm/test_multinode.py)
 fi
 # Its own process group, killed whole afterwards, as in .ci/run: engine processes outlive a
 # parent that dies without shutting them down.

