@@ -1,5 +1,5 @@
 """``model-proxy``: serve and check; keygen and sign (``proxy.auth.keytool``); migrate (from a
-function-node home, ``proxy.node.compat``)."""
+function-node home, ``proxy.node.compat``); vllm-worker (``proxy.adapters.vllm.worker``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 
 from proxy import __version__, backendtool, trial
 from proxy.adapters import load_adapter_class
+from proxy.adapters.vllm import worker as vllm_worker
 from proxy.auth import keytool
 from proxy.auth.inbound import check_exposure
 from proxy.config import PER_MODEL, BaseConfig, ModelSetConfig, ProxyConfig, ServerSection
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keytool.add_commands(commands)
     backendtool.add_commands(commands)
     trial.add_commands(commands)
+    vllm_worker.add_command(commands)
 
     args = parser.parse_args(argv)
     if args.command in ("keygen", "sign"):  # these need no config file
@@ -67,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _migrate(Path(args.home))
     if args.command == "backends":
         return backendtool.run(args)
+    if args.command == "vllm-worker":
+        try:
+            return vllm_worker.run(args)
+        except ConfigError as exc:
+            for line in exc.problems:
+                print(line if line.startswith(("command line:", args.config)) else
+                      f"{args.config}: {line}", file=sys.stderr)
+            return EXIT_CONFIG
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)

@@ -12,7 +12,7 @@ events (reloads, retries, auth failures) use prometheus-client's own types.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,7 +22,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from proxy import __version__
@@ -237,9 +242,11 @@ class Metrics:
                 elif phase.endswith("_duration"):
                     self.upstream_timings.observe((phase.removesuffix("_duration"),), seconds)
 
-    def watch_stats(self, stats: Callable[[], Mapping[str, float]]) -> None:
-        """Export an adapter's ``stats()`` gauges as ``model_proxy_upstream_<name>``."""
-        self.registry.register(_StatsCollector(stats))
+    def watch_stats(self, stats: Callable[[], Mapping[str, float]],
+                    families: Callable[[], Iterable[Metric]] = tuple) -> None:
+        """Export an adapter's ``stats()`` gauges as ``model_proxy_upstream_<name>``, and its
+        ``metric_families()`` (the upstream's own metrics, e.g. vLLM's) as they are."""
+        self.registry.register(_StatsCollector(stats, families))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -292,13 +299,16 @@ class _FastCollector(Collector):
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: Callable[[], Mapping[str, float]]) -> None:
+    def __init__(self, stats: Callable[[], Mapping[str, float]],
+                 families: Callable[[], Iterable[Metric]]) -> None:
         self._stats = stats
+        self._families = families
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         for name, value in self._stats().items():
             yield GaugeMetricFamily(f"model_proxy_upstream_{name}", f"Upstream gauge {name}.",
                                     value=value)
+        yield from self._families()
 
-    def describe(self) -> list[GaugeMetricFamily]:
+    def describe(self) -> list[Metric]:
         return []

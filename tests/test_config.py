@@ -60,6 +60,13 @@ def test_provider_variants_and_defaults(tmp_path: Path) -> None:
     assert isinstance(custom, CustomConfig) and custom.api_key_header_name == "x-api-key"
     engine = load_config(write(tmp_path, "backend_provider: vllm\nengine: {model: /m}\n", "v.yaml"))
     assert isinstance(engine, VllmConfig) and engine.engine and engine.engine.model == "/m"
+    frontend = load_config(write(tmp_path, (
+        "backend_provider: vllm\nengine: {model: /m, servedModelName: a, tool_call_parser: hermes,"
+        " enable_auto_tool_choice: true, reasoning_parser: qwen3,"
+        " chat_template: '{{ messages }}', args: {max-num-seqs: 4}}\n"), "f.yaml"))
+    assert isinstance(frontend, VllmConfig) and frontend.engine is not None
+    assert frontend.engine.served_model_name == ("a",)
+    assert frontend.engine.args == {"max-num-seqs": 4}
 
 
 def test_env_interpolation_and_secret_files(tmp_path: Path) -> None:
@@ -138,6 +145,26 @@ BAD = {
     "negative timeout": (
         "backend_provider: mock\ntimeouts: {total: -1}\n",
         "timeouts.total: Input should be greater than 0",
+    ),
+    "auto tool choice without a parser": (
+        "backend_provider: vllm\nengine: {model: m, enable_auto_tool_choice: true}\n",
+        "engine: enable_auto_tool_choice needs tool_call_parser",
+    ),
+    "chat template neither a file nor a template": (
+        "backend_provider: vllm\nengine: {model: m, chat_template: /no/such.jinja}\n",
+        "engine.chat_template: no such file '/no/such.jinja'",
+    ),
+    "a named engine key in args": (
+        "backend_provider: vllm\nengine: {model: m, args: {reasoning-parser: x}}\n",
+        "engine.args: reasoning-parser has its own key in engine:",
+    ),
+    "a vllm serve option the proxy owns": (
+        "backend_provider: vllm\nengine: {model: m, args: {port: 8000}}\n",
+        "engine.args: port: the proxy serves HTTP itself (server:)",
+    ),
+    "served_model_name empty": (
+        "backend_provider: vllm\nengine: {model: m, served_model_name: ''}\n",
+        "engine.served_model_name[0]: String should have at least 1 character",
     ),
     "section for another provider": (
         "backend_provider: custom\nurl: http://h\nengine: {model: m}\n",

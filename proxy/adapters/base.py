@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -240,3 +240,8 @@ class Adapter(ABC):
     def stats(self) -> Mapping[str, float]:
         """Gauges about the upstream (e.g. an engine's running requests), exported as metrics."""
         return {}
+
+    def metric_families(self) -> Iterable[Any]:
+        """Metric families the upstream keeps under its own names (an in-process engine's
+        ``vllm:*``), exported beside the proxy's as they are."""
+        return ()

@@ -75,7 +75,8 @@ def create_app(
         queued=lambda: limiter.waiting,
         circuit_state=lambda: runtime.served.circuit_state(),
     )
-    metrics.watch_stats(lambda: runtime.backend.adapter.stats())
+    metrics.watch_stats(lambda: runtime.backend.adapter.stats(),
+                        lambda: runtime.backend.adapter.metric_families())
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(reloading)
     app.cleanup_ctx.append(cataloguing)

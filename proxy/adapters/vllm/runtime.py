@@ -1,5 +1,7 @@
-"""The life of one in-process vLLM engine: its arguments, a load in a thread, the stat
-logger that feeds ``/metrics``, and a shutdown that reaps its processes.
+"""The life of one in-process vLLM engine: its arguments (the ``engine:`` section as
+``vllm serve`` flags, read by vLLM's own parser), a load in a thread that ends with vLLM's
+OpenAI serving layer over the engine (``vllm.serving.Frontend``), the stat logger that feeds
+``/metrics``, and a shutdown that reaps its processes.
 
 Used by ``proxy.adapters.vllm.engine``; vLLM is imported inside functions only.
 """
@@ -13,6 +15,7 @@ import logging
 import time
 from typing import Any
 
+from proxy.adapters.vllm.serving import Frontend
 from proxy.config import EngineSection
 from proxy.errors import ConfigError, Unavailable, UpstreamError
 
@@ -41,9 +44,11 @@ class Engine:
     ``users`` counts the adapters holding it; the last ``release`` shuts it down.
     """
 
-    def __init__(self, section: EngineSection) -> None:
+    def __init__(self, section: EngineSection, served_names: tuple[str, ...]) -> None:
         self.section = section
-        self.args = engine_args(section)  # bad engine args fail here, before any loading
+        self.served_names = served_names
+        # Bad settings fail here, before any loading.
+        self.args = serve_args(section, served_names)
         self.stats = EngineStats()
         self.users = 1
         self.llm: Any = None
@@ -51,7 +56,7 @@ class Engine:
         self.load_seconds = 0.0
         self.tasks: tuple[str, ...] = ()
         self.max_model_len = 0
-        self.defaults: dict[str, Any] = {}
+        self.frontend: Frontend | None = None
         self._loading: asyncio.Task[None] | None = None
 
     def begin_loading(self) -> None:
@@ -66,13 +71,13 @@ class Engine:
             # keeps its result alive, and with it the engine past shutdown.
             llm = (await asyncio.to_thread(lambda: [_open(args, stats)])).pop()
             self.tasks = tuple(await llm.get_supported_tasks())
+            self.frontend = await Frontend.open(llm, args, self.tasks)
         except Exception as exc:
             self.error = f"the vLLM engine failed to load: {type(exc).__name__}: {exc}"[:1000]
             log.exception("loading the vLLM engine for %s failed", self.section.model)
             return
         self.llm = llm
         self.max_model_len = llm.model_config.max_model_len
-        self.defaults = llm.model_config.get_diff_sampling_param()
         self.load_seconds = time.perf_counter() - start
         log.info("vLLM engine loaded %s in %.1f s (tasks: %s)", self.section.model,
                  self.load_seconds, ", ".join(self.tasks))
@@ -84,12 +89,15 @@ class Engine:
         if self.error is not None:
             raise UpstreamError(self.error)
 
-    def ready(self) -> Any:
-        """The engine, or the reason it cannot take a request now."""
-        if self.llm is not None:
+    def ready(self) -> Frontend:
+        """vLLM's serving layer over the engine, or the reason it cannot take a request now."""
+        if self.llm is not None and self.frontend is not None:
             if self.llm.errored:
-                raise UpstreamError("the vLLM engine has stopped; restart the proxy")
-            return self.llm
+                # A process of the engine (its core, a worker, a rank on another node)
+                # exited: vLLM cannot recover from that in place.
+                raise UpstreamError("the vLLM engine has stopped (an engine or worker process "
+                                    "exited); restart the proxy", code="engine_dead")
+            return self.frontend
         if self.error is not None:
             raise UpstreamError(self.error)
         raise Unavailable("the vLLM engine is loading", code="loading",
@@ -102,7 +110,7 @@ class Engine:
         if self._loading is not None:
             # A load cannot be interrupted; let it finish so its processes can be reaped.
             await asyncio.shield(self._loading)
-        holder, self.llm = [self.llm], None
+        holder, self.llm, self.frontend = [self.llm], None, None
         if holder[0] is None:
             return
         ctx = _zmq_context(holder[0])
@@ -117,43 +125,143 @@ class Engine:
         log.info("vLLM engine shut down in %.1f s", time.perf_counter() - start)
 
 
-def engine_args(section: EngineSection) -> Any:
-    """``AsyncEngineArgs`` for the ``engine:`` section; ``ConfigError`` for unknown ``args``."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
+#: ``engine:`` keys with a ``vllm serve`` flag of the same name.
+NAMED_FLAGS = (
+    "model", "tokenizer", "dtype", "max_model_len", "kv_cache_memory_bytes",
+    "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size",
+    "distributed_executor_backend", "seed", "served_model_name", "chat_template",
+    "tool_call_parser", "enable_auto_tool_choice", "reasoning_parser",
+)
 
-    named: dict[str, Any] = {
-        "model": section.model,
-        "tokenizer": section.tokenizer,
-        "dtype": section.dtype,
-        "max_model_len": section.max_model_len,
-        "kv_cache_memory_bytes": section.kv_cache_memory_bytes,
-        "gpu_memory_utilization": section.gpu_memory_utilization,
-        "tensor_parallel_size": section.tensor_parallel_size,
-        "pipeline_parallel_size": section.pipeline_parallel_size,
-        "distributed_executor_backend": section.distributed_executor_backend,
-        "seed": section.seed,
-        # Stats feed /metrics through our own stat logger.
-        "disable_log_stats": False,
-    }
-    kwargs = {k: v for k, v in named.items() if v is not None}
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    problems = []
-    for key in section.args:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"engine.args.{key}: not a vLLM engine argument{hint}")
+
+def serve_args(section: EngineSection, served_names: tuple[str, ...]) -> Any:
+    """The ``vllm serve`` arguments (an ``argparse.Namespace``) for the ``engine:`` section,
+    parsed and checked by vLLM's own parser; ``ConfigError`` with one line per problem."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+
+    parser = make_arg_parser(_parser_class()())
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    named = {name: getattr(section, name) for name in NAMED_FLAGS}
+    named["served_model_name"] = list(served_names)
+    problems: list[str] = []
+    argv: list[str] = []
+    for where, items in (("engine", named), ("engine.args", section.args)):
+        for key, value in items.items():
+            dest = key.replace("-", "_")
+            action = actions.get(dest.split(".")[0])
+            if action is None:
+                close = difflib.get_close_matches(dest, actions, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{where}.{key}: not a vllm serve option{hint}")
+                continue
+            flag = "--" + dest.replace("_", "-") if "." not in dest else "--" + dest
+            try:
+                words = _flag_words(flag, action, value)
+                parser.parse_args(words if dest == "model" else ["--model", section.model, *words])
+            except _Refused as exc:
+                problems.append(f"{where}.{key}: {_one_line(str(exc))}")
+                continue
+            argv += words
     if problems:
         raise ConfigError(problems)
-    return AsyncEngineArgs(**kwargs, **section.args)
+    try:
+        args = parser.parse_args(argv)
+        args.disable_log_stats = False  # the stat loggers feed /metrics
+        validate_parsed_serve_args(args)
+    except (_Refused, TypeError, ValueError) as exc:
+        raise ConfigError([f"engine: {_one_line(str(exc).removeprefix('Error: '))}"]) from None
+    _check_parsers(args)
+    return args
+
+
+def _check_parsers(args: Any) -> None:
+    """Tool-call and reasoning parsers by a name vLLM knows (plugins loaded first, as
+    ``vllm serve`` loads them); vLLM itself would find out only when serving starts."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    if getattr(args, "tool_parser_plugin", None):
+        ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+    if getattr(args, "reasoning_parser_plugin", None):
+        ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
+    problems = []
+    for key, known in (("tool_call_parser", ToolParserManager.list_registered()),
+                       ("reasoning_parser", ReasoningParserManager.list_registered())):
+        name = getattr(args, key, None)
+        if not name:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"engine.{key}: vLLM has no parser {name!r}{hint}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _one_line(message: str) -> str:
+    """vLLM's message (pydantic's, often) on one line, without pydantic's links."""
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.strip().startswith("For further information")]
+    return "; ".join(lines)[:1000]
+
+
+class _Refused(Exception):
+    """What vLLM's argument parser said about a value (instead of exiting)."""
+
+
+def _parser_class() -> type[Any]:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class Parser(FlexibleArgumentParser):  # type: ignore[misc,unused-ignore]
+        def error(self, message: str) -> Any:
+            raise _Refused(message.removeprefix("argument "))
+
+        def exit(self, status: int = 0, message: str | None = None) -> Any:
+            raise _Refused(message or f"exit {status}")
+
+    return Parser
+
+
+def _flag_words(flag: str, action: Any, value: Any) -> list[str]:
+    """``value`` as the words ``vllm serve`` would be given for ``flag``."""
+    import argparse
+    import json
+
+    if value is None:
+        return []
+    boolean = isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction))
+    if boolean and not isinstance(value, bool):
+        raise _Refused(f"expected true or false, got {value!r}"[:200])
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag] if value else ["--no-" + flag.removeprefix("--")]
+    if isinstance(action, argparse._StoreTrueAction):
+        return [flag] if value else []
+    if isinstance(value, dict):
+        return [flag, json.dumps(value)]
+    if isinstance(value, (list, tuple)):
+        return [flag, *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+    if isinstance(value, bool):
+        return [flag, "true" if value else "false"]
+    return [flag, str(value)]
 
 
 def _open(args: Any, stats: EngineStats) -> Any:
+    """The engine, made as ``vllm serve`` makes it (the same arguments and usage context)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(
-        args, usage_context=UsageContext.ENGINE_CONTEXT, stat_loggers=[_stat_logger(stats)])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    context = UsageContext.OPENAI_API_SERVER
+    vllm_config = engine_args.create_engine_config(usage_context=context)
+    return AsyncLLM.from_vllm_config(
+        vllm_config=vllm_config,
+        usage_context=context,
+        stat_loggers=[_stat_logger(stats)],
+        enable_log_requests=engine_args.enable_log_requests,
+        aggregate_engine_logging=engine_args.aggregate_engine_logging,
+        disable_log_stats=False,
+    )
 
 
 def _shutdown(holder: list[Any]) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.server.reload import RELOADER
 from proxy.server.runtime import RUNTIME
-from tests.adapters.vllm.conftest import FIGURES, MAX_MODEL_LEN, PUBLIC, SLOW, Served
+from tests.adapters.vllm.conftest import FIGURES, PUBLIC, SLOW, Served
 
 pytestmark = SLOW
 
@@ -106,7 +106,7 @@ async def test_same_request_same_bytes(engine_proxy: Served) -> None:
         assert b"[DONE]" in streamed
 
 
-async def test_stop_penalties_and_clamped_max_tokens(engine_proxy: Served) -> None:
+async def test_stop_penalties_and_max_tokens_over_the_context(engine_proxy: Served) -> None:
     async with client(engine_proxy) as c:
         free = await c.completions.create(model=PUBLIC, prompt="Once upon", max_tokens=32,
                                           temperature=0)
@@ -122,12 +122,12 @@ async def test_stop_penalties_and_clamped_max_tokens(engine_proxy: Served) -> No
             presence_penalty=1.5, frequency_penalty=1.5)
         assert penalised.choices[0].text != text
 
-        # More than the context has room for: clamped, as vLLM's server does.
-        long = await c.completions.create(model=PUBLIC, prompt="Once upon", max_tokens=100_000,
-                                          temperature=0)
-        assert long.usage is not None
-        assert long.usage.prompt_tokens + long.usage.completion_tokens == MAX_MODEL_LEN
-        assert long.choices[0].finish_reason == "length"
+        # More than the context has room for: a 400, as from vLLM's server.
+        with pytest.raises(openai.BadRequestError) as info:
+            await c.completions.create(model=PUBLIC, prompt="Once upon", max_tokens=100_000,
+                                       temperature=0)
+        assert "cannot be greater than max_model_len=512" in info.value.message
+        assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
 
 
 async def test_engine_refusals_are_400_with_the_reason(engine_proxy: Served) -> None:
@@ -142,14 +142,15 @@ async def test_engine_refusals_are_400_with_the_reason(engine_proxy: Served) -> 
             await c.completions.create(model=PUBLIC, prompt="hi", top_p=0, stream=True)
         assert "top_p must be in (0, 1]" in info.value.message
 
-        with pytest.raises(openai.BadRequestError) as info:
-            await c.chat.completions.create(model=PUBLIC, messages=MESSAGES, n=2)
-        assert info.value.body["param"] == "n"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as info:  # vLLM's own request model
+            await c.chat.completions.create(model=PUBLIC, messages=MESSAGES,
+                                            response_format={"type": "json_schema"})
+        assert info.value.body["param"] == "response_format"  # type: ignore[index]
 
-        with pytest.raises(openai.BadRequestError) as info:
+        with pytest.raises(openai.APIStatusError) as status:
             await c.embeddings.create(model=PUBLIC, input="hello")
-        assert info.value.body["code"] == "embeddings_unsupported"  # type: ignore[index]
-        assert "does not produce embeddings" in info.value.message
+        assert status.value.status_code == 501
+        assert "does not support Embeddings API" in status.value.message
 
 
 async def test_concurrent_requests_are_batched(engine_proxy: Served) -> None:
@@ -196,13 +197,18 @@ async def test_client_disconnect_aborts_the_engine_request(engine_proxy: Served)
         assert response.status == 200
         await response.content.readline()
         assert llm.get_num_unfinished_requests() == 1
+        await asyncio.sleep(0.3)  # some engine steps, each one recorded
+        assert (await vllm_metrics(engine_proxy))['vllm:num_requests_running{engine="0",'
+                                                  f'model_name="{PUBLIC}"}}'] == 1
         response.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 10
     while llm.get_num_unfinished_requests() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert llm.get_num_unfinished_requests() == 0
-    await asyncio.sleep(0.3)  # one more engine step for the stat logger
+    await asyncio.sleep(0.3)  # one more engine step for the stat loggers
     assert adapter.stats()["engine_running_requests"] == 0
+    assert (await vllm_metrics(engine_proxy))['vllm:num_requests_running{engine="0",'
+                                              f'model_name="{PUBLIC}"}}'] == 0
 
 
 async def test_metrics_carry_the_engine_numbers(engine_proxy: Served) -> None:
@@ -216,6 +222,21 @@ async def test_metrics_carry_the_engine_numbers(engine_proxy: Served) -> None:
     assert 0 <= values["model_proxy_upstream_engine_kv_cache_usage"] <= 1
     assert "model_proxy_upstream_engine_waiting_requests" in values
     assert 'model_proxy_tokens_total{direction="out"}' in text
+    # vLLM's own, under the names vLLM's server exports them with.
+    ours = await vllm_metrics(engine_proxy)
+    label = f'{{engine="0",model_name="{PUBLIC}"}}'
+    assert ours["vllm:generation_tokens_total" + label] > 100
+    assert ours["vllm:prompt_tokens_total" + label] > 10
+    assert "vllm:num_requests_waiting" + label in ours
+    assert any(name.startswith("vllm:e2e_request_latency_seconds_bucket") for name in ours)
+
+
+async def vllm_metrics(proxy: Served) -> dict[str, float]:
+    """The ``vllm:`` series on the proxy's ``/metrics``, by name with labels."""
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+        text = await r.text()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("vllm:")}
 
 
 async def test_reload_keeps_the_running_engine(engine_proxy: Served) -> None:
