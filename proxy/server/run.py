@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.auth.inbound import check_exposure
 from proxy.config import BaseConfig
+from proxy.debug import trace_memory
 from proxy.server.app import create_app
 from proxy.server.drain import FINAL_WRITE_SECONDS
 from proxy.server.logs import AccessLines, AccessLogger
@@ -84,6 +85,7 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, app[RELOADER].trigger)
+        trace_memory(loop)  # opt-in (MODEL_PROXY_TRACEMALLOC), for soak runs
         await stop.wait()
         access_lines.flush()  # the lines so far come before the shutdown's own
         log.info("shutting down: draining in-flight requests for up to %gs",
