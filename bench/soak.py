@@ -471,6 +471,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=12, help="growth lines to print")
     parser.add_argument("--work", type=Path, help="folder for config, logs, snapshots")
     args = parser.parse_args()
+    # A terminated run still stops its proxy and upstream (the ``finally`` in ``soak``).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = dict(item.split("=", 1) for item in args.env)
     work = args.work or Path(tempfile.mkdtemp(prefix="proxy-soak-"))
     work.mkdir(parents=True, exist_ok=True)
