@@ -1,8 +1,8 @@
 """Soak: many mixed requests through a real proxy process; its memory sampled along the way.
 
     python -m bench.soak [--requests 200000] [--warmup 20000] [--every 20000]
-                         [--concurrency 32] [--reload-every 100000] [--tracemalloc]
-                         [--env NAME=VALUE] [--seconds 3600] [--top 12]
+                         [--concurrency 32] [--reload-every 100000] [--tracemalloc] [--trim]
+                         [--env NAME=VALUE] [--seconds 3600] [--top 12] [--work DIR]
 
 The proxy runs as ``python -m proxy serve`` (configured as ``bench.overhead`` runs it: model
 rewrite, upstream key, inbound API keys, metrics, access log to a file, retries, limits) in
@@ -28,7 +28,11 @@ The slow test (``tests/test_soak.py``) runs a short soak. The long, manual run:
 
     python -m bench.soak --requests 1000000 --warmup 100000 --every 100000
     python -m bench.soak --requests 1000000 --warmup 100000 --every 100000 --tracemalloc
+    python -m bench.soak --requests 1000000 --warmup 100000 --every 100000 --trim
     python -m bench.soak --requests 1000000 --env MALLOC_ARENA_MAX=2   # allocator settings
+
+``--trim`` has the proxy call ``malloc_trim(0)`` after each sample (``MODEL_PROXY_MALLOC_TRIM``)
+and samples again: memory the C allocator keeps free but resident shows as the difference.
 """
 
 from __future__ import annotations
@@ -221,6 +225,8 @@ class Sample:
     seconds: float
     rss: int
     rss_anon: int
+    #: VmRSS once the C allocator has handed its free memory back (``--trim``).
+    rss_trimmed: int | None = None
     snapshot: Path | None = None
 
 
@@ -238,7 +244,8 @@ class Report:
         return sum(count for name, count in self.outcomes.items() if name.endswith("!"))
 
     def at(self, requests: int) -> Sample:
-        return next(s for s in self.samples if s.requests >= requests)
+        """The first sample at or after ``requests`` (the last one, in a run cut short)."""
+        return next((s for s in self.samples if s.requests >= requests), self.samples[-1])
 
     @property
     def growth(self) -> int:
@@ -248,11 +255,12 @@ class Report:
     def table(self) -> str:
         base = self.at(self.warmup)
         lines = [f"{'requests':>10}{'seconds':>9}{'VmRSS MiB':>11}{'RssAnon MiB':>13}"
-                 f"{'since warm-up':>15}"]
+                 f"{'since warm-up':>15}{'trimmed MiB':>13}"]
         for s in self.samples:
             since = f"{(s.rss - base.rss) / MIB:+.2f}" if s.requests >= self.warmup else ""
+            trimmed = f"{s.rss_trimmed / MIB:.2f}" if s.rss_trimmed is not None else ""
             lines.append(f"{s.requests:>10}{s.seconds:>9.0f}{s.rss / MIB:>11.2f}"
-                         f"{s.rss_anon / MIB:>13.2f}{since:>15}")
+                         f"{s.rss_anon / MIB:>13.2f}{since:>15}{trimmed:>13}")
         return "\n".join(lines)
 
 
@@ -300,6 +308,7 @@ def soak(
     concurrency: int = 32,
     reload_every: int = 100_000,
     trace: bool = False,
+    trim: bool = False,
     env: dict[str, str] | None = None,
     seconds: float = 3600.0,
     progress: Callable[[Sample], None] | None = None,
@@ -312,6 +321,8 @@ def soak(
     child_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if trace:
         child_env["MODEL_PROXY_TRACEMALLOC"] = str(work / "snapshots")
+    if trim:
+        child_env["MODEL_PROXY_MALLOC_TRIM"] = "1"
     try:
         with (work / "upstream.log").open("wb") as log:
             procs.append(subprocess.Popen(
@@ -326,7 +337,7 @@ def soak(
         run = Run(work, upstream, port, procs[-1], reload_every)
         report = Report(requests, warmup)
         uvloop.run(load(run, report, every=every, concurrency=concurrency, trace=trace,
-                        seconds=seconds, progress=progress))
+                        trim=trim, seconds=seconds, progress=progress))
         return report
     finally:
         for proc in procs:
@@ -340,7 +351,7 @@ def soak(
 
 
 async def load(run: Run, report: Report, *, every: int, concurrency: int, trace: bool,
-               seconds: float, progress: Callable[[Sample], None] | None) -> None:
+               trim: bool, seconds: float, progress: Callable[[Sample], None] | None) -> None:
     """The requests, paused at every sample point; fills in ``report``."""
     base = f"http://127.0.0.1:{run.port}"
     started = time.monotonic()
@@ -358,6 +369,10 @@ async def load(run: Run, report: Report, *, every: int, concurrency: int, trace:
                 await asyncio.sleep(SETTLE_SECONDS)
             rss, anon = memory(run.proxy.pid)
             sample = Sample(done, time.monotonic() - started, rss, anon)
+            if trim:
+                os.kill(run.proxy.pid, signal.SIGUSR2)
+                await asyncio.sleep(SETTLE_SECONDS)
+                sample.rss_trimmed = memory(run.proxy.pid)[0]
             if trace:
                 sample.snapshot = await snapshot(run.proxy, run.work / "snapshots",
                                                  len(report.samples))
@@ -465,6 +480,8 @@ def main() -> int:
     parser.add_argument("--reload-every", type=int, default=100_000, help="0: never")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="allocation snapshots in the proxy at every sample")
+    parser.add_argument("--trim", action="store_true",
+                        help="after each sample, malloc_trim(0) in the proxy and sample again")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the proxy, e.g. MALLOC_ARENA_MAX=2")
     parser.add_argument("--seconds", type=float, default=3600.0, help="stop the load after")
@@ -480,13 +497,14 @@ def main() -> int:
           flush=True)
 
     def progress(s: Sample) -> None:
+        trimmed = f"  trimmed {s.rss_trimmed / MIB:7.2f} MiB" if s.rss_trimmed else ""
         print(f"  {s.requests:>9} requests {s.seconds:7.0f} s  VmRSS {s.rss / MIB:7.2f} MiB  "
-              f"RssAnon {s.rss_anon / MIB:7.2f} MiB", flush=True)
+              f"RssAnon {s.rss_anon / MIB:7.2f} MiB{trimmed}", flush=True)
 
     report = soak(
         args.requests, warmup=args.warmup, every=args.every, work=work,
         concurrency=args.concurrency, reload_every=args.reload_every, trace=args.tracemalloc,
-        env=env, seconds=args.seconds, progress=progress,
+        trim=args.trim, env=env, seconds=args.seconds, progress=progress,
     )
     seconds = report.samples[-1].seconds
     print(f"\n{report.requests} requests in {seconds:.0f} s ({report.requests / seconds:.0f}/s),"
@@ -494,12 +512,10 @@ def main() -> int:
     print(report.table())
     print(f"VmRSS growth after the warm-up ({args.warmup} requests): "
           f"{report.growth / MIB:+.2f} MiB")
-    traced = [s.snapshot for s in report.samples if s.snapshot is not None]
-    if len(traced) > 2:
-        start = report.at(args.warmup).snapshot
-        assert start is not None
+    start, end = report.at(args.warmup).snapshot, report.samples[-1].snapshot
+    if start is not None and end is not None and start != end:
         print("\ntop allocation growth by traceback, warm-up to end:")
-        print("\n".join(growth(start, traced[-1], args.top)))
+        print("\n".join(growth(start, end, args.top)))
     return 1 if report.unexpected else 0
 
 

@@ -1,15 +1,22 @@
-"""Opt-in memory tracing for soak runs: ``MODEL_PROXY_TRACEMALLOC=DIR``.
+"""Opt-in memory diagnostics for soak runs (``bench.soak``); never for production.
 
-With the variable set, the serving process starts ``tracemalloc`` (``TRACE_FRAMES`` frames
-per allocation) once it is serving, and on each SIGUSR1 writes a snapshot to
-``DIR/snapshot-NNNN.tracemalloc`` (written under a temporary name, then renamed, so a reader
-never sees half a file). ``bench.soak`` compares the snapshots. Unset, nothing happens.
-Tracing slows the proxy several times over: never for production.
+``MODEL_PROXY_TRACEMALLOC=DIR``: the serving process starts ``tracemalloc``
+(``TRACE_FRAMES`` frames per allocation) once it is serving, and on each SIGUSR1 writes a
+snapshot to ``DIR/snapshot-NNNN.tracemalloc`` (under a temporary name, then renamed, so a
+reader never sees half a file). Tracing slows the proxy several times over.
+
+``MODEL_PROXY_MALLOC_TRIM=1``: on each SIGUSR2 the process asks the C allocator to hand its
+free memory back to the system (glibc's ``malloc_trim(0)``), so that resident memory the
+allocator merely keeps can be told from memory in use.
+
+With neither set, nothing happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import os
@@ -20,25 +27,29 @@ from pathlib import Path
 log = logging.getLogger("model_proxy")
 
 ENV = "MODEL_PROXY_TRACEMALLOC"
+TRIM_ENV = "MODEL_PROXY_MALLOC_TRIM"
 #: Frames kept per traced allocation: enough to tell the proxy's call sites apart.
 TRACE_FRAMES = 12
 
 
 def trace_memory(loop: asyncio.AbstractEventLoop) -> None:
-    """Start tracing and dump a snapshot on SIGUSR1, when ``MODEL_PROXY_TRACEMALLOC`` is set."""
+    """Install the diagnostics the environment asks for (see the module's docstring)."""
     where = os.environ.get(ENV)
-    if not where:
-        return
-    folder = Path(where)
-    folder.mkdir(parents=True, exist_ok=True)
-    numbers = itertools.count()
+    if where:
+        folder = Path(where)
+        folder.mkdir(parents=True, exist_ok=True)
+        numbers = itertools.count()
 
-    def dump() -> None:
-        path = folder / f"snapshot-{next(numbers):04d}.tracemalloc"
-        partial = path.with_suffix(".partial")
-        tracemalloc.take_snapshot().dump(str(partial))
-        partial.rename(path)
+        def dump() -> None:
+            path = folder / f"snapshot-{next(numbers):04d}.tracemalloc"
+            partial = path.with_suffix(".partial")
+            tracemalloc.take_snapshot().dump(str(partial))
+            partial.rename(path)
 
-    tracemalloc.start(TRACE_FRAMES)
-    loop.add_signal_handler(signal.SIGUSR1, dump)
-    log.warning("tracing memory allocations (%s): snapshots to %s on SIGUSR1", ENV, folder)
+        tracemalloc.start(TRACE_FRAMES)
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+        log.warning("tracing memory allocations (%s): snapshots to %s on SIGUSR1", ENV, folder)
+    if os.environ.get(TRIM_ENV) == "1":
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        loop.add_signal_handler(signal.SIGUSR2, libc.malloc_trim, 0)
+        log.warning("malloc_trim(0) on SIGUSR2 (%s)", TRIM_ENV)
