@@ -13,19 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import MIB, MIX, soak
+from bench.soak import MIX, soak
 
-TOTAL = 150_000
-WARMUP = 50_000
-#: Allowed growth of resident memory between the end of the warm-up and the end.
-MARGIN_BYTES = 2 * MIB
+TOTAL = 120_000
+WARMUP = 40_000
+#: Allowed growth of resident memory between the end of the warm-up and the end: the bound
+#: the long run (a million requests) meets too.
+MARGIN_BYTES = 2_000_000
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_memory_levels_off_over_150000_mixed_requests(tmp_path: Path) -> None:
-    report = soak(TOTAL, warmup=WARMUP, every=25_000, work=tmp_path, reload_every=40_000,
-                  seconds=300)
+@pytest.mark.timeout(480)
+def test_memory_levels_off_over_120000_mixed_requests(tmp_path: Path) -> None:
+    report = soak(TOTAL, warmup=WARMUP, every=20_000, work=tmp_path, reload_every=30_000,
+                  seconds=400)
     print(f"\n{report.table()}\noutcomes {report.outcomes}")
     assert report.requests == TOTAL, "the load ran out of time"
     assert report.unexpected == 0, report.outcomes
