@@ -14,7 +14,8 @@ before the answer, retried and then a 502, a stream broken part-way) and, every
 ``--reload-every`` requests, a SIGHUP that reloads a changed configuration under load.
 
 The load pauses at every ``--every`` requests (and after ``--warmup``): the proxy's resident
-memory is read from ``/proc/PID/status`` (VmRSS, and RssAnon, its heap part), and with
+memory is read from ``/proc/PID/status`` (VmRSS, and RssAnon: its heap part, the one a leak
+grows; VmRSS also counts file-backed pages that come and go with other processes' needs), and with
 ``--tracemalloc`` the proxy (``MODEL_PROXY_TRACEMALLOC``, see ``proxy.debug``) writes an
 allocation snapshot; at the end the allocations that grew most, by traceback, are printed
 between the warm-up snapshot and the last one. Tracing slows the proxy several times over,
@@ -252,15 +253,23 @@ class Report:
         """VmRSS growth from the end of the warm-up to the last sample, in bytes."""
         return self.samples[-1].rss - self.at(self.warmup).rss
 
+    @property
+    def growth_anon(self) -> int:
+        """RssAnon growth over the same span: the heap, without the file-backed pages (code,
+        shared libraries) that the kernel drops and reads back when other processes need
+        memory, which moves VmRSS by megabytes either way on a busy machine."""
+        return self.samples[-1].rss_anon - self.at(self.warmup).rss_anon
+
     def table(self) -> str:
         base = self.at(self.warmup)
         lines = [f"{'requests':>10}{'seconds':>9}{'VmRSS MiB':>11}{'RssAnon MiB':>13}"
-                 f"{'since warm-up':>15}{'trimmed MiB':>13}"]
+                 f"{'since warm-up (both)':>22}{'trimmed MiB':>13}"]
         for s in self.samples:
-            since = f"{(s.rss - base.rss) / MIB:+.2f}" if s.requests >= self.warmup else ""
+            since = (f"{(s.rss - base.rss) / MIB:+.2f} {(s.rss_anon - base.rss_anon) / MIB:+.2f}"
+                     if s.requests >= self.warmup else "")
             trimmed = f"{s.rss_trimmed / MIB:.2f}" if s.rss_trimmed is not None else ""
             lines.append(f"{s.requests:>10}{s.seconds:>9.0f}{s.rss / MIB:>11.2f}"
-                         f"{s.rss_anon / MIB:>13.2f}{since:>15}{trimmed:>13}")
+                         f"{s.rss_anon / MIB:>13.2f}{since:>22}{trimmed:>13}")
         return "\n".join(lines)
 
 
@@ -510,8 +519,8 @@ def main() -> int:
     print(f"\n{report.requests} requests in {seconds:.0f} s ({report.requests / seconds:.0f}/s),"
           f" {report.reloads} reloads; outcomes {dict(sorted(report.outcomes.items()))}")
     print(report.table())
-    print(f"VmRSS growth after the warm-up ({args.warmup} requests): "
-          f"{report.growth / MIB:+.2f} MiB")
+    print(f"growth after the warm-up ({args.warmup} requests): VmRSS "
+          f"{report.growth / MIB:+.2f} MiB, RssAnon {report.growth_anon / MIB:+.2f} MiB")
     start, end = report.at(args.warmup).snapshot, report.samples[-1].snapshot
     if start is not None and end is not None and start != end:
         print("\ntop allocation growth by traceback, warm-up to end:")
