@@ -5,9 +5,10 @@
 snapshot to ``DIR/snapshot-NNNN.tracemalloc`` (under a temporary name, then renamed, so a
 reader never sees half a file). Tracing slows the proxy several times over.
 
-``MODEL_PROXY_MALLOC_TRIM=1``: on each SIGUSR2 the process asks the C allocator to hand its
-free memory back to the system (glibc's ``malloc_trim(0)``), so that resident memory the
-allocator merely keeps can be told from memory in use.
+``MODEL_PROXY_MALLOC_TRIM=1``: on each SIGUSR2 the process writes Python's own allocator
+statistics to stderr (``sys._debugmallocstats``: arenas, blocks in use and free), then asks
+the C allocator to hand its free memory back to the system (glibc's ``malloc_trim(0)``), so
+that resident memory the allocators merely keep can be told from memory in use.
 
 With neither set, nothing happens.
 """
@@ -21,6 +22,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -51,5 +53,10 @@ def trace_memory(loop: asyncio.AbstractEventLoop) -> None:
         log.warning("tracing memory allocations (%s): snapshots to %s on SIGUSR1", ENV, folder)
     if os.environ.get(TRIM_ENV) == "1":
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        loop.add_signal_handler(signal.SIGUSR2, libc.malloc_trim, 0)
+
+        def trim() -> None:
+            sys._debugmallocstats()
+            libc.malloc_trim(0)
+
+        loop.add_signal_handler(signal.SIGUSR2, trim)
         log.warning("malloc_trim(0) on SIGUSR2 (%s)", TRIM_ENV)
