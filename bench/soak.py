@@ -297,6 +297,7 @@ class Run:
     port: int
     proxy: subprocess.Popen[bytes]
     reload_every: int
+    reloads: int = 0
 
     @property
     def config(self) -> Path:
@@ -306,6 +307,7 @@ class Run:
         """Change the configuration file and have the proxy reload it (SIGHUP)."""
         write_config(self.config, self.upstream, self.port, n // self.reload_every)
         os.kill(self.proxy.pid, signal.SIGHUP)
+        self.reloads += 1
 
 
 def soak(
@@ -393,7 +395,7 @@ async def load(run: Run, report: Report, *, every: int, concurrency: int, trace:
         async with session.get(base + "/metrics") as resp:
             report.metrics = await resp.text()
     report.requests = done
-    report.reloads = done // run.reload_every if run.reload_every else 0
+    report.reloads = run.reloads
 
 
 async def drive(client: Client, start: int, stop: int, *, concurrency: int, deadline: float,
