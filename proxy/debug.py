@@ -6,9 +6,10 @@ snapshot to ``DIR/snapshot-NNNN.tracemalloc`` (under a temporary name, then rena
 reader never sees half a file). Tracing slows the proxy several times over.
 
 ``MODEL_PROXY_MALLOC_TRIM=1``: on each SIGUSR2 the process writes Python's own allocator
-statistics to stderr (``sys._debugmallocstats``: arenas, blocks in use and free), then asks
-the C allocator to hand its free memory back to the system (glibc's ``malloc_trim(0)``), so
-that resident memory the allocators merely keep can be told from memory in use.
+statistics to stderr (``sys._debugmallocstats``: arenas, blocks in use and free; none while
+tracing, which replaces that allocator), then asks the C allocator to hand its free memory
+back to the system (glibc's ``malloc_trim(0)``), so that resident memory the allocators
+merely keep can be told from memory in use.
 
 With neither set, nothing happens.
 """
