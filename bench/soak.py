@@ -16,7 +16,7 @@ before the answer, retried and then a 502, a stream broken part-way) and, every
 The load pauses at every ``--every`` requests (and after ``--warmup``): the proxy's resident
 memory is read from ``/proc/PID/status`` (VmRSS, and RssAnon: its heap part, the one a leak
 grows; VmRSS also counts file-backed pages that come and go with other processes' needs), and with
-``--tracemalloc`` the proxy (``MODEL_PROXY_TRACEMALLOC``, see ``proxy.debug``) writes an
+``--tracemalloc`` the proxy (``MODEL_PROXY_TRACEMALLOC``, see ``proxy.server.debug``) writes an
 allocation snapshot; at the end the allocations that grew most, by traceback, are printed
 between the warm-up snapshot and the last one. Tracing slows the proxy several times over,
 so its RSS figures include the tracer's own bookkeeping; measure RSS without it.
@@ -454,7 +454,7 @@ TRACE_NOISE = (
     tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
     tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
     tracemalloc.Filter(False, "*/linecache.py"),
-    tracemalloc.Filter(False, "*/proxy/debug.py"),
+    tracemalloc.Filter(False, "*/proxy/server/debug.py"),
 )
 
 
