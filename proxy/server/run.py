@@ -12,8 +12,8 @@ from aiohttp import web
 from proxy import __version__
 from proxy.auth.inbound import check_exposure
 from proxy.config import BaseConfig
-from proxy.server.debug import trace_memory
 from proxy.server.app import create_app
+from proxy.server.debug import trace_memory
 from proxy.server.drain import FINAL_WRITE_SECONDS
 from proxy.server.logs import AccessLines, AccessLogger
 from proxy.server.reload import RELOADER
