@@ -96,12 +96,9 @@ def supports_auth() -> bool:
     if "api_keys" not in AuthSection.model_fields:
         return False
     try:
-        import proxy.auth
+        import proxy.auth.inbound  # noqa: F401
     except ImportError:
-        try:
-            import proxy.auth.inbound  # noqa: F401  (the layout after the restructure)
-        except ImportError:
-            return False
+        return False
     return True
 
 
