@@ -72,6 +72,11 @@ class LeanResponse:
                 return value
         return None
 
+    @property
+    def reading_paused(self) -> bool:
+        """Whether the connection stopped reading because this body is unread."""
+        return self._conn is not None and self._conn.paused
+
     # -- the connection's side
     def _wake(self) -> None:
         waiter = self._waiter
