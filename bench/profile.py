@@ -6,7 +6,8 @@ Starts the fast upstream and the target as ``python -m bench`` does (same config
 pinning), drives it with wrk, and samples the target with py-spy (``pip install py-spy``; it
 needs ptrace rights, e.g. root). Prints the functions with the most samples, inclusive (on the
 stack) and self (at the top), and the share of samples inside aiohttp's client (ClientSession,
-its connector, request, response and protocol), i.e. the upstream side.
+its connector, request, response and protocol), i.e. the upstream side, and the share spent in
+this project's own functions (self samples in ``proxy/``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def short(frame: str) -> str:
 def summarize(raw: Path, top: int) -> str:
     inclusive: collections.Counter[str] = collections.Counter()
     self_: collections.Counter[str] = collections.Counter()
-    total = client = 0
+    total = client = own = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack:
@@ -71,10 +72,12 @@ def summarize(raw: Path, top: int) -> str:
             inclusive[frame] += n
         if any(frame_file(f).endswith(CLIENT_FILES) for f in frames):
             client += n
+        if "/proxy/" in frame_file(frames[-1]):
+            own += n
     if not total:
         return "no samples"
-    out = [f"{total} samples; aiohttp client (upstream side): {client / total:.1%}", "",
-           "inclusive:"]
+    out = [f"{total} samples; aiohttp client (upstream side, inclusive): {client / total:.1%}; "
+           f"this project's own code (self): {own / total:.1%}", "", "inclusive:"]
     out += [f"{n / total:7.1%}  {name}" for name, n in inclusive.most_common(top)]
     out += ["", "self:"]
     out += [f"{n / total:7.1%}  {name}" for name, n in self_.most_common(top)]
