@@ -72,7 +72,7 @@ def summarize(raw: Path, top: int) -> str:
             inclusive[frame] += n
         if any(frame_file(f).endswith(CLIENT_FILES) for f in frames):
             client += n
-        if "/proxy/" in frame_file(frames[-1]):
+        if frame_file(frames[-1]).startswith("proxy/") or "/proxy/" in frame_file(frames[-1]):
             own += n
     if not total:
         return "no samples"
