@@ -295,8 +295,10 @@ def ratio(top: list[float] | None, bottom: list[float] | None) -> str:
 
 
 def table(results: Results, names: list[str]) -> list[list[str]]:
-    litellm = "litellm" in names
+    litellm, lean = "litellm" in names, "bare-lean" in names
     head = ["test", "metric", *names, "ours÷bare", "ours÷direct", "bare÷direct"]
+    if lean:
+        head.append("bare-lean÷bare")
     if litellm:
         head.append("litellm÷ours")
     rows = [head]
@@ -305,6 +307,8 @@ def table(results: Results, names: list[str]) -> list[list[str]]:
                ratio(by_target.get("ours"), by_target.get("bare")),
                ratio(by_target.get("ours"), by_target.get("direct")),
                ratio(by_target.get("bare"), by_target.get("direct"))]
+        if lean:
+            row.append(ratio(by_target.get("bare-lean"), by_target.get("bare")))
         if litellm:
             row.append(ratio(by_target.get("litellm"), by_target.get("ours")))
         rows.append(row)
@@ -336,6 +340,8 @@ def main() -> None:
                         help="slow streams per target per repeat for time to first byte")
     parser.add_argument("--litellm", action="store_true",
                         help=f"also LiteLLM's proxy (installs {LITELLM_PIN} into .bench/)")
+    parser.add_argument("--lean", action="store_true",
+                        help="also the bare pass-through on the lean upstream client prototype")
     parser.add_argument("--instructions", action="store_true",
                         help="add bench.instructions's callgrind counts (needs valgrind)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
@@ -373,6 +379,15 @@ def main() -> None:
                                                str(bare_port), upstream]), work / "bare.log"))
         wait_up(f"http://127.0.0.1:{bare_port}/", procs[-1])
         targets.append(Target("bare", f"http://127.0.0.1:{bare_port}{PATH}", procs[-1]))
+
+        if args.lean:
+            lean_port = free_port()
+            procs.append(start(pinned(target_cpu, [py, "-m", "bench.servers", "bare-lean",
+                                                   str(lean_port), upstream]),
+                               work / "bare-lean.log"))
+            wait_up(f"http://127.0.0.1:{lean_port}/", procs[-1])
+            targets.append(Target("bare-lean", f"http://127.0.0.1:{lean_port}{PATH}",
+                                  procs[-1]))
 
         ours_port = free_port()
         auth = supports_auth()

@@ -3,6 +3,7 @@
     python -m bench.servers upstream PORT        # aiohttp upstream (bench.instructions, overhead)
     python -m bench.servers fast PORT            # asyncio + httptools upstream (python -m bench)
     python -m bench.servers bare PORT UPSTREAM   # the baseline pass-through proxy
+    python -m bench.servers bare-lean PORT UPSTREAM   # the same on proxy.adapters.lean
 
 The fast upstream answers in a fraction of the proxy's CPU time, so it can share a core with the
 load generator. Its streamed answers are shaped by the request's ``user`` field:
@@ -177,6 +178,43 @@ def bare_app(upstream_url: str) -> web.Application:
     return app
 
 
+def bare_lean_app(upstream_url: str) -> web.Application:
+    """The baseline with the lean upstream client in place of ClientSession."""
+    from urllib.parse import urlsplit
+
+    from proxy.adapters.lean import LeanPool
+
+    parts = urlsplit(upstream_url)
+    pool_key = web.AppKey("pool", LeanPool)
+    headers = [("Content-Type", "application/json")]
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        up = await request.app[pool_key].request("POST", request.path, body, headers,
+                                                 first_byte=120, idle=60)
+        content_type = (up.header(b"content-type") or b"").decode()
+        if not content_type.startswith("text/event-stream"):
+            return web.Response(status=up.status, body=await up.read(),
+                                content_type=content_type.split(";")[0] or None)
+        response = web.StreamResponse(status=up.status,
+                                      headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        async for chunk in up.chunks():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def pool_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        app[pool_key] = LeanPool(parts.hostname or "127.0.0.1", parts.port or 80)
+        yield
+        await app[pool_key].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(pool_ctx)
+    app.router.add_post("/v1/chat/completions", forward)
+    return app
+
+
 def main() -> None:
     kind, port = sys.argv[1], int(sys.argv[2])
     if kind == "fast":
@@ -185,6 +223,8 @@ def main() -> None:
     if kind == "upstream":
         app = web.Application()
         app.router.add_post("/v1/chat/completions", upstream)
+    elif kind == "bare-lean":
+        app = bare_lean_app(sys.argv[3])
     else:
         app = bare_app(sys.argv[3])
     uvloop.install()
