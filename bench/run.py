@@ -330,7 +330,7 @@ def render_markdown(rows: list[list[str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each target per point")
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per run")
     parser.add_argument("--connections", type=int, default=32,
@@ -436,14 +436,16 @@ def main() -> None:
                     results.add("slow stream, 1 at a time", "added TTFB ms", name,
                                 ms - ttfb["direct"])
         if args.instructions:
-            from bench.instructions import per_request
+            from bench.instructions import _counts
 
             requests = 100 if args.smoke else 600
             for point, stream in (("non-streamed", False), ("streamed, 20 chunks", True)):
                 print(f"instructions: {point} (callgrind, {requests} requests)", flush=True)
-                bare, ours, _ = per_request(requests, stream, args.set)
+                bare, ours, _, lean = _counts(requests, stream, args.set, args.lean)
                 results.add(point, "instructions/req", "bare", bare)
                 results.add(point, "instructions/req", "ours", ours)
+                if lean is not None:
+                    results.add(point, "instructions/req", "bare-lean", lean)
             results.notes.append("instructions/req: `python -m bench.instructions` (callgrind, "
                                  "aiohttp upstream; its streams are 16 events)")
     finally:
