@@ -59,11 +59,11 @@ def per_request(requests: int, stream: bool,
                 extra: list[str] = ()) -> tuple[float, float, bool]:  # type: ignore[assignment]
     """Instructions per request of the bare pass-through and of the proxy, and whether inbound
     auth was on."""
-    bare, ours, auth, _ = _counts(requests, stream, list(extra), lean=False)
+    bare, ours, auth, _ = instruction_counts(requests, stream, list(extra), lean=False)
     return bare, ours, auth
 
 
-def _counts(requests: int, stream: bool, extra: list[str],
+def instruction_counts(requests: int, stream: bool, extra: list[str],
             lean: bool) -> tuple[float, float, bool, float | None]:
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="proxy-instr-"))
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--lean", action="store_true",
                         help="also the bare pass-through on the lean upstream client prototype")
     args = parser.parse_args()
-    bare, ours, auth, lean = _counts(args.requests, args.stream, args.set, args.lean)
+    bare, ours, auth, lean = instruction_counts(args.requests, args.stream, args.set, args.lean)
     kind = "stream" if args.stream else "non-stream"
     print(f"{kind}: {args.requests} requests; inbound auth {'on' if auth else 'off'}")
     print(f"{'proxy':<8}{'instructions/req':>18}")

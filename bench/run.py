@@ -436,12 +436,12 @@ def main() -> None:
                     results.add("slow stream, 1 at a time", "added TTFB ms", name,
                                 ms - ttfb["direct"])
         if args.instructions:
-            from bench.instructions import _counts
+            from bench.instructions import instruction_counts
 
             requests = 100 if args.smoke else 600
             for point, stream in (("non-streamed", False), ("streamed, 20 chunks", True)):
                 print(f"instructions: {point} (callgrind, {requests} requests)", flush=True)
-                bare, ours, _, lean = _counts(requests, stream, args.set, args.lean)
+                bare, ours, _, lean = instruction_counts(requests, stream, args.set, args.lean)
                 results.add(point, "instructions/req", "bare", bare)
                 results.add(point, "instructions/req", "ours", ours)
                 if lean is not None:
