@@ -302,3 +302,40 @@ def test_header_injection_is_refused() -> None:
     pool = LeanPool("127.0.0.1", 1)
     with pytest.raises(ValueError, match="X-Bad"):
         asyncio.run(pool.request("POST", "/", b"", [("X-Bad", "a\r\nInjected: 1")]))
+
+
+@pytest.fixture
+def certificate(tmp_path: Any) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made by the openssl command line tool."""
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+async def test_tls_upstream(aiohttp_server: Any, pools: list[LeanPool],
+                            certificate: tuple[str, str]) -> None:
+    import ssl
+
+    cert, key = certificate
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"over tls: " + await request.read())
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    server = await aiohttp_server(app, ssl=server_tls)
+    client_tls = ssl.create_default_context(cafile=cert)
+    pool = pool_for(server.port, pools, tls=client_tls)
+    for _ in range(2):
+        response = await pool.request("POST", "/", b"hello")
+        assert await response.read() == b"over tls: hello"
+    assert pool.opened == 1
+    untrusting = pool_for(server.port, pools, tls=ssl.create_default_context())
+    with pytest.raises(LeanError, match="cannot connect"):
+        await untrusting.request("POST", "/", b"hello")
