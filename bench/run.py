@@ -77,7 +77,7 @@ class Target:
 class Point:
     name: str
     connections: int
-    shape: str | None  # the request's "user" field (bench.servers), None for non-streamed
+    shape: str | None  # the request's stop sequence (bench.servers), None for non-streamed
     memory: bool = False
 
 
@@ -98,7 +98,7 @@ def body(shape: str | None) -> bytes:
     }
     if shape is not None:
         payload["stream"] = True
-        payload["user"] = shape
+        payload["stop"] = [shape]
     return json.dumps(payload, separators=(",", ":")).encode()
 
 

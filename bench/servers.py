@@ -6,10 +6,11 @@
     python -m bench.servers bare-lean PORT UPSTREAM   # the same on proxy.adapters.lean
 
 The fast upstream answers in a fraction of the proxy's CPU time, so it can share a core with the
-load generator. Its streamed answers are shaped by the request's ``user`` field:
-``"bench:chunks=20:delay=20"`` sends 20 content events 20 ms apart (the first at once), then a
-final event with ``finish_reason`` and ``usage``, then ``[DONE]``. Without it, a streamed answer
-is :data:`EVENTS`, the same bytes the aiohttp upstream sends.
+load generator. Its streamed answers are shaped by the request's ``stop`` field (one that every
+proxy passes on; LiteLLM drops ``user``): ``"stop": ["bench:chunks=20:delay=20"]`` sends 20
+content events 20 ms apart (the first at once), then a final event with ``finish_reason`` and
+``usage``, then ``[DONE]``. Without it, a streamed answer is :data:`EVENTS`, the same bytes the
+aiohttp upstream sends.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ async def upstream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-_SHAPE = re.compile(rb'"user":\s*"bench:chunks=(\d+)(?::delay=(\d+))?"')
+_SHAPE = re.compile(rb'"stop":\s*\[?\s*"bench:chunks=(\d+)(?::delay=(\d+))?"')
 _CHUNK = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
           b'"model":"bench-upstream","choices":[{"index":0,"delta":{"content":" word"},'
           b'"finish_reason":null}]}\n\n')
