@@ -271,11 +271,11 @@ def machine() -> str:
 
 
 def fmt(value: float) -> str:
-    if value >= 1000:
+    if value >= 999.5:
         return f"{value:,.0f}"
-    if value >= 100:
+    if value >= 99.95:
         return f"{value:.0f}"
-    if value >= 10:
+    if value >= 9.995:
         return f"{value:.1f}"
     return f"{value:.2f}"
 
