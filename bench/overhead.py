@@ -5,84 +5,35 @@
 Both proxies forward to the same fast fake upstream; a separate process makes the load. The
 figure is the proxy process's own CPU time (user + system, from /proc) per request, so other
 load on the machine changes it little. Rounds alternate between the two proxies and the
-medians are compared. The proxy runs with its features on: model rewrite, upstream key
-injection, inbound API key auth, metrics, access log (to a file), retries and limits.
+medians are compared. The proxy runs configured as users run it
+(``bench.targets.proxy_config``): model rewrite, upstream key injection, inbound API key auth,
+metrics, access log (to a file), retries and limits.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-CLOCK = os.sysconf("SC_CLK_TCK")
-INBOUND_KEY = "bench-inbound-key"
+from bench.targets import (
+    INBOUND_KEY,
+    config_yaml,
+    cpu_seconds,
+    free_port,
+    proxy_config,
+    supports_auth,
+    wait_up,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK
-
-
-def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1)  # loopback only
-            return
-        except OSError as exc:
-            if getattr(exc, "code", None):  # an HTTP error status: it is serving
-                return
-            time.sleep(0.05)
-    raise SystemExit(f"{url} did not come up")
+__all__ = ["INBOUND_KEY", "config_text", "free_port", "load", "supports_auth", "wait_up"]
 
 
 def config_text(upstream: str, port: int, auth: bool, extra: list[str]) -> str:
-    lines = [
-        "backend_provider: custom",
-        f"url: {upstream}",
-        "api_key: upstream-key",
-        "model_name_alias: bench-upstream",
-        "model: {name: bench}",
-        f"server: {{port: {port}}}",
-        "retries: {attempts: 3}",
-        "limits: {max_concurrency: 256, max_queue: 256}",
-        "logging: {access_log: true}",
-    ]
-    if auth:
-        lines.append(f"auth: {{api_keys: [{INBOUND_KEY}]}}")
-    for line in extra:
-        key = line.split(":", 1)[0]
-        lines = [old for old in lines if not old.startswith(key + ":")] + [line]
-    return "\n".join(lines) + "\n"
-
-
-def supports_auth() -> bool:
-    from proxy.config import AuthSection
-
-    return "api_keys" in AuthSection.model_fields and _auth_enforced()
-
-
-def _auth_enforced() -> bool:
-    try:
-        import proxy.auth.inbound  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return config_yaml(proxy_config(upstream, port, auth=auth), extra)
 
 
 def load(url: str, count: int, concurrency: int, stream: bool, auth: str) -> None:

@@ -1,0 +1,328 @@
+"""A lean HTTP/1.1 client for one upstream origin: keep-alive connections on asyncio protocols,
+answers parsed by llhttp (``httptools``, the parser uvicorn uses server-side).
+
+A prototype beside aiohttp's ``ClientSession``, measured by ``python -m bench.lean``; nothing
+uses it yet. It does what the proxy needs of an upstream client and no more: one origin, bodies
+as bytes, no redirects, cookies or compression; answers framed by ``Content-Length``, chunked
+encoding, or the connection's close. A request goes out in one write; the answer's body is
+buffered per response (reading pauses above :data:`HIGH_WATER` bytes unread), so a connection
+goes back to the pool as soon as its answer has arrived whole.
+
+Failures are ``TimeoutError`` (connect, first byte, idle gap between reads) or
+:class:`LeanError` with the stage it happened in (``send``: nothing of an answer arrived;
+``body``: the answer broke off). A pooled connection the upstream closed is noticed when the
+close arrives; one that closes as a request is written, before any byte of an answer, is
+retried once on a new connection (as browsers and urllib3 do for idempotent reuse races).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl as ssl_module
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Literal, cast
+
+import httptools
+
+#: Unread body bytes of one answer above which its connection stops reading.
+HIGH_WATER = 256 * 1024
+Stage = Literal["send", "body"]
+
+
+class LeanError(ConnectionError):
+    """The upstream connection failed; ``stage`` says whether any of the answer had arrived."""
+
+    def __init__(self, message: str, stage: Stage) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class _Stale(Exception):
+    """A reused connection closed before any byte of the answer: safe to send again."""
+
+
+class LeanResponse:
+    """One answer: status and headers once :meth:`LeanPool.request` returns, then the body."""
+
+    __slots__ = ("_chunks", "_conn", "_done", "_error", "_idle", "_size", "_started",
+                 "_timer", "_waiter", "framed", "headers", "keep_alive", "status")
+
+    def __init__(self, conn: _Conn, idle: float | None) -> None:
+        self._conn: _Conn | None = conn
+        self._idle = idle
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.framed = False  # Content-Length or chunked; otherwise the body ends at close
+        self.keep_alive = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._started = False  # a byte of the answer arrived
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called ``name`` (any case)."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether the connection stopped reading because this body is unread."""
+        return self._conn is not None and self._conn.paused
+
+    # -- the connection's side
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None and not self._done:
+            self._error = exc
+        self._wake()
+
+    # -- the reader's side
+    async def _wait(self, seconds: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, self._time_out, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _time_out(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+        if self._conn is not None:
+            self._conn.abort()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: whatever is buffered at each step, joined."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._size = 0
+                if self._conn is not None:
+                    self._conn.resume()
+                yield data
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return
+            await self._wait(self._idle)
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = [chunk async for chunk in self.chunks()]
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Give up on the rest of the body; the connection is closed unless it had all of it."""
+        if not self._done and self._conn is not None:
+            self._conn.abort()
+        self._chunks.clear()
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection; it carries one request at a time."""
+
+    def __init__(self, pool: LeanPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: LeanResponse | None = None
+        self.closed = False
+        self.paused = False
+        self.used = 0
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def send(self, response: LeanResponse, data: bytes) -> None:
+        assert self.transport is not None
+        self.response = response
+        self.used += 1
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:  # nothing was asked: a confused upstream
+            self.abort()
+            return
+        self.response._started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            response = self.response
+            self.abort()
+            if response is not None:
+                stage: Stage = "body" if response.status else "send"
+                response._fail(LeanError(f"malformed answer: {exc}", stage))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        response, self.response = self.response, None
+        if response is None or response._done:
+            return
+        if response.status and not response.framed and exc is None:
+            response._done = True  # close-delimited body: the close is its end
+            response._wake()
+        elif not response._started:
+            response._fail(_Stale())
+        else:
+            reason = f": {exc}" if exc else ""
+            stage: Stage = "body" if response.status else "send"
+            response._fail(LeanError(f"connection closed mid-answer{reason}", stage))
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def resume(self) -> None:
+        if self.paused and not self.closed and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # -- llhttp callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        lowered = name.lower()
+        if lowered == b"content-length" or (lowered == b"transfer-encoding"
+                                            and b"chunked" in value.lower()):
+            self.response.framed = True
+        self.response.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        response.status = self.parser.get_status_code()
+        response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        assert response is not None
+        response._chunks.append(body)
+        response._size += len(body)
+        if response._size > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        response._wake()
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        response.keep_alive = self.parser.should_keep_alive()
+        response._done = True
+        response._conn = None
+        self.response = None
+        if response.keep_alive and not self.closed:
+            self.resume()
+            self.pool._release(self)
+        else:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        response._wake()
+
+
+class LeanPool:
+    """Keep-alive HTTP/1.1 connections to one origin (``http://`` or ``https://``)."""
+
+    def __init__(self, host: str, port: int, *, tls: ssl_module.SSLContext | None = None,
+                 connect_timeout: float = 5.0, keep_idle: float = 30.0) -> None:
+        self.host, self.port, self.tls = host, port, tls
+        self.connect_timeout = connect_timeout
+        #: Seconds an unused connection is kept before it is closed instead of reused.
+        self.keep_idle = keep_idle
+        default_port = 443 if tls is not None else 80
+        self.host_header = (host if port == default_port else f"{host}:{port}").encode()
+        self._idle: list[_Conn] = []
+        self._all: set[_Conn] = set()
+        self.opened = 0  # connections made, for tests and benchmarks
+
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: Iterable[tuple[str, str]] = (), *,
+                      first_byte: float | None = None,
+                      idle: float | None = None) -> LeanResponse:
+        """Send one request; return once the status line and headers are in.
+
+        ``first_byte`` bounds the wait for them; ``idle`` each later wait for body bytes.
+        """
+        head = [b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
+                % (method.encode(), path.encode(), self.host_header, len(body))]
+        for name, value in headers:
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+                raise ValueError(f"header {name!r} has a character HTTP does not allow there")
+            head.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
+        head.append(b"\r\n")
+        data = b"".join(head) + body
+        for attempt in range(2):
+            conn = await self._acquire()
+            reused = conn.used > 0
+            response = LeanResponse(conn, idle)
+            conn.send(response, data)
+            try:
+                while not response.status:
+                    if response._error is not None:
+                        raise response._error
+                    await response._wait(first_byte)
+                return response
+            except _Stale:
+                if reused and attempt == 0:
+                    continue
+                raise LeanError("connection closed before any answer", "send") from None
+        raise AssertionError("unreachable")
+
+    async def _acquire(self) -> _Conn:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self.keep_idle:
+                return conn
+            conn.abort()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self), self.host, self.port, ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None)
+        except OSError as exc:
+            raise LeanError(f"cannot connect: {exc.strerror or exc}", "send") from exc
+        self.opened += 1
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        self._all.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let connection_lost run
