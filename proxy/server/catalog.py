@@ -26,6 +26,7 @@ from aiohttp import web
 from proxy.config import BaseConfig
 from proxy.errors import NotFound, ProxyError
 from proxy.server.runtime import RUNTIME, Runtime
+from proxy.server.tasks import running
 from proxy.upstream.breaker import State
 from proxy.upstream.pipeline import Backend
 
@@ -112,15 +113,8 @@ async def _gather(backend: Backend) -> tuple[dict[str, Any], list[dict[str, Any]
 async def cataloguing(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` entry: the catalog's refresh task runs while the application does."""
     runtime = app[RUNTIME]
-    task = asyncio.create_task(runtime.catalog.run(runtime), name="catalog-refresh")
-    try:
+    async with running(runtime.catalog.run(runtime), "catalog-refresh"):
         yield
-    finally:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
 
 
 async def listing(runtime: Runtime, catalog: Catalog) -> list[dict[str, Any]]:

@@ -13,8 +13,6 @@ through): API keys and gateway signatures do not open it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from proxy.node.identity import Identity
 from proxy.node.registry import Registry
 from proxy.server.edge import read_body
 from proxy.server.runtime import Runtime
+from proxy.server.tasks import running
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -95,13 +94,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     chain = None
     if node.section.chain is not None:
         chain = Chain(session, node.section.chain.rpc_url, timeout=timeout)
-    task = asyncio.create_task(node.registry.run(chain), name="node-registry")
     try:
-        yield
+        async with running(node.registry.run(chain), "node-registry"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await session.close()
 
 

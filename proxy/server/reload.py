@@ -25,6 +25,7 @@ from proxy.config import BaseConfig
 from proxy.configfile import load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.server.runtime import Runtime
+from proxy.server.tasks import running
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import Served
 
@@ -188,15 +189,10 @@ RELOADER = web.AppKey("reloader", Reloader)
 async def reloading(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` entry: the reload task runs while the application does."""
     reloader = app[RELOADER]
-    task = asyncio.create_task(reloader.run(), name="config-reload")
     try:
-        yield
+        async with running(reloader.run(), "config-reload"):
+            yield
     finally:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
         await reloader.close()
 
 
