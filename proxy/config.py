@@ -233,8 +233,12 @@ class MetricsSection(Section):
 
 class LoggingSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    #: ``auto``: text when stderr is a terminal, JSON lines otherwise (``proxy.server.logs``).
+    format: Literal["auto", "text", "json"] = "auto"
     access_log: bool = True
+    #: Put the request body (the prompt) and the answer, up to 64 KiB each, in JSON access
+    #: lines. Off by default: prompts and answers are the network's users' data.
+    include_bodies: bool = False
 
 
 class OllamaSection(Section):

@@ -33,9 +33,16 @@ class Job:
     name the upstream knows. ``headers`` is already the allow-listed set of client headers
     that may travel upstream (``proxy.headers.request_headers``, applied where the job is
     built): an adapter can forward it as it is and never leaks the client's credentials.
-    ``request_id`` is the client's ``X-Request-Id`` when it is fit for logs, else ``""``.
-    ``upstream_seconds`` adds up the time spent waiting on the upstream (the pipeline's
-    attempts, then the relay's reads), for the proxy's overhead metric.
+    ``request_id`` is the request's id (the client's ``X-Request-ID`` when it is fit for logs,
+    else one the proxy made; also in ``headers``). ``upstream_seconds`` adds up the time spent
+    waiting on the upstream (the pipeline's attempts, then the relay's reads), for the proxy's
+    overhead metric.
+
+    The rest is filled in on the way, for the request's access line: ``started`` (the
+    handler's ``perf_counter`` when it began), ``ttfb`` (seconds from then to the first byte
+    of the answer written, ``-1``: none), ``attempts`` (upstream attempts made), ``usage`` (the
+    tokens the adapter reported), ``answer`` (the answer's bytes, only when the operator logs
+    bodies: ``logging.include_bodies``).
     """
 
     endpoint: Endpoint
@@ -50,6 +57,11 @@ class Job:
     headers: Mapping[str, str]
     request_id: str
     upstream_seconds: float = 0.0
+    started: float = 0.0
+    ttfb: float = -1.0
+    attempts: int = 0
+    usage: Usage | None = None
+    answer: bytearray | None = None
 
 
 @dataclass(slots=True)

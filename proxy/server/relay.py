@@ -12,9 +12,12 @@ from proxy.adapters.base import Job, UpstreamResponse
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics, observe_into
 from proxy.server.drain import SHUTTING_DOWN, Drain
+from proxy.server.requestid import HEADER
 from proxy.wire import answers
 
 log = logging.getLogger("model_proxy")
+#: Most bytes of an answer kept for the access line when ``logging.include_bodies`` is on.
+ANSWER_LOG_BYTES = 64 * 1024
 
 
 async def relay(
@@ -27,10 +30,16 @@ async def relay(
     shutdown grace is over (``drain``) ends the same way.
     """
     try:
+        answer = job.answer
         if not upstream.stream:
             body = upstream.body if upstream.body is not None else await upstream.read()
-            return web.Response(status=upstream.status, body=body, headers=upstream.headers)
+            whole = web.Response(status=upstream.status, body=body, headers=upstream.headers)
+            job.ttfb = time.perf_counter() - job.started
+            if answer is not None:
+                answer += body[:ANSWER_LOG_BYTES]
+            return whole
         response = web.StreamResponse(status=upstream.status, headers=upstream.headers)
+        response.headers[HEADER] = job.request_id
         await response.prepare(request)
         endpoint = job.endpoint
         clock = time.perf_counter
@@ -47,21 +56,24 @@ async def relay(
                 waited += now - resumed
                 if first:
                     metrics.observe_ttft(endpoint, now - start)
+                    job.ttfb = now - job.started
                     first = False
                 else:
                     observe_into(gaps, bounds, now - previous)
                 previous = now
+                if answer is not None and len(answer) < ANSWER_LOG_BYTES:
+                    answer += chunk[:ANSWER_LOG_BYTES - len(answer)]
                 await response.write(chunk)
                 resumed = clock()
         except ProxyError as exc:
-            log.warning("stream %s ended early: %s", job.request_id or "-", exc.message)
+            log.warning("stream ended early: %s", exc.message)
             metrics.count_upstream_error(exc.code or "upstream_error")
-            await response.write(answers.error_event(exc))
+            await response.write(answers.error_event(exc, job.request_id))
         except asyncio.CancelledError:
             if not drain.ending:
                 raise  # the client went away
             task.uncancel()
-            await response.write(answers.error_event(SHUTTING_DOWN))
+            await response.write(answers.error_event(SHUTTING_DOWN, job.request_id))
         finally:
             drain.streams.discard(task)
             job.upstream_seconds += waited
@@ -69,6 +81,6 @@ async def relay(
         return response
     finally:
         await upstream.release()
-        usage = upstream.reported_usage()
+        usage = job.usage = upstream.reported_usage()
         if usage is not None:
             metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
