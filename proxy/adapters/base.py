@@ -38,11 +38,11 @@ class Job:
     waiting on the upstream (the pipeline's attempts, then the relay's reads), for the proxy's
     overhead metric.
 
-    The rest is filled in on the way, for the request's access line: ``started`` (the
-    handler's ``perf_counter`` when it began), ``ttfb`` (seconds from then to the first byte
-    of the answer written, ``-1``: none), ``attempts`` (upstream attempts made), ``usage`` (the
-    tokens the adapter reported), ``answer`` (the answer's bytes, only when the operator logs
-    bodies: ``logging.include_bodies``).
+    The rest is filled in on the way, for JSON access lines: ``started`` (the
+    ``perf_counter`` when the job was handed on, its body read), ``ttfb`` (seconds from then to
+    a stream's first chunk written; ``-1``: not a stream), ``attempts`` (upstream attempts
+    made), ``usage`` (the tokens the adapter reported), ``answer`` (the answer's first bytes,
+    only when the operator logs bodies: ``logging.include_bodies``).
     """
 
     endpoint: Endpoint

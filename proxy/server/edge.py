@@ -42,7 +42,7 @@ UNCOUNTED = ""
 def error_response(exc: ProxyError, request_id: str) -> web.Response:
     """``exc`` as its OpenAI-shaped body, with ``request_id`` beside ``error`` (a top-level
     field OpenAI's clients ignore; they read the id from the ``X-Request-ID`` header)."""
-    headers = {HEADER: request_id}
+    headers: dict[str, str] = {HEADER: request_id}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     body = exc.body()
@@ -82,8 +82,9 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                     else:
                         auth.check_keys(request.headers)
                 response = await handler(request, runtime)
-                if not response.prepared:  # a relayed stream has set it before its headers
-                    response.headers[HEADER] = request_id
+                # a relayed stream has sent it with its headers already; setting it again then
+                # costs less than asking whether it was prepared
+                response.headers[HEADER] = request_id
             except ProxyError as exc:
                 response = error_response(exc, request_id)
             except web.HTTPException as exc:

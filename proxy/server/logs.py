@@ -118,10 +118,11 @@ class AccessLines:
             job: Job | None = None, upstream: str = "") -> None:
         """One request's line. In JSON, a forwarded request (``job``) adds its ``model`` (as
         the client named it), ``upstream`` (the backend provider) and ``upstream_model``,
-        ``attempts``, ``ttfb_ms`` (from the handler's start to the first byte of the answer
-        written), ``upstream_ms`` and ``tokens_in``/``tokens_out`` (as the upstream reported
-        them; ``null`` when it did not); with ``include_bodies``, ``request_body`` and
-        ``response_body`` (each at most 64 KiB, as text)."""
+        ``attempts``, ``ttfb_ms`` (a stream's, from its body read to its first chunk written;
+        other answers are written whole, so their duration), ``upstream_ms`` and
+        ``tokens_in``/``tokens_out`` (as the upstream reported them; ``null`` when it did
+        not); with ``include_bodies``, ``request_body`` and ``response_body`` (each at most
+        64 KiB, as text)."""
         now = time.time()
         if self.json:
             entry: dict[str, Any] = {
@@ -135,7 +136,8 @@ class AccessLines:
                 entry.update(
                     model=job.model and job.model[:200], upstream=upstream,
                     upstream_model=job.upstream_model, attempts=job.attempts,
-                    ttfb_ms=round(job.ttfb * 1000, 1) if job.ttfb >= 0 else None,
+                    ttfb_ms=(round(job.ttfb * 1000, 1) if job.ttfb >= 0
+                             else entry["duration_ms"]),
                     upstream_ms=round(job.upstream_seconds * 1000, 1),
                     tokens_in=usage.prompt_tokens if usage else None,
                     tokens_out=usage.completion_tokens if usage else None,

@@ -34,7 +34,6 @@ async def relay(
         if not upstream.stream:
             body = upstream.body if upstream.body is not None else await upstream.read()
             whole = web.Response(status=upstream.status, body=body, headers=upstream.headers)
-            job.ttfb = time.perf_counter() - job.started
             if answer is not None:
                 answer += body[:ANSWER_LOG_BYTES]
             return whole

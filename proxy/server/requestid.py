@@ -15,7 +15,10 @@ import itertools
 import os
 from contextvars import ContextVar
 
-HEADER = "X-Request-ID"
+from multidict import istr
+
+#: As an ``istr``, header lookups and stores skip case folding.
+HEADER = istr("X-Request-ID")
 #: Longest client id that is kept; a longer one is replaced.
 MAX_LENGTH = 128
 
@@ -35,7 +38,7 @@ def fit(value: str) -> bool:
 
 
 class RequestIds:
-    """Makes ids: ``<12 random hex digits>-<counter in hex>``."""
+    """Makes ids: ``<12 random hex digits>-<counter>``."""
 
     __slots__ = ("_counter", "prefix")
 
@@ -44,10 +47,10 @@ class RequestIds:
         self._counter = itertools.count(1)
 
     def new(self) -> str:
-        return f"{self.prefix}{next(self._counter):x}"
+        return f"{self.prefix}{next(self._counter)}"
 
     def of(self, given: str | None) -> str:
         """``given`` when it is fit, else a new id."""
         if given is not None and fit(given):
             return given
-        return f"{self.prefix}{next(self._counter):x}"
+        return f"{self.prefix}{next(self._counter)}"

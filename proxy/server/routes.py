@@ -35,7 +35,6 @@ KNOWN_PATHS = frozenset({*ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metr
 
 
 async def inference(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    started = time.perf_counter()
     served = runtime.served
     limits = runtime.config.limits
     endpoint = ENDPOINTS[request.path]
@@ -56,12 +55,11 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
     job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
-              headers, request_id, started=started)
+              headers, request_id)
     return await forward(request, runtime, backend, job)
 
 
 async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    started = time.perf_counter()
     backend = runtime.backend
     if request.path in ENDPOINTS or (
         request.path == "/v1/models" or request.path.startswith("/v1/models/")
@@ -75,7 +73,7 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
     job = Job("passthrough", request.method, request.path, request.query_string, body, None,
-              None, None, False, headers, request_id, started=started)
+              None, None, False, headers, request_id)
     return await forward(request, runtime, backend, job)
 
 
@@ -83,9 +81,11 @@ async def forward(
     request: web.Request, runtime: Runtime, backend: Backend, job: Job
 ) -> web.StreamResponse:
     """Admit ``job``, send it (with retries), relay the answer."""
-    request[JOB] = job  # for the access line
-    if backend.config.logging.include_bodies:
-        job.answer = bytearray()
+    if runtime.access_jobs:  # JSON access lines tell of the job
+        request[JOB] = job
+        job.started = time.perf_counter()
+        if backend.config.logging.include_bodies:
+            job.answer = bytearray()
     pipeline = runtime.pipeline
     try:
         async with pipeline.admitted(backend):

@@ -53,6 +53,8 @@ class Runtime:
     #: Handed from a routed request's handler to the edge the same way: the ``model`` label
     #: of the backend it went to (``""``: the edge uses ``backend``'s).
     routed_label: str = ""
+    #: Whether the access log wants each forwarded request's job (JSON lines; set by ``serve``).
+    access_jobs: bool = False
     started_at: float = field(default_factory=time.time)
     ids: RequestIds = field(default_factory=RequestIds)
 
