@@ -16,6 +16,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -25,7 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy.adapters.base import Job
 from proxy.config import LoggingSection
 from proxy.server.requestid import CURRENT, HEADER
-from proxy.server.runtime import JOB, RUNTIME
+from proxy.server.runtime import JOB
 
 log = logging.getLogger("model_proxy")
 
@@ -102,51 +103,33 @@ class AccessLines:
     FLUSH_LINES = 64
     FLUSH_SECONDS = 0.5
 
-    def __init__(self, settings: LoggingSection, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, settings: LoggingSection, stream: TextIO | None = None,
+        upstream: Callable[[], str] = str,
+    ) -> None:
         self.enabled = settings.access_log and logging.INFO >= logging.getLevelName(
             settings.level.upper()
         )
         self._stream = stream or sys.stderr
         self.json = uses_json(settings, self._stream)
         self.bodies = settings.include_bodies
+        #: The current backend provider's name, for JSON lines of forwarded requests.
+        self.upstream = upstream
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
 
-    def add(self, method: str, path: str, status: int, seconds: float, request_id: str,
-            job: Job | None = None, upstream: str = "") -> None:
-        """One request's line. In JSON, a forwarded request (``job``) adds its ``model`` (as
-        the client named it), ``upstream`` (the backend provider) and ``upstream_model``,
-        ``attempts``, ``ttfb_ms`` (a stream's, from its body read to its first chunk written;
-        other answers are written whole, so their duration), ``upstream_ms`` and
-        ``tokens_in``/``tokens_out`` (as the upstream reported them; ``null`` when it did
-        not); with ``include_bodies``, ``request_body`` and ``response_body`` (each at most
-        64 KiB, as text)."""
+    def add(self, method: str, path: str, status: int, seconds: float, request_id: str) -> None:
+        """One request's line, in text or (when no job is known) JSON."""
         now = time.time()
         if self.json:
-            entry: dict[str, Any] = {
+            line = orjson.dumps({
                 "ts": round(now, 3), "level": "info", "logger": "model_proxy.access",
                 "request_id": request_id, "method": method, "path": path, "status": status,
                 # whole milliseconds: the event loop's clock (uvloop) has no finer resolution
                 "duration_ms": round(seconds * 1000),
-            }
-            if job is not None:
-                usage = job.usage
-                entry.update(
-                    model=job.model and job.model[:200], upstream=upstream,
-                    upstream_model=job.upstream_model, attempts=job.attempts,
-                    ttfb_ms=(round(job.ttfb * 1000, 1) if job.ttfb >= 0
-                             else entry["duration_ms"]),
-                    upstream_ms=round(job.upstream_seconds * 1000, 1),
-                    tokens_in=usage.prompt_tokens if usage else None,
-                    tokens_out=usage.completion_tokens if usage else None,
-                )
-                if self.bodies:
-                    answer = job.answer or b""
-                    entry["request_body"] = job.body[:BODY_LOG_BYTES].decode(errors="replace")
-                    entry["response_body"] = bytes(answer).decode(errors="replace")
-            line = orjson.dumps(entry).decode()
+            }).decode()
         else:
             second = int(now)
             if second != self._second:
@@ -154,6 +137,38 @@ class AccessLines:
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             line = (f"{self._stamp},{int((now - second) * 1000):03d} INFO model_proxy.access: "
                     f"{method} {path} {status} {round(seconds * 1000)}ms request_id={request_id}")
+        self._append(line)
+
+    def add_job(self, method: str, path: str, status: int, seconds: float, request_id: str,
+                job: Job) -> None:
+        """A forwarded request's JSON line: besides :meth:`add`'s fields its ``model`` (as
+        the client named it), ``upstream`` (the backend provider) and ``upstream_model``,
+        ``attempts``, ``ttfb_ms`` (a stream's, from its body read to its first chunk written;
+        other answers are written whole, so their duration), ``upstream_ms`` and
+        ``tokens_in``/``tokens_out`` (as the upstream reported them; ``null`` when it did
+        not); with ``include_bodies``, ``request_body`` and ``response_body`` (each at most
+        64 KiB, as text). Durations in whole milliseconds."""
+        usage = job.usage
+        model = job.model
+        duration = round(seconds * 1000)
+        entry: dict[str, Any] = {
+            "ts": round(time.time(), 3), "level": "info", "logger": "model_proxy.access",
+            "request_id": request_id, "method": method, "path": path, "status": status,
+            "duration_ms": duration,
+            "model": model[:200] if model else model, "upstream": self.upstream(),
+            "upstream_model": job.upstream_model, "attempts": job.attempts,
+            "ttfb_ms": round(job.ttfb * 1000) if job.ttfb >= 0 else duration,
+            "upstream_ms": round(job.upstream_seconds * 1000),
+            "tokens_in": usage.prompt_tokens if usage else None,
+            "tokens_out": usage.completion_tokens if usage else None,
+        }
+        if self.bodies:
+            answer = job.answer or b""
+            entry["request_body"] = job.body[:BODY_LOG_BYTES].decode(errors="replace")
+            entry["response_body"] = bytes(answer).decode(errors="replace")
+        self._append(orjson.dumps(entry).decode())
+
+    def _append(self, line: str) -> None:
         lines = self._lines
         lines.append(line)
         if len(lines) >= self.FLUSH_LINES:
@@ -180,14 +195,11 @@ class AccessLogger(AbstractAccessLogger):
         # out, as it may carry a credential.
         path = request.raw_path.partition("?")[0][:200]
         request_id = response.headers.get(HEADER, "-")  # none: refused by aiohttp's parser
-        if lines.json:
-            job = request.get(JOB)
-            upstream = ""
-            if job is not None and isinstance(request, web.Request):
-                upstream = request.app[RUNTIME].backend.config.backend_provider
-            lines.add(request.method, path, response.status, seconds, request_id, job, upstream)
-        else:
+        job = request.get(JOB) if lines.json else None
+        if job is None:
             lines.add(request.method, path, response.status, seconds, request_id)
+        else:
+            lines.add_job(request.method, path, response.status, seconds, request_id, job)
 
     @property
     def enabled(self) -> bool:

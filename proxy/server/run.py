@@ -51,7 +51,9 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         log.warning(warning)
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
-    access_lines = AccessLines(config.logging)
+    access_lines = AccessLines(
+        config.logging, upstream=lambda: runtime.backend.config.backend_provider
+    )
     runtime.access_jobs = access_lines.enabled and access_lines.json
     runner = web.AppRunner(
         app,
