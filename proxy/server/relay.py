@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -49,8 +50,9 @@ async def relay(
         task = asyncio.current_task()
         assert task is not None
         drain.streams.add(task)
+        chunks = upstream.chunks() if answer is None else _kept(upstream.chunks(), answer)
         try:
-            async for chunk in upstream.chunks():
+            async for chunk in chunks:
                 now = clock()
                 waited += now - resumed
                 if first:
@@ -60,8 +62,6 @@ async def relay(
                 else:
                     observe_into(gaps, bounds, now - previous)
                 previous = now
-                if answer is not None and len(answer) < ANSWER_LOG_BYTES:
-                    answer += chunk[:ANSWER_LOG_BYTES - len(answer)]
                 await response.write(chunk)
                 resumed = clock()
         except ProxyError as exc:
@@ -83,3 +83,11 @@ async def relay(
         usage = job.usage = upstream.reported_usage()
         if usage is not None:
             metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
+
+
+async def _kept(chunks: AsyncIterator[bytes], answer: bytearray) -> AsyncIterator[bytes]:
+    """``chunks``, their first bytes kept in ``answer`` (``logging.include_bodies``)."""
+    async for chunk in chunks:
+        if len(answer) < ANSWER_LOG_BYTES:
+            answer += chunk[:ANSWER_LOG_BYTES - len(answer)]
+        yield chunk
