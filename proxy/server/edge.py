@@ -64,7 +64,8 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
         request_id = ids.of(request.headers.get(HEADER))
-        CURRENT.set(request_id)  # this handler runs in its own task: no reset needed
+        # no reset: the next request handled in this task sets its own first
+        CURRENT.set(request_id)
         label = endpoint
         if label is None:
             label = "passthrough" if request.path.startswith("/v1/") else "other"
