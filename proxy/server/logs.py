@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from proxy.adapters.base import Job
 from proxy.config import LoggingSection
-from proxy.server.requestid import CURRENT, HEADER
+from proxy.server.requestid import CURRENT
 from proxy.server.runtime import JOB
 
 log = logging.getLogger("model_proxy")
@@ -194,7 +194,9 @@ class AccessLogger(AbstractAccessLogger):
         # raw_path: percent-escapes stay escaped (no newlines in the log); the query is left
         # out, as it may carry a credential.
         path = request.raw_path.partition("?")[0][:200]
-        request_id = response.headers.get(HEADER, "-")  # none: refused by aiohttp's parser
+        # aiohttp logs in the request's own task, so the edge's context variable is still set
+        # there ("": a request aiohttp refused before any handler ran)
+        request_id = CURRENT.get() or "-"
         job = request.get(JOB) if lines.json else None
         if job is None:
             lines.add(request.method, path, response.status, seconds, request_id)
