@@ -41,8 +41,9 @@ class Job:
     The rest is filled in on the way, for JSON access lines: ``started`` (the
     ``perf_counter`` when the job was handed on, its body read), ``ttfb`` (seconds from then to
     a stream's first chunk written; ``-1``: not a stream), ``attempts`` (upstream attempts
-    made), ``usage`` (the tokens the adapter reported), ``answer`` (the answer's first bytes,
-    only when the operator logs bodies: ``logging.include_bodies``).
+    made), ``upstream`` (the provider of the backend it went to), ``usage`` (the tokens the
+    adapter reported), ``answer`` (the answer's first bytes, only when the operator logs
+    bodies: ``logging.include_bodies``).
     """
 
     endpoint: Endpoint
@@ -60,6 +61,7 @@ class Job:
     started: float = 0.0
     ttfb: float = -1.0
     attempts: int = 0
+    upstream: str = ""
     usage: Usage | None = None
     answer: bytearray | None = None
 

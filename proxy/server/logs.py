@@ -16,7 +16,6 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -103,18 +102,13 @@ class AccessLines:
     FLUSH_LINES = 64
     FLUSH_SECONDS = 0.5
 
-    def __init__(
-        self, settings: LoggingSection, stream: TextIO | None = None,
-        upstream: Callable[[], str] = str,
-    ) -> None:
+    def __init__(self, settings: LoggingSection, stream: TextIO | None = None) -> None:
         self.enabled = settings.access_log and logging.INFO >= logging.getLevelName(
             settings.level.upper()
         )
         self._stream = stream or sys.stderr
         self.json = uses_json(settings, self._stream)
         self.bodies = settings.include_bodies
-        #: The current backend provider's name, for JSON lines of forwarded requests.
-        self.upstream = upstream
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
@@ -155,7 +149,7 @@ class AccessLines:
             "ts": round(time.time(), 3), "level": "info", "logger": "model_proxy.access",
             "request_id": request_id, "method": method, "path": path, "status": status,
             "duration_ms": duration,
-            "model": model[:200] if model else model, "upstream": self.upstream(),
+            "model": model[:200] if model else model, "upstream": job.upstream,
             "upstream_model": job.upstream_model, "attempts": job.attempts,
             "ttfb_ms": round(job.ttfb * 1000) if job.ttfb >= 0 else duration,
             "upstream_ms": round(job.upstream_seconds * 1000),

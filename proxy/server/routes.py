@@ -84,6 +84,7 @@ async def forward(
     if runtime.access_jobs:  # JSON access lines tell of the job
         request[JOB] = job
         job.started = time.perf_counter()
+        job.upstream = backend.config.backend_provider
         if backend.config.logging.include_bodies:
             job.answer = bytearray()
     pipeline = runtime.pipeline
