@@ -61,7 +61,8 @@ def config_text(upstream: str, port: int, auth: bool, extra: list[str]) -> str:
         f"server: {{port: {port}}}",
         "retries: {attempts: 3}",
         "limits: {max_concurrency: 256, max_queue: 256}",
-        "logging: {access_log: true}",
+        # text, as on a terminal: format auto would pick JSON (stderr is not one here)
+        "logging: {access_log: true, format: text}",
     ]
     if auth:
         lines.append(f"auth: {{api_keys: [{INBOUND_KEY}]}}")
