@@ -33,7 +33,7 @@ from pydantic.alias_generators import to_camel
 BUILTIN_PROVIDERS = ("fxn", "custom", "vllm", "ollama", "mock")
 ENTRY_POINT_GROUP = "model_backend_proxy.adapters"
 #: Config keys that hold secrets; each also has a ``<key>_file`` variant read by the loader.
-SECRET_KEYS = ("api_key", "bearer_token", "private_key", "api_keys")
+SECRET_KEYS = ("api_key", "bearer_token", "private_key", "api_keys", "nonce_store")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 _ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
@@ -187,7 +187,28 @@ class FxnSignaturesSection(Section):
     #: timestamp at all (the reference node's behaviour; the nonce cache alone stops replays).
     window: float = Field(300.0, ge=0)
     #: Most nonces remembered at once; when full, the accepted window narrows (no replays).
+    #: For the ``memory`` store only.
     nonce_cache_size: int = Field(100_000, ge=1)
+    #: Where used nonces are remembered: ``memory`` (this process, the default) or a Redis URL
+    #: (``redis://``, ``rediss://``, ``unix://``) that every replica shares, so a signed job
+    #: replayed to another replica is refused too (``proxy.auth.shared_nonces``). The URL may
+    #: hold a password, so it is kept as a secret (``nonce_store_file`` reads it from a file).
+    #: ``None`` means ``memory``.
+    nonce_store: SecretStr | None = None
+
+    @field_validator("nonce_store", mode="before")
+    @classmethod
+    def _memory_is_default(cls, value: Any) -> Any:
+        return None if value == "memory" else value
+
+    @field_validator("nonce_store")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().partition("://")[0].lower()
+            if scheme not in ("redis", "rediss", "unix"):  # the message never quotes the URL
+                raise ValueError("must be memory or a redis://, rediss:// or unix:// URL")
+        return value
 
     @field_validator("allowed_addresses", mode="before")
     @classmethod
@@ -233,8 +254,12 @@ class MetricsSection(Section):
 
 class LoggingSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    #: ``auto``: text when stderr is a terminal, JSON lines otherwise (``proxy.server.logs``).
+    format: Literal["auto", "text", "json"] = "auto"
     access_log: bool = True
+    #: Put the request body (the prompt) and the answer, up to 64 KiB each, in JSON access
+    #: lines. Off by default: prompts and answers are the network's users' data.
+    include_bodies: bool = False
 
 
 class OllamaSection(Section):

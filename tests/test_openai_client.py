@@ -91,3 +91,7 @@ async def test_bad_request_is_an_openai_error(proxy: TestClient) -> None:
             "param": "stream",
             "code": None,
         }
+        # the client reads the proxy's request id from the header (the body's top-level
+        # request_id is beside "error", which the client unwraps)
+        assert info.value.request_id
+        assert info.value.request_id == info.value.response.json()["request_id"]

@@ -33,9 +33,17 @@ class Job:
     name the upstream knows. ``headers`` is already the allow-listed set of client headers
     that may travel upstream (``proxy.headers.request_headers``, applied where the job is
     built): an adapter can forward it as it is and never leaks the client's credentials.
-    ``request_id`` is the client's ``X-Request-Id`` when it is fit for logs, else ``""``.
-    ``upstream_seconds`` adds up the time spent waiting on the upstream (the pipeline's
-    attempts, then the relay's reads), for the proxy's overhead metric.
+    ``request_id`` is the request's id (the client's ``X-Request-ID`` when it is fit for logs,
+    else one the proxy made; also in ``headers``). ``upstream_seconds`` adds up the time spent
+    waiting on the upstream (the pipeline's attempts, then the relay's reads), for the proxy's
+    overhead metric.
+
+    The rest is filled in on the way, for JSON access lines: ``started`` (the
+    ``perf_counter`` when the job was handed on, its body read), ``ttfb`` (seconds from then to
+    a stream's first chunk written; ``-1``: not a stream), ``attempts`` (upstream attempts
+    made), ``upstream`` (the provider of the backend it went to), ``usage`` (the tokens the
+    adapter reported), ``answer`` (the answer's first bytes, only when the operator logs
+    bodies: ``logging.include_bodies``).
     """
 
     endpoint: Endpoint
@@ -50,6 +58,12 @@ class Job:
     headers: Mapping[str, str]
     request_id: str
     upstream_seconds: float = 0.0
+    started: float = 0.0
+    ttfb: float = -1.0
+    attempts: int = 0
+    upstream: str = ""
+    usage: Usage | None = None
+    answer: bytearray | None = None
 
 
 @dataclass(slots=True)

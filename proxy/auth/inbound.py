@@ -22,8 +22,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from multidict import CIMultiDictProxy
 
 from proxy.auth.nonces import NonceCache
+from proxy.auth.shared_nonces import RedisNonces
+from proxy.auth.signing import (
+    HEADER_NONCE,
+    HEADER_TIMESTAMP,
+    SIGNATURE_HEADERS,
+    AllowList,
+    Verifier,
+)
 from proxy.auth.signing import REASONS as SIGNATURE_REASONS
-from proxy.auth.signing import SIGNATURE_HEADERS, AllowList, Verifier
 from proxy.config import AuthSection, BaseConfig
 from proxy.errors import ConfigError, Unauthorized
 
@@ -46,17 +53,20 @@ class Authenticator:
     ``fxn_signatures.allowed_addresses``.
     """
 
-    __slots__ = ("_digests", "mode", "verifier")
+    __slots__ = ("_digests", "mode", "shared", "verifier")
 
     def __init__(
         self,
         section: AuthSection,
         *,
         nonces: NonceCache | None = None,
+        shared: RedisNonces | None = None,
         clock: Callable[[], float] = time.time,
         allowed: AllowList | None = None,
     ) -> None:
         self.mode = section.mode
+        #: The nonce store every replica shares, if configured; else ``verifier``'s own cache.
+        self.shared = shared
         self._digests = tuple(_digest(key.get_secret_value()) for key in section.api_keys)
         signatures = section.fxn_signatures
         self.verifier = (
@@ -89,7 +99,18 @@ class Authenticator:
         if self.verifier is not None:
             try:
                 self.verifier.precheck(headers)
-                self.verifier.verify(headers, await body())
+                shared = self.shared
+                if shared is None:
+                    self.verifier.verify(headers, await body())
+                else:
+                    signer = self.verifier.verify(headers, await body(), remember=False)
+                    # Unavailable (Redis down) is not a credential failure: it goes past
+                    # mode any's alternatives to the client as a 503
+                    if not await shared.claim(signer.lower(), headers[HEADER_NONCE],
+                                              int(headers[HEADER_TIMESTAMP]),
+                                              self.verifier.window):
+                        raise Unauthorized(f"{HEADER_NONCE} was already used by this signer",
+                                           code="replayed")
             except Unauthorized as exc:
                 failures.append(exc)
             else:
@@ -157,13 +178,14 @@ class AuthState:
     """The authenticator for the current ``auth`` section, rebuilt when the section changes.
 
     One nonce cache outlives every rebuild, so a reloaded config cannot reopen the window
-    for replays of requests the previous one accepted. Every refusal is reported to
-    ``refused`` with its reason (the failure counter) before ``Unauthorized`` is raised.
+    for replays of requests the previous one accepted; so does the shared store's client
+    while its URL stays the same (one replaced by a reload is closed by :meth:`close`). Every
+    refusal is reported to ``refused`` with its reason (the failure counter) before
+    ``Unauthorized`` is raised.
     """
 
-    __slots__ = (
-        "_allowed", "_auth", "_clock", "_nonces", "_refused", "_section", "enabled", "needs_body"
-    )
+    __slots__ = ("_allowed", "_auth", "_clock", "_nonces", "_refused", "_retired", "_section",
+                 "_shared", "_shared_url", "enabled", "needs_body")
 
     def __init__(
         self, config: BaseConfig, *, refused: Callable[[str], None],
@@ -173,6 +195,9 @@ class AuthState:
         self._section: AuthSection | None = None
         self._auth: Authenticator | None = None
         self._nonces: NonceCache | None = None
+        self._shared: RedisNonces | None = None
+        self._shared_url: str | None = None
+        self._retired: list[RedisNonces] = []
         self._refused = refused
         self._clock = clock
         self.enabled = False
@@ -186,13 +211,34 @@ class AuthState:
         auth = None
         if section.enabled:
             auth = Authenticator(
-                section, nonces=self._nonces, clock=self._clock, allowed=self._allowed
+                section, nonces=self._nonces, shared=self._shared_store(section),
+                clock=self._clock, allowed=self._allowed,
             )
             if auth.verifier is not None:
                 self._nonces = auth.verifier.nonces
         self._section, self._auth = section, auth
         self.enabled = auth is not None
         self.needs_body = auth is not None and auth.verifier is not None
+
+    def _shared_store(self, section: AuthSection) -> RedisNonces | None:
+        signatures = section.fxn_signatures
+        store = signatures.nonce_store if signatures is not None else None
+        url = store.get_secret_value() if store is not None else None
+        if url != self._shared_url:
+            if self._shared is not None:
+                self._retired.append(self._shared)
+            self._shared = RedisNonces(url) if url is not None else None
+            self._shared_url = url
+        return self._shared
+
+    async def close(self) -> None:
+        """Close the shared store's connections (after the last request)."""
+        stores, self._retired = [*self._retired, self._shared], []
+        self._shared = None
+        self._shared_url = None
+        for store in stores:
+            if store is not None:
+                await store.close()
 
     @property
     def authenticator(self) -> Authenticator | None:

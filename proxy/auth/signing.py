@@ -345,8 +345,11 @@ class Verifier:
         refuse a request before reading its body. ``verify`` repeats them; this is optional."""
         self._claim(headers)
 
-    def verify(self, headers: Mapping[str, str], body: bytes) -> str:
-        """Authenticate one request; see the class docstring for the contract."""
+    def verify(self, headers: Mapping[str, str], body: bytes, *, remember: bool = True) -> str:
+        """Authenticate one request; see the class docstring for the contract.
+
+        ``remember=False`` leaves the nonce unrecorded, for a caller that claims it in a
+        shared store itself (``proxy.auth.shared_nonces``) once this has returned."""
         claim = self._claim(headers)
         from eth_account import Account
         from eth_account.messages import encode_defunct
@@ -367,7 +370,8 @@ class Verifier:
                 "for this body, timestamp and nonce",
                 code="bad_signature",
             )
-        self._nonces.add((claim.address, claim.nonce), claim.timestamp)
+        if remember:
+            self._nonces.add((claim.address, claim.nonce), claim.timestamp)
         return recovered
 
     def _claim(self, headers: Mapping[str, str]) -> _Claim:

@@ -109,6 +109,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for adapter in _adapters(runtime):  # the set serving now; the reloader closes retirees
             await adapter.close()
         await runtime.session.close()
+        await runtime.auth.close()
 
 
 def _adapters(runtime: Runtime) -> list[Adapter]:

@@ -26,6 +26,7 @@ from aiohttp import web
 from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
+from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
 
 log = logging.getLogger("model_proxy")
@@ -38,13 +39,17 @@ _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 UNCOUNTED = ""
 
 
-def error_response(exc: ProxyError) -> web.Response:
-    headers = {}
+def error_response(exc: ProxyError, request_id: str) -> web.Response:
+    """``exc`` as its OpenAI-shaped body, with ``request_id`` beside ``error`` (a top-level
+    field OpenAI's clients ignore; they read the id from the ``X-Request-ID`` header)."""
+    headers: dict[str, str] = {HEADER: request_id}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    body = exc.body()
+    body["request_id"] = request_id
     return web.Response(
         status=exc.status,
-        body=orjson.dumps(exc.body()),
+        body=orjson.dumps(body),
         content_type="application/json",
         headers=headers,
     )
@@ -54,9 +59,13 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
     """``handler`` with the edge layer around it; ``endpoint`` is its metrics label
     (``None``: ``passthrough`` under ``/v1/``, else ``other``)."""
     metrics = runtime.metrics
+    ids = runtime.ids
 
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
+        request_id = ids.of(request.headers.get(HEADER))
+        # no reset: the next request handled in this task sets its own first
+        CURRENT.set(request_id)
         label = endpoint
         if label is None:
             label = "passthrough" if request.path.startswith("/v1/") else "other"
@@ -74,18 +83,21 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                     else:
                         auth.check_keys(request.headers)
                 response = await handler(request, runtime)
+                # a relayed stream has sent it with its headers already; setting it again then
+                # costs less than asking whether it was prepared
+                response.headers[HEADER] = request_id
             except ProxyError as exc:
-                response = error_response(exc)
+                response = error_response(exc, request_id)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                response = error_response(_from_http(request, exc))
+                response = error_response(_from_http(request, exc), request_id)
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.path[:200])
                 response = error_response(
-                    ProxyError("internal error; the proxy's log has the details")
+                    ProxyError("internal error; the proxy's log has the details"), request_id
                 )
             status = response.status
             return response

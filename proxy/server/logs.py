@@ -1,4 +1,14 @@
-"""Logging set-up: one stderr handler, text or JSON lines, and a cheap access log."""
+"""Logging set-up: one stderr handler, text or JSON lines, and a cheap access log.
+
+``logging.format`` is ``text``, ``json`` or ``auto`` (the default: text when stderr is a
+terminal, JSON lines otherwise — a container's log collector gets JSON, a person at a terminal
+reads text). Every line written while a request is handled carries its id
+(``proxy.server.requestid``): ``request_id`` in JSON, `` request_id=...`` at the end in text.
+
+The access line of a request, in JSON, holds what is known about it by then (see
+:meth:`AccessLines.add`); it never holds a header, a credential, or the prompt or answer text
+unless ``logging.include_bodies`` is on.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +16,64 @@ import asyncio
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy.adapters.base import Job
 from proxy.config import LoggingSection
+from proxy.server.requestid import CURRENT
+from proxy.server.runtime import JOB
 
 log = logging.getLogger("model_proxy")
+
+#: Most bytes of a request body put in its access line when bodies are logged.
+BODY_LOG_BYTES = 64 * 1024
+
+
+def uses_json(settings: LoggingSection, stream: TextIO | None = None) -> bool:
+    """Whether lines are JSON: ``json``, or ``auto`` on a stream that is not a terminal."""
+    if settings.format != "auto":
+        return settings.format == "json"
+    stream = stream or sys.stderr
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return True
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being handled (``""`` outside one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = CURRENT.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", "")
+        return f"{line} request_id={request_id}" if request_id else line
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -32,10 +81,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(settings: LoggingSection) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if uses_json(settings) else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
@@ -44,7 +91,7 @@ def setup_logging(settings: LoggingSection) -> None:
 
 
 class AccessLines:
-    """The access log: one short line per request, formatted cheaply, written in batches.
+    """The access log: one line per request, formatted cheaply, written in batches.
 
     Python's logging costs more per request than the rest of the proxy's own work, so access
     lines bypass it: the timestamp is formatted once per second and lines reach stderr at most
@@ -59,27 +106,63 @@ class AccessLines:
         self.enabled = settings.access_log and logging.INFO >= logging.getLevelName(
             settings.level.upper()
         )
-        self.json = settings.format == "json"
         self._stream = stream or sys.stderr
+        self.json = uses_json(settings, self._stream)
+        self.bodies = settings.include_bodies
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
 
-    def add(self, method: str, path: str, status: int, seconds: float) -> None:
+    def add(self, method: str, path: str, status: int, seconds: float, request_id: str) -> None:
+        """One request's line, in text or (when no job is known) JSON."""
         now = time.time()
-        # whole milliseconds: the event loop's clock (uvloop) has no finer resolution
-        message = f"{method} {path} {status} {round(seconds * 1000)}ms"
         if self.json:
-            line = orjson.dumps({"ts": round(now, 3), "level": "info",
-                                 "logger": "model_proxy.access", "msg": message}).decode()
+            line = orjson.dumps({
+                "ts": round(now, 3), "level": "info", "logger": "model_proxy.access",
+                "request_id": request_id, "method": method, "path": path, "status": status,
+                # whole milliseconds: the event loop's clock (uvloop) has no finer resolution
+                "duration_ms": round(seconds * 1000),
+            }).decode()
         else:
             second = int(now)
             if second != self._second:
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            line = (f"{self._stamp},{int((now - second) * 1000):03d} INFO "
-                    f"model_proxy.access: {message}")
+            line = (f"{self._stamp},{int((now - second) * 1000):03d} INFO model_proxy.access: "
+                    f"{method} {path} {status} {round(seconds * 1000)}ms request_id={request_id}")
+        self._append(line)
+
+    def add_job(self, method: str, path: str, status: int, seconds: float, request_id: str,
+                job: Job) -> None:
+        """A forwarded request's JSON line: besides :meth:`add`'s fields its ``model`` (as
+        the client named it), ``upstream`` (the backend provider) and ``upstream_model``,
+        ``attempts``, ``ttfb_ms`` (a stream's, from its body read to its first chunk written;
+        other answers are written whole, so their duration), ``upstream_ms`` and
+        ``tokens_in``/``tokens_out`` (as the upstream reported them; ``null`` when it did
+        not); with ``include_bodies``, ``request_body`` and ``response_body`` (each at most
+        64 KiB, as text). Durations in whole milliseconds."""
+        usage = job.usage
+        model = job.model
+        duration = round(seconds * 1000)
+        entry: dict[str, Any] = {
+            "ts": round(time.time(), 3), "level": "info", "logger": "model_proxy.access",
+            "request_id": request_id, "method": method, "path": path, "status": status,
+            "duration_ms": duration,
+            "model": model[:200] if model else model, "upstream": job.upstream,
+            "upstream_model": job.upstream_model, "attempts": job.attempts,
+            "ttfb_ms": round(job.ttfb * 1000) if job.ttfb >= 0 else duration,
+            "upstream_ms": round(job.upstream_seconds * 1000),
+            "tokens_in": usage.prompt_tokens if usage else None,
+            "tokens_out": usage.completion_tokens if usage else None,
+        }
+        if self.bodies:
+            answer = job.answer or b""
+            entry["request_body"] = job.body[:BODY_LOG_BYTES].decode(errors="replace")
+            entry["response_body"] = bytes(answer).decode(errors="replace")
+        self._append(orjson.dumps(entry).decode())
+
+    def _append(self, line: str) -> None:
         lines = self._lines
         lines.append(line)
         if len(lines) >= self.FLUSH_LINES:
@@ -104,8 +187,15 @@ class AccessLogger(AbstractAccessLogger):
         lines: AccessLines = self.logger  # type: ignore[assignment]
         # raw_path: percent-escapes stay escaped (no newlines in the log); the query is left
         # out, as it may carry a credential.
-        lines.add(request.method, request.raw_path.partition("?")[0][:200], response.status,
-                  seconds)
+        path = request.raw_path.partition("?")[0][:200]
+        # aiohttp logs in the request's own task, so the edge's context variable is still set
+        # there ("": a request aiohttp refused before any handler ran)
+        request_id = CURRENT.get() or "-"
+        job = request.get(JOB) if lines.json else None
+        if job is None:
+            lines.add(request.method, path, response.status, seconds, request_id)
+        else:
+            lines.add_job(request.method, path, response.status, seconds, request_id, job)
 
     @property
     def enabled(self) -> bool:

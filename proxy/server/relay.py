@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -12,9 +13,12 @@ from proxy.adapters.base import Job, UpstreamResponse
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics, observe_into
 from proxy.server.drain import SHUTTING_DOWN, Drain
+from proxy.server.requestid import HEADER
 from proxy.wire import answers
 
 log = logging.getLogger("model_proxy")
+#: Most bytes of an answer kept for the access line when ``logging.include_bodies`` is on.
+ANSWER_LOG_BYTES = 64 * 1024
 
 
 async def relay(
@@ -27,10 +31,15 @@ async def relay(
     shutdown grace is over (``drain``) ends the same way.
     """
     try:
+        answer = job.answer
         if not upstream.stream:
             body = upstream.body if upstream.body is not None else await upstream.read()
-            return web.Response(status=upstream.status, body=body, headers=upstream.headers)
+            whole = web.Response(status=upstream.status, body=body, headers=upstream.headers)
+            if answer is not None:
+                answer += body[:ANSWER_LOG_BYTES]
+            return whole
         response = web.StreamResponse(status=upstream.status, headers=upstream.headers)
+        response.headers[HEADER] = job.request_id
         await response.prepare(request)
         endpoint = job.endpoint
         clock = time.perf_counter
@@ -41,12 +50,14 @@ async def relay(
         task = asyncio.current_task()
         assert task is not None
         drain.streams.add(task)
+        chunks = upstream.chunks() if answer is None else _kept(upstream.chunks(), answer)
         try:
-            async for chunk in upstream.chunks():
+            async for chunk in chunks:
                 now = clock()
                 waited += now - resumed
                 if first:
                     metrics.observe_ttft(endpoint, now - start)
+                    job.ttfb = now - job.started
                     first = False
                 else:
                     observe_into(gaps, bounds, now - previous)
@@ -54,14 +65,14 @@ async def relay(
                 await response.write(chunk)
                 resumed = clock()
         except ProxyError as exc:
-            log.warning("stream %s ended early: %s", job.request_id or "-", exc.message)
+            log.warning("stream ended early: %s", exc.message)
             metrics.count_upstream_error(exc.code or "upstream_error")
-            await response.write(answers.error_event(exc))
+            await response.write(answers.error_event(exc, job.request_id))
         except asyncio.CancelledError:
             if not drain.ending:
                 raise  # the client went away
             task.uncancel()
-            await response.write(answers.error_event(SHUTTING_DOWN))
+            await response.write(answers.error_event(SHUTTING_DOWN, job.request_id))
         finally:
             drain.streams.discard(task)
             job.upstream_seconds += waited
@@ -69,6 +80,14 @@ async def relay(
         return response
     finally:
         await upstream.release()
-        usage = upstream.reported_usage()
+        usage = job.usage = upstream.reported_usage()
         if usage is not None:
             metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
+
+
+async def _kept(chunks: AsyncIterator[bytes], answer: bytearray) -> AsyncIterator[bytes]:
+    """``chunks``, their first bytes kept in ``answer`` (``logging.include_bodies``)."""
+    async for chunk in chunks:
+        if len(answer) < ANSWER_LOG_BYTES:
+            answer += chunk[:ANSWER_LOG_BYTES - len(answer)]
+        yield chunk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -15,7 +16,8 @@ from proxy.metrics import CONTENT_TYPE
 from proxy.server import catalog
 from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
-from proxy.server.runtime import Runtime
+from proxy.server.requestid import CURRENT
+from proxy.server.runtime import JOB, Runtime
 from proxy.upstream import determinism
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import UNROUTED
@@ -49,8 +51,11 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
     elif upstream_model != model:
         payload["model"] = upstream_model
         body = orjson.dumps(payload)
+    request_id = CURRENT.get()
+    headers = request_headers(request.headers)
+    headers["x-request-id"] = request_id
     job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
-              request_headers(request.headers), request_id(request))
+              headers, request_id)
     return await forward(request, runtime, backend, job)
 
 
@@ -64,8 +69,11 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
     if not backend.adapter.passthrough or runtime.served.only is None:
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     body = await read_body(request, backend.config.limits.max_body_bytes)
+    request_id = CURRENT.get()
+    headers = request_headers(request.headers)
+    headers["x-request-id"] = request_id
     job = Job("passthrough", request.method, request.path, request.query_string, body, None,
-              None, None, False, request_headers(request.headers), request_id(request))
+              None, None, False, headers, request_id)
     return await forward(request, runtime, backend, job)
 
 
@@ -73,6 +81,12 @@ async def forward(
     request: web.Request, runtime: Runtime, backend: Backend, job: Job
 ) -> web.StreamResponse:
     """Admit ``job``, send it (with retries), relay the answer."""
+    if runtime.access_jobs:  # JSON access lines tell of the job
+        request[JOB] = job
+        job.started = time.perf_counter()
+        job.upstream = backend.config.backend_provider
+        if backend.config.logging.include_bodies:
+            job.answer = bytearray()
     pipeline = runtime.pipeline
     try:
         async with pipeline.admitted(backend):
@@ -143,11 +157,3 @@ def resolve_model(config: BaseConfig, requested: str) -> str:
             code="model_not_found",
         )
     return config.upstream_name or requested
-
-
-def request_id(request: web.Request) -> str:
-    """The client's ``X-Request-Id`` when it is fit for a log line, else ``""``."""
-    given = request.headers.get("X-Request-Id")
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    return ""

@@ -53,6 +53,7 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
     access_lines = AccessLines(config.logging)
+    runtime.access_jobs = access_lines.enabled and access_lines.json
     runner = web.AppRunner(
         app,
         handler_cancellation=True,

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from proxy.adapters.base import Job
+from proxy.server.requestid import RequestIds
+
 if TYPE_CHECKING:
     from proxy.auth.inbound import AuthState
     from proxy.config import BaseConfig
@@ -50,7 +53,10 @@ class Runtime:
     #: Handed from a routed request's handler to the edge the same way: the ``model`` label
     #: of the backend it went to (``""``: the edge uses ``backend``'s).
     routed_label: str = ""
+    #: Whether the access log wants each forwarded request's job (JSON lines; set by ``serve``).
+    access_jobs: bool = False
     started_at: float = field(default_factory=time.time)
+    ids: RequestIds = field(default_factory=RequestIds)
 
     def __post_init__(self) -> None:
         self.backend = self.served.backends[0]
@@ -72,3 +78,5 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 #: The request body once read (within the body limit), so auth and the handler share one read.
 BODY = web.RequestKey("body", bytes)
+#: The request's job once a route has made it, for the access line (``proxy.server.logs``).
+JOB = web.RequestKey("job", Job)

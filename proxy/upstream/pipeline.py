@@ -137,6 +137,7 @@ class Pipeline:
         if backend.upstreams:
             return await self._spread(backend, job, start)
         breaker = backend.breaker
+        job.attempts += 1
         try:
             response = await backend.adapter.send(job)
             if not response.stream and response.body is None:

@@ -33,9 +33,13 @@ def event(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def error_event(exc: ProxyError) -> bytes:
-    """The final event of a stream that failed after it started."""
-    return event(exc.body())
+def error_event(exc: ProxyError, request_id: str = "") -> bytes:
+    """The final event of a stream that failed after it started; ``request_id`` (when given)
+    sits beside ``error``, as in the edge's error answers."""
+    body = exc.body()
+    if request_id:
+        body["request_id"] = request_id
+    return event(body)
 
 
 def new_id(kind: Kind) -> str:

@@ -152,3 +152,29 @@ def test_prometheus_rule_holds_the_alert_rules() -> None:
     rule = documents()["PrometheusRule"]
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
     assert rule["metadata"]["name"] == documents()["Deployment"]["metadata"]["name"]
+
+
+def uncommented(text: str, first: str) -> str:
+    """``text`` with the commented block that starts ``# first`` made live."""
+    lines, out, inside = text.splitlines(), [], False
+    for line in lines:
+        body = line.lstrip()
+        indent = line[: len(line) - len(body)]
+        inside = body.startswith("# " + first) or (inside and body.startswith("#   "))
+        out.append(indent + body[2:] if inside else line)
+    return "\n".join(out) + "\n"
+
+
+def test_the_shared_nonce_store_lines_load_when_uncommented(tmp_path: Path) -> None:
+    config_file, _ = mounted(tmp_path)
+    config_file.write_text(uncommented(config_file.read_text(), "fxn_signatures:"))
+    secret = documents()["Secret"]
+    assert "nonce_store" not in secret["stringData"]  # shipped commented: no Redis by default
+    (line,) = [raw for raw in (MANIFESTS / "secret.yaml.example").read_text().splitlines()
+               if raw.lstrip().startswith("# nonce_store:")]
+    url = line.split(":", 1)[1].strip()
+    mount = next(m["mountPath"] for m in container()["volumeMounts"] if m["name"] == "secrets")
+    (tmp_path / mount.lstrip("/") / "nonce_store").write_text(url + "\n")
+    signatures = load_config(config_file, env={}).auth.fxn_signatures
+    assert signatures is not None and signatures.nonce_store is not None
+    assert signatures.nonce_store.get_secret_value().startswith("redis://")
