@@ -38,6 +38,7 @@ SECRET_KEYS = ("api_key", "bearer_token", "private_key", "api_keys", "nonce_stor
 PositiveSeconds = Annotated[float, Field(gt=0)]
 _ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
 _API_KEY = re.compile(r"[\x21-\x7e]{1,512}")
+_PLAIN_PATH = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?")
 
 
 class Section(BaseModel):
@@ -55,6 +56,14 @@ class ServerSection(Section):
     port: int = Field(8080, ge=0, le=65535)
     #: Seconds in-flight requests get to finish after SIGTERM before they are ended.
     shutdown_grace: float = Field(30.0, ge=0)
+    #: Seconds a connection may wait for its next request head, idle or trickling one in: after
+    #: it opened, and after each answer. Bounds both idle keep-alive and slow headers.
+    keepalive_timeout: PositiveSeconds = 15.0
+    #: Seconds a client has to send a request body once its headers are in.
+    body_timeout: PositiveSeconds = 30.0
+    #: Client connections open at once; over it idle keep-alive connections are closed first,
+    #: then new connections refused. Lowered at start to what the open-file limit allows.
+    max_connections: int = Field(10_000, ge=1)
 
 
 class ModelSection(Section):
@@ -163,6 +172,8 @@ class LimitsSection(Section):
     max_json_depth: int = Field(64, ge=2)
     max_messages: int = Field(4096, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=1024)
+    #: Largest non-streamed upstream answer the proxy holds in memory; over it, 502.
+    max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
 
 def _address_text(value: Any) -> Any:
@@ -246,6 +257,24 @@ class AuthSection(Section):
     @property
     def enabled(self) -> bool:
         return bool(self.api_keys) or self.fxn_signatures is not None
+
+
+class PassthroughSection(Section):
+    """Forwarding of ``/v1/*`` paths the proxy has no route for (adapters that allow it)."""
+
+    enabled: bool = True
+    #: Path prefixes that may be forwarded, each under ``/v1/``; empty: every ``/v1/`` path.
+    prefixes: tuple[str, ...] = ()
+
+    @field_validator("prefixes")
+    @classmethod
+    def _under_v1(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, prefix in enumerate(value):
+            if not prefix.startswith("/v1/") or not _PLAIN_PATH.fullmatch(prefix):
+                raise ValueError(
+                    f"[{i}] must be a path under /v1/ without dot segments, %, ? or #"
+                )
+        return value
 
 
 class MetricsSection(Section):
@@ -482,6 +511,7 @@ class BaseConfig(Section):
     circuit: CircuitSection = CircuitSection()
     auth: AuthSection = AuthSection()
     metrics: MetricsSection = MetricsSection()
+    passthrough: PassthroughSection = PassthroughSection()
     logging: LoggingSection = LoggingSection()
     node: NodeSection | None = None
 

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
-from proxy.errors import NotFound, PayloadTooLarge, ProxyError
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
 
@@ -73,6 +73,11 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         status = 500
         try:
             try:
+                raw = request.raw_path
+                # Near-free for ordinary paths: only a path that could hide a dot segment or
+                # an encoded separator is looked at closely.
+                if "%" in raw or "/." in raw or "//" in raw or "\\" in raw:
+                    check_path(request)
                 config = backend.config
                 check_headers(request, config.limits)
                 auth = runtime.auth
@@ -139,6 +144,35 @@ def method_not_allowed(request: web.Request) -> ProxyError:
         type="invalid_request_error",
         code="method_not_allowed",
     )
+
+
+_ENCODED_SEPARATORS = ("%2e", "%2f", "%5c")
+
+
+def check_path(request: web.BaseRequest) -> None:
+    """Refuse a path that another server could read differently from the router (400).
+
+    Routing matches the path as sent; an upstream (or the HTTP client on the way there) may
+    resolve ``.``/``..`` segments, decode ``%2e``/``%2f`` or fold ``//`` and ``\\``, and so
+    reach a path the proxy never routed: an inference endpoint without its guards, or one
+    outside ``/v1/``. No client has a reason to send such a path, so it is refused, not
+    normalised.
+    """
+    raw = request.raw_path
+    if not raw.startswith("/"):  # absolute-form target: look at the URL's path
+        raw = request.rel_url.raw_path
+    path = raw.partition("?")[0]
+    lowered = path.lower()
+    bad = "\\" in path or any(code in lowered for code in _ENCODED_SEPARATORS)
+    if not bad:
+        segments = path.split("/")[1:]
+        bad = any(s in (".", "..") for s in segments) or "" in segments[:-1]
+    if bad:
+        raise BadRequest(
+            "the request path must not contain '.' or '..' segments, empty segments, "
+            "backslashes or percent-encoded '.', '/' or '\\'",
+            code="invalid_path",
+        )
 
 
 def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:

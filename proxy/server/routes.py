@@ -66,13 +66,18 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
     ):
         raise method_not_allowed(request)
     # with several models there is no one upstream an unknown path could belong to
-    if not backend.adapter.passthrough or runtime.served.only is None:
+    allowed = backend.config.passthrough
+    if not (backend.adapter.passthrough and allowed.enabled) or runtime.served.only is None or (
+        allowed.prefixes and not request.path.startswith(allowed.prefixes)
+    ):
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     body = await read_body(request, backend.config.limits.max_body_bytes)
     request_id = CURRENT.get()
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
-    job = Job("passthrough", request.method, request.path, request.query_string, body, None,
+    # As sent (still percent-encoded), so the upstream splits path and query as the client did.
+    url = request.rel_url
+    job = Job("passthrough", request.method, url.raw_path, url.raw_query_string, body, None,
               None, None, False, headers, request_id)
     return await forward(request, runtime, backend, job)
 
