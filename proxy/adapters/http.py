@@ -73,6 +73,7 @@ class HTTPUpstream(Adapter):
         self.base_url = config.url
         self.where = _safe_origin(config.url)
         self.timeouts = config.timeouts
+        self.max_response_bytes = config.limits.max_response_bytes
         self.auth_headers = credential_headers(config)
         # Sent on every request; identity keeps bodies byte-for-byte relayable.
         self.fixed_headers = {**self.auth_headers, "Accept-Encoding": "identity"}
@@ -128,13 +129,36 @@ class HTTPUpstream(Adapter):
         return None
 
     async def read_all(self, response: aiohttp.ClientResponse, stage: Stage = "body") -> bytes:
-        """The whole body; the connection is released (or closed, if unread) either way."""
+        """The whole body; the connection is released (or closed, if unread) either way.
+
+        A body over ``limits.max_response_bytes`` is not read further: the connection is
+        dropped and the attempt ends with a 502 ``upstream_response_too_large``.
+        """
+        limit = self.max_response_bytes
         try:
-            return await response.read()
+            length = response.content_length
+            if length is not None and length > limit:
+                raise self._too_large(f"{length} bytes")
+            content = response.content
+            parts = []
+            size = 0
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(f"more than {limit} bytes")
+                parts.append(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         except CLIENT_FAILURES as exc:
             raise self.error(exc, stage) from exc
         finally:
             release_response(response)
+
+    def _too_large(self, size: str) -> UpstreamError:
+        return UpstreamError(
+            f"upstream at {self.where} sent an answer of {size}; the limit is "
+            f"{self.max_response_bytes} bytes (limits.max_response_bytes)",
+            code="upstream_response_too_large",
+        )
 
     async def read_some(self, response: aiohttp.ClientResponse, stage: Stage) -> bytes:
         """The next bytes of the body as they arrive (``b""`` at its end)."""
