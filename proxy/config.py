@@ -38,6 +38,8 @@ SECRET_KEYS = ("api_key", "bearer_token", "private_key", "api_keys", "nonce_stor
 PositiveSeconds = Annotated[float, Field(gt=0)]
 _ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
 _API_KEY = re.compile(r"[\x21-\x7e]{1,512}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PLAIN_PATH = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?")
 
 
@@ -467,6 +469,8 @@ class EngineSection(Section):
 def _check_url(url: str | None) -> str | None:
     if url is None:
         return None
+    if _CONTROL.search(url) or " " in url:
+        raise ValueError("must not contain spaces or control characters (a newline, CR, ...)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
@@ -570,8 +574,27 @@ class BaseConfig(Section):
     @field_validator("api_key", "bearer_token", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            # A header value has no surrounding whitespace (RFC 9110 5.5), and an env var or
+            # file often ends in a newline: strip it rather than send a broken header.
+            value = value.strip()
         # `api_key: ${KEY:-}` with KEY unset means "no key", not "send an empty one"
         return None if value == "" else value
+
+    @field_validator("api_key", "bearer_token")
+    @classmethod
+    def _header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and _CONTROL.search(value.get_secret_value()):
+            # never quote the secret
+            raise ValueError("must not contain control characters (a newline, CR, tab, ...)")
+        return value
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _TOKEN.fullmatch(value):
+            raise ValueError("must be an HTTP header name: letters, digits and -, no spaces")
+        return value
 
     @model_validator(mode="after")
     def _credentials_do_not_collide(self) -> BaseConfig:

@@ -36,6 +36,29 @@ _REF = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+#: Largest config file read; more is refused before parsing (``/dev/zero`` included).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Largest ``*_file`` secret read.
+MAX_SECRET_BYTES = 64 * 1024
+#: Deepest nesting of lists and mappings in a config file.
+MAX_DEPTH = 64
+#: Most values a config may hold once its aliases are expanded (a bound on alias bombs).
+MAX_NODES = 100_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def read_bounded(path: Path, limit: int) -> str:
+    """A file's text, reading at most ``limit + 1`` bytes; ``_TooLarge`` beyond ``limit``."""
+    with path.open("rb") as handle:
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise _TooLarge
+    return raw.decode("utf-8")
+
+
 def default_path() -> Path:
     return Path(os.environ.get("MODEL_BACKEND_CONFIG") or "model_backend.yaml")
 
@@ -45,9 +68,14 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     path = Path(path)
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError([f"{name}: file not found"]) from None
+    except _TooLarge:
+        raise ConfigError([
+            f"{name}: the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+            "a config is a few hundred lines"
+        ]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{name}: cannot read: {_reason(exc)}"]) from None
     data = parse_yaml(text, name)
@@ -81,18 +109,103 @@ def parse_yaml(text: str, name: str) -> dict[str, Any]:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+    """SafeLoader with bounds, for files that may be hostile or simply wrong.
+
+    Refuses a key given twice in one mapping (YAML would keep the last), keys that are lists
+    or mappings, nesting deeper than :data:`MAX_DEPTH`, a value that contains itself, and more
+    than :data:`MAX_NODES` values once aliases are expanded (an alias bomb is small on disk).
+    Merge keys (``<<: *base``) work as in YAML 1.1; the mapping's own keys win.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # The composer recurses once per level; bound it before Python's own limit.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep",
+                    self.peek_event().start_mark,
+                )
+            node: yaml.Node = super().compose_node(parent, index)  # type: ignore[misc]
+            return node
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> yaml.Node | None:
+        node: yaml.Node | None = super().get_single_node()
+        if node is not None:
+            _check_graph(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not a {kind}",
+                    key_node.start_mark,
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark
                 )
             seen.add(key)
+        self.flatten_mapping(node)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_graph(root: yaml.Node) -> None:
+    """Refuse a node graph that refers to itself or expands to more than MAX_NODES values.
+
+    Iterative (no recursion), and each node's expanded size is counted once, so the check
+    itself stays cheap however many times an alias is used.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            size = 1 + sum(sizes[id(child)] for child in _children(node))
+            if size > MAX_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"expands to more than {MAX_NODES} values (aliases used too often)",
+                    node.start_mark,
+                )
+            sizes[key] = size
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to a value that contains it", node.start_mark
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias refers to a value that contains it", child.start_mark
+                )
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 _StrictLoader.add_constructor(
@@ -157,7 +270,11 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
                 continue
             secret_path = base / Path(file_value).expanduser()
             try:
-                text = secret_path.read_text(encoding="utf-8")
+                text = read_bounded(secret_path, MAX_SECRET_BYTES)
+            except _TooLarge:
+                problems.append(f"{name}: {where}: {secret_path} is larger than "
+                                f"{MAX_SECRET_BYTES // 1024} KiB")
+                continue
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append(f"{name}: {where}: cannot read {secret_path}: {_reason(exc)}")
                 continue
@@ -189,8 +306,14 @@ _ENTRY_MESSAGE = re.compile(r"(models\[\d+\]\.\S+): (.*)", re.S)
 def _describe(exc: ValidationError, data: dict[str, Any], name: str) -> list[str]:
     top = VARIANTS[_top_tag(data)]
     lines = []
-    for err in exc.errors(include_url=False, include_input=False):
+    errors = exc.errors(include_url=False, include_input=False)
+    for err in errors:
         loc: Loc = tuple(err["loc"][1:])  # the first element is the provider tag
+        if err["type"] == "too_short" and any(
+            len(other["loc"]) > len(err["loc"]) and other["loc"][: len(err["loc"])] == err["loc"]
+            for other in errors
+        ):
+            continue  # the item's own error says it; "too few items" would only follow from it
         variant, where = top, data
         prefix: Loc = ()
         if top is ModelSetConfig and len(loc) >= 3 and loc[0] == "models" and isinstance(
@@ -232,6 +355,9 @@ def _problem(
             _path(prefix) if prefix else "(top level)")
         return f"{name}: {key}: {message}"
     message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "string_type" and isinstance(_value_at(data, loc), (int, float)):
+        message += (" (YAML read an unquoted 0x... or digits as a number: "
+                    "put it in quotes, e.g. \"0xAbC...\")")
     if err["type"] == "missing":
         provider = data.get("backend_provider") or data.get("backendProvider")
         message = "is required" + (
