@@ -74,7 +74,8 @@ class Reloader:
         self._stamp = self._file_stamp()
         adapters: list[Adapter] = []
         try:
-            config = self._keep_fixed(load_config(path))
+            # Off the event loop: a large or hostile file must not stall requests meanwhile.
+            config = self._keep_fixed(await asyncio.to_thread(load_config, path))
             backends = [runtime.pipeline.build(entry, runtime.session) for entry in config.entries]
             previous = {b.config.public_name: b for b in runtime.served.backends}
             for backend in backends:
@@ -92,6 +93,13 @@ class Reloader:
             problems = exc.problems if isinstance(exc, ConfigError) else [exc.message]
             log.error("config reload rejected, still serving the previous config: %s",
                       " | ".join(problems))
+            metrics.count_reload("error")
+            for adapter in adapters:
+                await _close_quietly(adapter)
+            return False
+        except Exception as exc:  # whatever it is, the reload task and the old config live on
+            log.error("config reload rejected, still serving the previous config: %s: %s",
+                      type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             metrics.count_reload("error")
             for adapter in adapters:
                 await _close_quietly(adapter)
