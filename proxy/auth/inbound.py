@@ -185,7 +185,7 @@ class AuthState:
     """
 
     __slots__ = ("_allowed", "_auth", "_clock", "_nonces", "_refused", "_retired", "_section",
-                 "_shared", "_shared_url", "enabled", "needs_body")
+                 "_shared", "_shared_url", "_started", "enabled", "needs_body")
 
     def __init__(
         self, config: BaseConfig, *, refused: Callable[[str], None],
@@ -200,6 +200,9 @@ class AuthState:
         self._retired: list[RedisNonces] = []
         self._refused = refused
         self._clock = clock
+        #: Signatures from before this moment are refused: the nonces seen by an earlier
+        #: process (before a restart) are not known here.
+        self._started = clock()
         self.enabled = False
         self.needs_body = False
         self.configure(config)
@@ -210,6 +213,12 @@ class AuthState:
             return
         auth = None
         if section.enabled:
+            signatures = section.fxn_signatures
+            if self._nonces is None and signatures is not None:
+                self._nonces = NonceCache(
+                    signatures.window_seconds, signatures.nonce_cache_size,
+                    not_before=self._started,
+                )
             auth = Authenticator(
                 section, nonces=self._nonces, shared=self._shared_store(section),
                 clock=self._clock, allowed=self._allowed,

@@ -17,14 +17,21 @@ class NonceCache:
 
     Entries are kept by signed timestamp rather than by expiry so that ``window`` and
     ``max_entries`` can change (a reloaded config) without forgetting what was seen.
+
+    Kept in memory only: a restarted process has forgotten every nonce. ``not_before`` (the
+    process's start, as the proxy builds it) closes that hole: a message signed at or before
+    it may have been accepted by the previous process, so it is refused (``before_start``).
     """
 
-    __slots__ = ("_heap", "_seen", "horizon", "max_entries", "window")
+    __slots__ = ("_heap", "_seen", "horizon", "max_entries", "not_before", "window")
 
-    def __init__(self, window: float, max_entries: int) -> None:
+    def __init__(
+        self, window: float, max_entries: int, *, not_before: float = float("-inf")
+    ) -> None:
         self.window = window
         self.max_entries = max_entries
         self.horizon = float("-inf")
+        self.not_before = not_before
         self._seen: set[tuple[str, str]] = set()
         self._heap: list[tuple[int, tuple[str, str]]] = []
         self.retune(window, max_entries)

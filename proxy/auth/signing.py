@@ -72,6 +72,7 @@ REASONS: frozenset[str] = frozenset(
         "future",
         "replayed",
         "replay_cache_full",
+        "before_start",
     }
 )
 
@@ -420,6 +421,12 @@ class Verifier:
                 f"{HEADER_TIMESTAMP} is {int(timestamp - now)} s in the future; "
                 f"the window is {self.window:g} s",
                 code="future",
+            )
+        if timestamp < self._nonces.not_before:  # whole seconds: signed at or after it
+            raise Unauthorized(
+                f"{HEADER_TIMESTAMP} is from before this node started (its replay cache "
+                "starts empty); sign again with a current timestamp",
+                code="before_start",
             )
         if (address, nonce) in self._nonces:
             raise Unauthorized(f"{HEADER_NONCE} was already used by this signer", code="replayed")

@@ -38,7 +38,7 @@ def signed(
     nonce: str | None = None,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    ts = str(int(time.time()) if timestamp is None else timestamp)
+    ts = str(int(time.time()) + 1 if timestamp is None else timestamp)  # see gateway_headers
     headers = gateway_headers(key, body, timestamp=ts, nonce=nonce or f"n-{time.monotonic_ns()}")
     return {**headers, "Content-Type": "application/json"}
 

@@ -62,7 +62,9 @@ def gateway_headers(
 ) -> dict[str, str]:
     """Signature headers as a network gateway sends them, made without ``proxy.auth.signing``."""
     key = PrivateKey(private_key)
-    ts = str(int(time.time())) if timestamp is None else timestamp
+    # A second ahead, as a gateway's clock may well be: a signature from the very second the
+    # proxy started may predate its start, and is refused (before_start).
+    ts = str(int(time.time()) + 1) if timestamp is None else timestamp
     signature = key.sign_msg_hash(eip191_digest(_message(body, ts, nonce)))
     v, r, s = signature.vrs
     raw = r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])
