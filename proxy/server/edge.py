@@ -84,7 +84,8 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                 if auth.enabled and request.path not in PUBLIC_PATHS:
                     if auth.needs_body:
                         limit = config.limits.max_body_bytes
-                        await auth.verify(request.headers, partial(read_body, request, limit))
+                        await auth.verify(request.headers, partial(
+                            read_body, request, limit, config.server.body_timeout))
                     else:
                         auth.check_keys(request.headers)
                 response = await handler(request, runtime)
@@ -93,6 +94,8 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                 response.headers[HEADER] = request_id
             except ProxyError as exc:
                 response = error_response(exc, request_id)
+                if exc.status == 408:
+                    response.force_close()  # what is left of the body is not waited for
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
@@ -191,16 +194,30 @@ def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
 
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``.
+async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``, and
+    with 408 (the connection then closed) when it has not all arrived within ``timeout``.
 
     Read from the network once per request: aiohttp keeps a body it has read, and a chunked
     body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
     """
     length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+    if timeout is None or request.content.is_eof():  # all there already: no timer needed
+        return await _read(request, length, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read(request, length, limit)
+    except TimeoutError:
+        raise ProxyError(
+            f"the request body did not arrive within {timeout:g} s",
+            status=408, type="invalid_request_error", code="body_timeout",
+        ) from None
+
+
+async def _read(request: web.Request, length: int | None, limit: int) -> bytes:
     if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
         return await request.read()
     body = request.get(BODY)
     if body is None:

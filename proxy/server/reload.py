@@ -119,6 +119,8 @@ class Reloader:
         fixed = {
             "server.host": (running.server.host, config.server.host),
             "server.port": (running.server.port, config.server.port),
+            "server.keepalive_timeout": (running.server.keepalive_timeout,
+                                         config.server.keepalive_timeout),
             "limits.max_header_bytes": (running.limits.max_header_bytes,
                                         config.limits.max_header_bytes),
             "logging": (running.logging, config.logging),
@@ -130,7 +132,8 @@ class Reloader:
         log.warning("config reload: %s cannot change while running; keeping the running "
                     "value (restart to apply)", ", ".join(changed))
         server = config.server.model_copy(
-            update={"host": running.server.host, "port": running.server.port}
+            update={"host": running.server.host, "port": running.server.port,
+                    "keepalive_timeout": running.server.keepalive_timeout}
         )
         limits = config.limits.model_copy(
             update={"max_header_bytes": running.limits.max_header_bytes}

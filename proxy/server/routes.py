@@ -38,7 +38,7 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
     served = runtime.served
     limits = runtime.config.limits
     endpoint = ENDPOINTS[request.path]
-    body = await read_body(request, limits.max_body_bytes)
+    body = await read_body(request, limits.max_body_bytes, runtime.config.server.body_timeout)
     payload = parse_object(body)
     model, stream = check_request(endpoint, payload, body, limits)
     backend = served.only or routed(runtime, model)
@@ -71,7 +71,8 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
         allowed.prefixes and not request.path.startswith(allowed.prefixes)
     ):
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
-    body = await read_body(request, backend.config.limits.max_body_bytes)
+    config = backend.config
+    body = await read_body(request, config.limits.max_body_bytes, config.server.body_timeout)
     request_id = CURRENT.get()
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id

@@ -13,6 +13,7 @@ from proxy import __version__
 from proxy.auth.inbound import check_exposure
 from proxy.config import BaseConfig
 from proxy.server.app import create_app
+from proxy.server.connections import ConnectionCap, connection_bound, raise_open_file_limit
 from proxy.server.debug import trace_memory
 from proxy.server.drain import FINAL_WRITE_SECONDS
 from proxy.server.logs import AccessLines, AccessLogger
@@ -27,6 +28,9 @@ log = logging.getLogger("model_proxy")
 GC_THRESHOLDS = (20000, 20, 20)
 #: aiohttp's parser accepts header lines up to this many times limits.max_header_bytes.
 PARSER_HEADROOM = 4
+#: Seconds aiohttp keeps reading (and discarding) a request body the proxy did not read, so
+#: that the client sees the answer before the connection closes.
+LINGER_SECONDS = 1.0
 
 
 def run(config: BaseConfig, *, config_path: str | None = None) -> None:
@@ -50,6 +54,7 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
     warning = check_exposure(config)
     if warning:
         log.warning(warning)
+    open_files = raise_open_file_limit()
     app = create_app(config, config_path=config_path)
     runtime = app[RUNTIME]
     access_lines = AccessLines(config.logging)
@@ -67,8 +72,18 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         # beyond the limit meets the parser's plain-text 400.
         max_field_size=parser_limit(config),
         max_line_size=parser_limit(config),
+        # One timer bounds the wait for each request head: idle keep-alive, and slow headers.
+        keepalive_timeout=config.server.keepalive_timeout,
+        lingering_time=LINGER_SECONDS,
     )
     await runner.setup()
+    assert runner.server is not None
+    bound = connection_bound(open_files, config.limits.max_concurrency)
+    if config.server.max_connections > bound:
+        log.warning("server.max_connections %d is more than the open-file limit (%d) allows; "
+                    "capping client connections at %d", config.server.max_connections,
+                    open_files, bound)
+    ConnectionCap(runner.server, lambda: min(runtime.config.server.max_connections, bound))
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
         await site.start()
