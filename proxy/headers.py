@@ -3,7 +3,9 @@
 Towards the upstream only an allow-list of client headers travels, so inbound credentials
 (``Authorization``, ``x-api-key``, ``X-Signature`` and the rest of Function Network's
 signature headers), cookies and hop-by-hop headers never leave the node. Back to the client,
-hop-by-hop headers, cookies and the upstream's server internals are dropped.
+hop-by-hop headers, cookies and the upstream's server internals are dropped;
+``Content-Encoding`` stays with the bytes it describes (the proxy asks for identity, but an
+upstream that compresses anyway is relayed decodable).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "transfer-encoding",
         "upgrade",
         "content-length",
-        "content-encoding",
         # state and internals that belong to the upstream, not to the network's client
         "set-cookie",
         "server",

@@ -61,6 +61,8 @@ def upstream_error(
 
 #: What the map takes: everything the HTTP client raises for a failed exchange.
 CLIENT_FAILURES = (TimeoutError, aiohttp.ClientError)
+#: What a reused keep-alive connection the upstream has closed meanwhile raises on send.
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 class HTTPUpstream(Adapter):
@@ -75,6 +77,12 @@ class HTTPUpstream(Adapter):
         self.timeouts = config.timeouts
         self.max_response_bytes = config.limits.max_response_bytes
         self.auth_headers = credential_headers(config)
+        #: Credential values an upstream error body could quote back; redacted before relay.
+        self.secrets = tuple(
+            secret.get_secret_value().encode()
+            for secret in (config.api_key, config.bearer_token) if secret is not None
+        )
+        self._fresh_session: aiohttp.ClientSession | None = None
         # Sent on every request; identity keeps bodies byte-for-byte relayable.
         self.fixed_headers = {**self.auth_headers, "Accept-Encoding": "identity"}
         t = config.timeouts
@@ -106,23 +114,54 @@ class HTTPUpstream(Adapter):
         signed = self.attempt_headers(body or b"")
         if signed:
             all_headers = {**all_headers, **signed}
+        url = self.base_url + path
         try:
-            response = await self.session.request(
-                method,
-                self.base_url + path,
-                data=body,
-                headers=all_headers,
-                timeout=self.client_timeout,
-                allow_redirects=False,
-            )
+            try:
+                response = await self.session.request(
+                    method, url, data=body, headers=all_headers, timeout=self.client_timeout,
+                    allow_redirects=False,
+                )
+            except STALE_CONNECTION as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # no connection at all: the upstream is down
+                # A pooled keep-alive connection the upstream had already closed: once more on
+                # a connection of its own, and not an upstream failure unless that fails too.
+                response = await self._fresh().request(
+                    method, url, data=body, headers=all_headers, timeout=self.client_timeout,
+                    allow_redirects=False,
+                )
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "send") from exc
+        if response.status == 101:
+            response.close()
+            raise UpstreamError(f"upstream at {self.where} answered 101 Switching Protocols; "
+                                "the proxy relays no protocol upgrades", code="upstream_upgrade")
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = (
                 self.timeouts.idle if read_timeout == "idle" else read_timeout
             )
         return response
+
+    def _fresh(self) -> aiohttp.ClientSession:
+        """A session that opens a new connection for every request (made on first use)."""
+        if self._fresh_session is None:
+            self._fresh_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True), auto_decompress=False
+            )
+        return self._fresh_session
+
+    async def close(self) -> None:
+        if self._fresh_session is not None:
+            await self._fresh_session.close()
+        await super().close()
+
+    def redact(self, body: bytes) -> bytes:
+        """``body`` with every configured credential value replaced."""
+        for secret in self.secrets:
+            if secret in body:
+                body = body.replace(secret, b"[redacted]")
+        return body
 
     def attempt_headers(self, body: bytes) -> Mapping[str, str] | None:
         """Headers made afresh for each request sent (e.g. a signature over ``body``)."""
@@ -147,7 +186,10 @@ class HTTPUpstream(Adapter):
                 if size > limit:
                     raise self._too_large(f"more than {limit} bytes")
                 parts.append(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            if response.status >= 300 and self.secrets:
+                body = self.redact(body)  # an error page may quote what it was sent
+            return body
         except CLIENT_FAILURES as exc:
             raise self.error(exc, stage) from exc
         finally:
@@ -190,6 +232,10 @@ class HTTPUpstream(Adapter):
                 release=lambda: release_response(response),
             )
         body = await self.read_all(response)
+        if response.status >= 300 and self.secrets:
+            for name, value in list(headers.items()):
+                if any(secret.decode() in value for secret in self.secrets):
+                    headers[name] = "[redacted]"
         return UpstreamResponse(response.status, headers, stream=False, body=body)
 
     async def get_json(self, path: str) -> Any:

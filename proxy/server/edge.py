@@ -22,6 +22,7 @@ from functools import partial
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
@@ -194,9 +195,11 @@ def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
 
 
 
-async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+async def read_body(
+    request: web.Request, limit: int, within: float | None = None
+) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit``, and
-    with 408 (the connection then closed) when it has not all arrived within ``timeout``.
+    with 408 (the connection then closed) when it has not all arrived ``within`` seconds.
 
     Read from the network once per request: aiohttp keeps a body it has read, and a chunked
     body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
@@ -204,27 +207,34 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-    if timeout is None or request.content.is_eof():  # all there already: no timer needed
+    if within is None or request.content.is_eof():  # all there already: no timer needed
         return await _read(request, length, limit)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             return await _read(request, length, limit)
     except TimeoutError:
         raise ProxyError(
-            f"the request body did not arrive within {timeout:g} s",
+            f"the request body did not arrive within {within:g} s",
             status=408, type="invalid_request_error", code="body_timeout",
         ) from None
 
 
 async def _read(request: web.Request, length: int | None, limit: int) -> bytes:
-    if length is not None:
-        return await request.read()
-    body = request.get(BODY)
-    if body is None:
-        chunks = bytearray()
-        async for chunk in request.content.iter_any():
-            chunks += chunk
-            if len(chunks) > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        body = request[BODY] = bytes(chunks)
-    return body
+    try:
+        # A compressed body is counted as it is decompressed: its length says nothing.
+        if length is not None and "Content-Encoding" not in request.headers:
+            return await request.read()
+        body = request.get(BODY)
+        if body is None:
+            chunks = bytearray()
+            async for chunk in request.content.iter_any():
+                chunks += chunk
+                if len(chunks) > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            body = request[BODY] = bytes(chunks)
+        return body
+    except RequestPayloadError as exc:
+        raise BadRequest(
+            "the request body could not be read: bad chunked framing or content encoding",
+            code="bad_body",
+        ) from exc

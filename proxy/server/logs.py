@@ -16,6 +16,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -88,6 +89,50 @@ def setup_logging(settings: LoggingSection) -> None:
     root.setLevel(settings.level.upper())
     # aiohttp's own access logger is replaced by ours; its errors still reach the root logger.
     logging.getLogger("aiohttp.access").propagate = False
+    server = logging.getLogger("aiohttp.server")
+    server.filters[:] = [f for f in server.filters if not isinstance(f, OneLineRateLimited)]
+    server.addFilter(OneLineRateLimited())
+
+
+class OneLineRateLimited(logging.Filter):
+    """aiohttp's reports of requests it could not parse, as one line each and at most
+    ``BURST`` per ``PERIOD`` seconds: any client can send malformed requests, and a traceback
+    for each would let it flood the log. What was held back is counted in the next line."""
+
+    BURST = 10
+    PERIOD = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._window = -float("inf")
+        self._count = 0
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if now - self._window >= self.PERIOD:
+            self._window, self._count = now, 0
+        self._count += 1
+        if self._count > self.BURST:
+            self._held += 1
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            detail = getattr(exc, "message", None) or str(exc)
+            first = str(detail).strip().splitlines()[0] if str(detail).strip() else ""
+            text = f"{record.getMessage()}: {type(exc).__name__}: {first[:200]!r}"
+        else:
+            text = record.getMessage()[:300]
+        if self._held:
+            text += f" ({self._held} similar lines held back)"
+            self._held = 0
+        record.msg, record.args = text, ()
+        record.exc_info = record.exc_text = None
+        record.stack_info = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class AccessLines:

@@ -89,7 +89,8 @@ async def test_idle_and_trickling_clients_are_closed_within_their_deadlines(
                      for c in headers]
         trickling += [asyncio.create_task(trickle(c, b" " * 999, 0.1, stop)) for c in bodies]
         started = time.monotonic()
-        results = await asyncio.gather(*(closed_within(c, 4) for c in idle + reused + headers + bodies))
+        everyone = idle + reused + headers + bodies
+        results = await asyncio.gather(*(closed_within(c, 4) for c in everyone))
         took = time.monotonic() - started
         for task in trickling:
             task.cancel()

@@ -69,7 +69,9 @@ async def test_passthrough_can_be_turned_off_or_limited_to_prefixes(
         assert status == 200
         status, _, body = await exchange(url, request("GET", "/v1/admin"))
         assert status == 404 and b"unknown_path" in body
-    config.write_text(f"backend_provider: custom\nurl: {upstream.url}\npassthrough: {{enabled: false}}\n")
+    config.write_text(
+        f"backend_provider: custom\nurl: {upstream.url}\npassthrough: {{enabled: false}}\n"
+    )
     async with serving(config) as (_, url):
         status, _, _ = await exchange(url, request("GET", "/v1/files/1"))
         assert status == 404

@@ -54,8 +54,8 @@ async def test_oversized_answer_is_a_502_and_memory_returns(
         async with serving(config) as (proc, url):
             before = rss(proc.pid)
             for _ in range(3):
-                method = "POST" if "chat" in path else "GET"
-                status, _, body = await exchange(url, request(method, path, CHAT if method == "POST" else None), timeout=30)
+                raw = request("POST", path, CHAT) if "chat" in path else request("GET", path)
+                status, _, body = await exchange(url, raw, timeout=30)
                 assert status == 502, body[:200]
                 assert b"upstream_response_too_large" in body
             after = rss(proc.pid)

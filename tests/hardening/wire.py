@@ -41,8 +41,12 @@ async def exchange(url: str, raw: bytes, timeout: float = 10) -> tuple[int, dict
         writer.close()
 
 
-def request(method: str, target: str, body: Any = None, headers: dict[str, str] | None = None) -> bytes:
-    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+def request(
+    method: str, target: str, body: Any = None, headers: dict[str, str] | None = None
+) -> bytes:
+    """One request with ``Connection: close``; a ``body`` that is not bytes is sent as JSON."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    data = data or b""
     head = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
             f"Content-Length: {len(data)}"]
     if body is not None:
