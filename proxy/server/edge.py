@@ -170,7 +170,8 @@ def check_path(request: web.BaseRequest) -> None:
     bad = "\\" in path or any(code in lowered for code in _ENCODED_SEPARATORS)
     if not bad:
         segments = path.split("/")[1:]
-        bad = any(s in (".", "..") for s in segments) or "" in segments[:-1]
+        # ";" starts path parameters, which some servers drop before resolving ("..;/").
+        bad = any(s.partition(";")[0] in (".", "..") for s in segments) or "" in segments[:-1]
     if bad:
         raise BadRequest(
             "the request path must not contain '.' or '..' segments, empty segments, "

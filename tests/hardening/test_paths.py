@@ -18,6 +18,7 @@ ESCAPES = [
     ("GET", "/v1/foo/..%2F..%2Fadmin"),
     ("GET", "/v1/..\\admin"),
     ("GET", "/v1/.."),
+    ("GET", "/v1/..;/admin"),
     ("POST", "/v1/./chat/completions"),
     ("POST", "/v1/x/../chat/completions"),
     ("POST", "/v1/%2e/chat/completions"),
