@@ -19,7 +19,8 @@ HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 @asynccontextmanager
-async def proxy(tmp_path: Path, server: str, soft_files: int | None = None
+async def proxy(tmp_path: Path, server: str, soft_files: int | None = None,
+                hard_files: int | None = None,
                 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     port = free_port()
     config = write_config(tmp_path / "c.yaml",
@@ -28,7 +29,7 @@ async def proxy(tmp_path: Path, server: str, soft_files: int | None = None
     def lower_limit() -> None:
         if soft_files is not None:
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft_files, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft_files, hard_files or hard))
 
     with (tmp_path / "stderr").open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
@@ -134,3 +135,21 @@ async def test_soft_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) 
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     soft_now = line.split()[3]
     assert soft_now == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard)), line
+
+
+async def test_idle_connections_cannot_exhaust_a_low_open_file_limit(tmp_path: Path) -> None:
+    # 256 descriptors in all: the cap comes down to what they allow, so a crowd of idle
+    # connections is shed for newcomers instead of making accept() fail.
+    async with proxy(tmp_path, "keepalive_timeout: 60", soft_files=256, hard_files=256) as (
+        _, port,
+    ):
+        crowd = [await asyncio.open_connection("127.0.0.1", port) for _ in range(300)]
+        await asyncio.sleep(0.2)
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(HEALTH)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert b"200 OK" in head
+            writer.close()
+        for _, writer in crowd:
+            writer.close()
