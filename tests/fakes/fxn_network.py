@@ -41,7 +41,9 @@ def address_of(private_key_hex: str) -> str:
 def send_request_headers(
     private_key_hex: str, body: bytes, timestamp: str | None = None, nonce: str | None = None
 ) -> dict[str, str]:
-    timestamp = timestamp or str(int(time.time()))
+    # A second ahead, as a gateway's clock may well be: a signature from the very second the
+    # proxy started may predate its start, and is refused (before_start).
+    timestamp = timestamp or str(int(time.time()) + 1)
     nonce = nonce or f"{random.getrandbits(63):x}"
     message = f"{hashlib.sha256(body).hexdigest()}.{timestamp}.{nonce}"
     prefixed = f"\x19Ethereum Signed Message:\n{len(message)}{message}".encode()

@@ -29,7 +29,7 @@ CASES = {
     "list key": (BASE + "? [a, b]\n: 1\n", "YAML", "not a list"),
     "mapping key": (BASE + "? {a: 1}\n: 1\n", "YAML", "not a mapping"),
     "unquoted address": (BASE + f"auth: {{fxn_signatures: {{allowed_addresses: [{ADDRESS}]}}}}\n",
-                         "auth.fxn_signatures.allowed_addresses[0]", "quotes"),
+                         "auth.fxn_signatures.allowed_addresses", "quotes"),
 }
 
 

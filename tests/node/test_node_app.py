@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient
@@ -306,9 +307,11 @@ async def test_static_allow_list_still_works_without_a_chain(
     config["auth"] = {"fxn_signatures": {"allowed_addresses": [GATEWAY], "window": 0}}
     client = await start_proxy(config)  # type: ignore[operator]
     assert await _accepted(client, GATEWAY_KEY)
-    # window 0: no timestamp window, as the node; the nonce still refuses a replay
+    # window 0: no timestamp window, as the node; the nonce still refuses a replay (and a
+    # timestamp from before the proxy started is refused as before_start)
     body = json.dumps(CHAT).encode()
-    headers = send_request_headers(GATEWAY_KEY, body, timestamp="1000", nonce="abc")
+    stamp = str(int(time.time()) + 1)
+    headers = send_request_headers(GATEWAY_KEY, body, timestamp=stamp, nonce="abc")
     first = await client.post("/v1/chat/completions", data=body, headers=headers)
     assert first.status == 200
     again = await client.post("/v1/chat/completions", data=body, headers=headers)
