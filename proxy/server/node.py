@@ -14,6 +14,7 @@ through): API keys and gateway signatures do not open it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.auth.nonces import NonceCache
 from proxy.auth.signing import Signer, Verifier
 from proxy.config import BaseConfig, NodeSection
 from proxy.errors import BadRequest, ProxyError, Unauthorized
@@ -68,6 +70,9 @@ def build(config: BaseConfig, metrics: NodeMetrics, *, signer: Signer | None = N
         live=registry.challenge,
         window=signatures.window_seconds,
         max_nonces=signatures.nonce_cache_size,
+        # a restart forgets the nonces seen: refuse what may have been signed before it
+        nonces=NonceCache(signatures.window_seconds, signatures.nonce_cache_size,
+                          not_before=time.time()),
     )
     identity = Identity(signer, section.public_ip)
     challenges = Challenges(identity, max_matrix_size=section.max_matrix_size)
