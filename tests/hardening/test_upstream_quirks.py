@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import sys
 from pathlib import Path
 
 from tests.conftest import free_port, wait_healthy
 from tests.fakes.raw_upstream import COMPLETION, RawRequest, RawUpstream, response
-from tests.hardening.wire import CHAT, exchange, request, write_config
+from tests.hardening.wire import CHAT, exchange, request, rss, write_config
 from tests.server.test_run import serving
 
 SECRET = "upstream-credential-7f3k"
@@ -151,3 +152,20 @@ async def test_malformed_requests_log_one_rate_limited_line_each(tmp_path: Path)
     assert "Traceback" not in text, text[:3000]
     lines = [line for line in text.splitlines() if "aiohttp.server" in line or "ERROR" in line]
     assert 1 <= len(lines) <= 20, text[:3000]
+
+
+async def test_compressed_request_body_is_limited_by_its_decompressed_size(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml",
+                          f"backend_provider: mock\nserver: {{port: {port}}}\n")
+    padded = {**CHAT, "model": "mock-model", "user": "x" * (64 * 1024 * 1024)}
+    bomb = gzip.compress(json.dumps(padded).encode(), compresslevel=9)
+    assert len(bomb) < 1024 * 1024  # far under limits.max_body_bytes on the wire
+    async with serving(config) as (proc, url):
+        before = rss(proc.pid)
+        status, _, body = await exchange(url, request(
+            "POST", "/v1/chat/completions", bomb, {"Content-Encoding": "gzip"}), timeout=30)
+        assert status == 413, body[:300]
+        assert rss(proc.pid) - before < 24 * 1024 * 1024
