@@ -206,9 +206,13 @@ async def read_body(
     body read here is kept under ``BODY`` for the next caller (auth reads before handlers).
     """
     length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-    if within is None or request.content.is_eof():  # all there already: no timer needed
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+        # The usual case, kept cheap: a plain body that has all arrived with its headers.
+        if request.content.is_eof() and "Content-Encoding" not in request.headers:
+            return await request.read()
+    if within is None:
         return await _read(request, length, limit)
     try:
         async with asyncio.timeout(within):
