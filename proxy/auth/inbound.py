@@ -214,13 +214,15 @@ class AuthState:
         auth = None
         if section.enabled:
             signatures = section.fxn_signatures
+            shared = self._shared_store(section)
             if self._nonces is None and signatures is not None:
-                self._nonces = NonceCache(
-                    signatures.window_seconds, signatures.nonce_cache_size,
-                    not_before=self._started,
-                )
+                self._nonces = NonceCache(signatures.window_seconds, signatures.nonce_cache_size)
+            if self._nonces is not None:
+                # A shared store remembers across restarts; the memory cache starts empty, so
+                # what may have been signed before this process started is refused.
+                self._nonces.not_before = float("-inf") if shared else self._started
             auth = Authenticator(
-                section, nonces=self._nonces, shared=self._shared_store(section),
+                section, nonces=self._nonces, shared=shared,
                 clock=self._clock, allowed=self._allowed,
             )
             if auth.verifier is not None:
