@@ -101,9 +101,15 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                 )
             status = response.status
             return response
-        except asyncio.CancelledError:
-            status = 499  # the client went away first
-            raise
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            status = 499
+            if not client_gone(request):
+                raise  # cancelled for another reason (the shutdown's last step)
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            return client_left()
         finally:
             if label:
                 seconds = time.perf_counter() - start
@@ -119,6 +125,19 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                     metrics.observe_overhead(label, seconds - upstream)
 
     return handle
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """Whether the client's connection is closed or closing."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def client_left() -> web.Response:
+    """What a handler whose client has gone returns: aiohttp's attempt to send it fails
+    quietly on the closed connection, and the access log still gets its one line, with 499
+    (nginx's "client closed request"), instead of a traceback and a 500."""
+    return web.Response(status=499)
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> ProxyError:
