@@ -127,6 +127,10 @@ class Metrics:
             ("endpoint",))
         self.tokens = FastCounter(
             "model_proxy_tokens", "Tokens reported by the upstream.", ("direction",))
+        self.usage_missing = FastCounter(
+            "model_proxy_usage_missing",
+            "Answers read to their end in which the upstream reported no token usage.",
+            ("endpoint",))
         self.upstream_errors = FastCounter(
             "model_proxy_upstream_errors", "Upstream failures by kind.", ("kind",))
         self.upstream_timings = FastHistogram(
@@ -175,8 +179,9 @@ class Metrics:
 
     def fast_families(self) -> tuple[FastCounter | FastHistogram, ...]:
         return (self.requests, self.latency, self.upstream_latency, self.ttft, self.tokens,
-                self.upstream_errors, self.upstream_timings, self.upstream_tokens_per_second,
-                self.overhead, self.chunk_gap, self.upstream_attempts)
+                self.usage_missing, self.upstream_errors, self.upstream_timings,
+                self.upstream_tokens_per_second, self.overhead, self.chunk_gap,
+                self.upstream_attempts)
 
     def watch_gauges(
         self, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -241,6 +246,9 @@ class Metrics:
                     self.upstream_tokens_per_second.observe((), seconds)
                 elif phase.endswith("_duration"):
                     self.upstream_timings.observe((phase.removesuffix("_duration"),), seconds)
+
+    def count_usage_missing(self, endpoint: str) -> None:
+        self.usage_missing.inc((endpoint,))
 
     def watch_stats(self, stats: Callable[[], Mapping[str, float]],
                     families: Callable[[], Iterable[Metric]] = tuple) -> None:

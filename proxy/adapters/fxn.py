@@ -28,6 +28,7 @@ class FxnAdapter(HTTPUpstream):
     """Forwards to a Function Network node or gateway; the resolver already set the model."""
 
     name = "fxn"
+    asks_usage = True
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
@@ -58,4 +59,4 @@ class FxnAdapter(HTTPUpstream):
         response = await self.request(
             job.method, job.path, body=job.body, headers=job.headers
         )
-        return await self.relay(response)
+        return await self.relay(response, None if job.endpoint == "passthrough" else job)

@@ -18,10 +18,11 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from proxy.adapters.base import Adapter, UpstreamResponse
+from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig, TimeoutsSection
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.headers import response_headers
+from proxy.wire.relayed import Relayed
 
 #: Where a failure happened: sending and waiting for the status line; reading the start of the
 #: answer before anything of it can have reached the client; reading the rest of it.
@@ -152,21 +153,54 @@ class HTTPUpstream(Adapter):
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "body") from exc
 
-    async def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
-        """The answer to relay: a stream as it arrives, anything else read whole (one read)."""
+    async def relayed_chunks(
+        self, response: aiohttp.ClientResponse, relayed: Relayed
+    ) -> AsyncIterator[bytes]:
+        """:meth:`body_chunks` of an OpenAI-compatible stream, renamed and its usage read."""
+        content = response.content
+        try:
+            while chunk := await content.readany():
+                chunk = relayed.chunk(chunk)
+                if chunk:
+                    yield chunk
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, "body") from exc
+        tail = relayed.end()
+        if tail:
+            yield tail
+        relayed.complete = True
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, job: Job | None = None
+    ) -> UpstreamResponse:
+        """The answer to relay: a stream as it arrives, anything else read whole (one read).
+
+        With ``job`` (an OpenAI-compatible inference request), a successful answer names the
+        model the client asked for and its usage is read (``proxy.wire.relayed``).
+        """
         headers = response_headers(response.headers)
+        relayed = None
+        if job is not None and job.model is not None and response.status < 300:
+            relayed = Relayed(job.model, drop_usage=job.usage_asked)
         if response.content_type == "text/event-stream":
             # The per-read timer still holds the first-byte deadline until the next read
             # re-arms it; re-arm it now so a stream that stalls right away ends after `idle`.
             protocol = response.connection.protocol if response.connection else None
             if protocol is not None and not response.content.at_eof():
                 protocol.start_timeout()
-            return UpstreamResponse(
-                response.status, headers, self.body_chunks(response), stream=True,
+            chunks = (self.body_chunks(response) if relayed is None
+                      else self.relayed_chunks(response, relayed))
+            out = UpstreamResponse(
+                response.status, headers, chunks, stream=True,
                 release=lambda: release_response(response),
             )
-        body = await self.read_all(response)
-        return UpstreamResponse(response.status, headers, stream=False, body=body)
+        else:
+            body = await self.read_all(response)
+            if relayed is not None:
+                body = relayed.body(body)
+            out = UpstreamResponse(response.status, headers, stream=False, body=body)
+        out.counted = relayed
+        return out
 
     async def get_json(self, path: str) -> Any:
         response = await self.request("GET", path)

@@ -1,7 +1,8 @@
 """OpenAI-compatible upstreams (``custom``, a vLLM server): bytes in, bytes out.
 
-The body travels as received (the resolver has already rewritten ``model``); the answer is
-relayed chunk by chunk without parsing. Only the status line and headers are looked at.
+The body travels as received (the resolver has already rewritten ``model`` and asked for the
+usage event); the answer is relayed chunk by chunk, searched on bytes for its ``model`` and
+``usage`` members (``proxy.wire.relayed``), never parsed whole.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class OpenAIAdapter(HTTPUpstream):
 
     name = "custom"
     passthrough = True
+    asks_usage = True
     ready_path = "/v1/models"
 
     async def send(self, job: Job) -> UpstreamResponse:
@@ -25,7 +27,7 @@ class OpenAIAdapter(HTTPUpstream):
         response = await self.request(
             job.method, path, body=job.body or None, headers=job.headers
         )
-        return await self.relay(response)
+        return await self.relay(response, None if job.endpoint == "passthrough" else job)
 
     async def models(self) -> list[dict[str, Any]]:
         data = await self.get_json("/v1/models")

@@ -83,6 +83,8 @@ async def relay(
         usage = job.usage = upstream.reported_usage()
         if usage is not None:
             metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
+        elif upstream.usage_missing():
+            metrics.count_usage_missing(job.endpoint)
 
 
 async def _kept(chunks: AsyncIterator[bytes], answer: bytearray) -> AsyncIterator[bytes]:

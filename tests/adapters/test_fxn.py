@@ -218,3 +218,21 @@ async def test_custom_still_sends_both_credentials(
     assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
     headers = fake_openai.seen[-1].headers
     assert headers["x-api-key"] == "k1" and headers["Authorization"] == "Bearer t1"
+
+
+async def test_answers_name_the_public_model_and_tokens_are_counted(
+    start_proxy: StartProxy, aiohttp_server: Any
+) -> None:
+    server, _fake = await node(aiohttp_server, allowed=[ADDRESS])
+    client = await start_proxy(fxn(server, model={"name": "public"}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "model": "public"})
+    assert (await resp.json())["model"] == "public"
+    resp = await client.post("/v1/chat/completions",
+                             json={**CHAT, "model": "public", "stream": True})
+    body = await resp.read()
+    assert body.count(b'"model":"public"') == body.count(b'"model":') > 0
+    assert FXN_ID.encode() not in body
+    metrics = await (await client.get("/metrics")).text()
+    assert 'model_proxy_tokens_total{direction="out"} 4.0' in metrics
+    # the fake node sends no usage event in streams: counted as missing, not guessed
+    assert 'model_proxy_usage_missing_total{endpoint="chat"} 1.0' in metrics
