@@ -37,12 +37,8 @@ class OpenAIAdapter(HTTPUpstream):
     async def check_ready(self) -> None:
         response = await self.request("GET", self.ready_path)
         release_response(response)
-        if response.status in (401, 403):
-            raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
         if response.status >= 400:
-            raise UpstreamError(
-                f"upstream at {self.where} answered {self.ready_path} with {response.status}"
-            )
+            raise UpstreamError(f"the upstream answered {self.ready_path} with {response.status}")
 
 
 class VllmServerAdapter(OpenAIAdapter):
@@ -53,8 +49,7 @@ class VllmServerAdapter(OpenAIAdapter):
 
     async def check_ready(self) -> None:
         await super().check_ready()
-        # /health needs no key, so it cannot tell a wrong api_key; /v1/models does.
+        # /health needs no key, so it cannot tell a wrong api_key; /v1/models does (a 401 or
+        # 403 raises in ``request``).
         response = await self.request("GET", "/v1/models")
         release_response(response)
-        if response.status in (401, 403):
-            raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")

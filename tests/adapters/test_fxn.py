@@ -111,13 +111,14 @@ async def test_each_attempt_is_signed_afresh(aiohttp_server: Any) -> None:
     assert all(r.body == body for r in fake.received)
 
 
-async def test_node_refusing_the_signer_is_relayed(
+async def test_node_refusing_the_signer_is_the_nodes_fault_not_the_clients(
     start_proxy: StartProxy, aiohttp_server: Any
 ) -> None:
     server, fake = await node(aiohttp_server, allowed=["0x" + "22" * 20])
     client = await start_proxy(fxn(server))
     resp = await client.post("/v1/chat/completions", json=CHAT)
-    assert resp.status == 401
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_auth_failed"
     assert fake.received[-1].signer is None
 
 
@@ -174,7 +175,7 @@ async def test_readiness_probe_is_signed(start_proxy: StartProxy, aiohttp_server
     other = await start_proxy(fxn(server))  # a fresh app: readiness is cached for a second
     resp = await other.get("/readyz")
     assert resp.status == 503
-    assert "refused this node's signature" in (await resp.json())["reason"]
+    assert (await resp.json())["reason"] == "the upstream rejected this node's credentials"
 
 
 async def test_model_name_alias_wins_as_on_the_node(

@@ -101,3 +101,25 @@ async def test_an_upstream_without_usage_is_counted_as_such(
     assert await metric(client, "model_proxy_tokens_total") == {}
     assert await metric(client, "model_proxy_usage_missing_total") == {
         'endpoint="chat"': 2, 'endpoint="embeddings"': 1}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstream_refusing_the_nodes_credentials_is_a_502(
+    start_proxy: StartProxy, openai_upstream: TestServer, fake_openai: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture, status: int,
+) -> None:
+    fake_openai.fail_status, fake_openai.fail_times = status, 10
+    fake_openai.fail_body = {"error": "Unauthorized"}
+    client = await start_proxy({**config(openai_upstream), "api_key": "sk-node-secret-3"})
+    for body in (CHAT, {**CHAT, "stream": True}):
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status == 502
+        error = (await resp.json())["error"]
+        assert error["code"] == "upstream_auth_failed"
+        assert error["message"] == "the upstream rejected this node's credentials"
+    assert 'model_proxy_upstream_errors_total{kind="upstream_auth_failed"} 2.0' in await (
+        await client.get("/metrics")).text()
+    loud = [r for r in caplog.records if r.levelname == "ERROR" and "credentials" in r.message]
+    assert len(loud) == 1  # once, not once per request
+    assert str(status) in loud[0].message and upstream_url(openai_upstream) in loud[0].message
+    assert "sk-node-secret-3" not in caplog.text

@@ -320,7 +320,8 @@ async def test_wrong_credentials_are_a_502_without_the_secret(env: Env) -> None:
     with pytest.raises(UpstreamError) as caught:
         await env.adapter().send(job("chat", {"messages": USER}))
     assert caught.value.status == 502 and not caught.value.retryable
-    assert "rejected the configured credentials (401)" in caught.value.message
+    assert caught.value.code == "upstream_auth_failed"
+    assert caught.value.message == "the upstream rejected this node's credentials"
     assert SECRET not in caught.value.message
 
 
