@@ -26,6 +26,7 @@ from aiohttp import web
 from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
+from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
 
@@ -100,6 +101,8 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                     ProxyError("internal error; the proxy's log has the details"), request_id
                 )
             status = response.status
+            if not response.prepared:  # a stream has set its own as it started
+                response.headers["Server"] = SERVER
             return response
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             status = 499
