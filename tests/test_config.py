@@ -285,7 +285,10 @@ def test_missing_file_and_default_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == 2
-    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.yaml'}: file not found"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{tmp_path / 'nope.yaml'}: file not found; ") and "\n" not in err
+    for hint in ("-c PATH", "$MODEL_BACKEND_CONFIG", "model_backend.yaml.example"):
+        assert hint in err
     write(tmp_path, "backend_provider: mock\n", "env.yaml")
     monkeypatch.setenv("MODEL_BACKEND_CONFIG", str(tmp_path / "env.yaml"))
     assert main(["check"]) == 0
