@@ -51,7 +51,8 @@ class Relayed:
 
     def __init__(self, model: str, *, drop_usage: bool = False) -> None:
         self.member = MODEL + orjson.dumps(model)
-        #: The member as the upstream last spelled it, replaced in one call from then on.
+        #: The member as the upstream spelled it in its first event (an upstream names its
+        #: model the same way throughout a stream), replaced in one call from then on.
         self.seen: bytes | None = None
         self.drop_usage = drop_usage
         self.usage: dict[str, Any] | None = None
@@ -63,7 +64,7 @@ class Relayed:
 
     def body(self, body: bytes) -> bytes:
         """A whole (non-streamed) answer, renamed; its usage read."""
-        body = self.rename(body)
+        body = self._splice(body)
         at = body.rfind(USAGE)
         if at >= 0:
             found = _object_at(body, at + len(USAGE))
@@ -73,26 +74,43 @@ class Relayed:
         return body
 
     def chunk(self, chunk: bytes) -> bytes:
-        """The part of a stream to send now: whole events only, renamed; ``b""`` if none yet."""
-        if self.tail:
-            chunk = self.tail + chunk
-            self.tail = b""
-        elif not self.first:
-            self.first = time.perf_counter()
-        if not chunk.endswith(b"\n\n"):  # hold back an event until its blank line is in
-            lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
-            cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-            self.tail = chunk[cut:]
-            chunk = chunk[:cut]
+        """The part of a stream to send now: whole events only, renamed; ``b""`` if none yet.
+
+        Called per chunk, so the usual case costs three C-level calls: a chunk of whole events
+        (``endswith``), the upstream's ``model`` member replaced as it spelled it in the first
+        event (``replace``; nothing when it already says the client's name), and a search for
+        ``usage``.
+        """
+        if self.tail or not chunk.endswith(b"\n\n"):
+            chunk = self._whole_events(chunk)
             if not chunk:
                 return chunk
-        chunk = self.rename(chunk)
+        seen = self.seen
+        if seen is None:  # the first event: learn how the upstream names its model
+            if not self.first:
+                self.first = time.perf_counter()
+            chunk = self._splice(chunk)
+        elif seen is not self.member:
+            chunk = chunk.replace(seen, self.member)
         if USAGE in chunk:
             chunk = self._read_usage(chunk)
         return chunk
 
+    def _whole_events(self, chunk: bytes) -> bytes:
+        """``chunk`` after what was held back, up to its last complete event; the rest is held
+        back until its blank line arrives."""
+        if self.tail:
+            chunk = self.tail + chunk
+            self.tail = b""
+        if chunk.endswith(b"\n\n"):
+            return chunk
+        lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
+        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        self.tail = chunk[cut:]
+        return chunk[:cut]
+
     def end(self) -> bytes:
-        """What is left of a stream that ended without a final newline."""
+        """What is left of a stream that ended without a blank line."""
         tail, self.tail = self.tail, b""
         return self.rename(tail) if tail else tail
 
@@ -109,12 +127,10 @@ class Relayed:
         return prompt, completion, extra
 
     def rename(self, data: bytes) -> bytes:
-        member, seen = self.member, self.seen
-        if seen is not None and seen != member:
-            data = data.replace(seen, member)
-        if data.count(MODEL) == data.count(member):
-            return data
-        return self._splice(data)
+        seen = self.seen
+        if seen is None:
+            return self._splice(data)
+        return data if seen is self.member else data.replace(seen, self.member)
 
     def _splice(self, data: bytes) -> bytes:
         """Every ``model`` member's value replaced, however the upstream spelled it."""
@@ -130,7 +146,10 @@ class Relayed:
                 close = data.find(b'"', value + 1)
                 if close < 0:
                     break
-                self.seen = data[at:close + 1]
+                seen = data[at:close + 1]
+                # the upstream's own spelling, replaced in one call from now on; the member
+                # itself when it already says the client's name (nothing to replace then)
+                self.seen = self.member if seen == self.member else seen
                 parts += (data[start:at], self.member)
                 start = value = close + 1
             at = data.find(MODEL, value)
