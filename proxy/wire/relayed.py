@@ -133,9 +133,9 @@ class Relayed:
         return data if seen is self.member else data.replace(seen, self.member)
 
     def _splice(self, data: bytes) -> bytes:
-        """Every ``model`` member's value replaced, however the upstream spelled it."""
-        parts: list[bytes] = []
-        start = 0
+        """``data`` with its first ``model`` member's value replaced, however the upstream
+        spelled it; the rest (more events of a stream) replaced by that spelling, in one call.
+        """
         at = data.find(MODEL)
         size = len(data)
         while at >= 0:
@@ -145,18 +145,16 @@ class Relayed:
             if value < size and data[value] == _QUOTE:
                 close = data.find(b'"', value + 1)
                 if close < 0:
-                    break
+                    return data
+                member = self.member
                 seen = data[at:close + 1]
-                # the upstream's own spelling, replaced in one call from now on; the member
-                # itself when it already says the client's name (nothing to replace then)
-                self.seen = self.member if seen == self.member else seen
-                parts += (data[start:at], self.member)
-                start = value = close + 1
-            at = data.find(MODEL, value)
-        if not parts:
-            return data
-        parts.append(data[start:])
-        return b"".join(parts)
+                if seen == member:  # it says the client's name already: nothing to replace
+                    self.seen = member
+                    return data
+                self.seen = seen
+                return data[:at] + member + data[close + 1:].replace(seen, member)
+            at = data.find(MODEL, value)  # "model": null, or no value yet
+        return data
 
     def _read_usage(self, chunk: bytes) -> bytes:
         at = chunk.find(USAGE)
