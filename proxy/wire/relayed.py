@@ -152,7 +152,7 @@ class Relayed:
                     self.seen = member
                     return data
                 self.seen = seen
-                return data[:at] + member + data[close + 1:].replace(seen, member)
+                return data.replace(seen, member)  # this event's and any further ones
             at = data.find(MODEL, value)  # "model": null, or no value yet
         return data
 
