@@ -36,7 +36,13 @@ EVENTS = [
     b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
     b'"model":"bench-upstream","choices":[{"index":0,"delta":{"content":" word"},'
     b'"finish_reason":null}]}\n\n'
-] * 16 + [b"data: [DONE]\n\n"]
+] * 16
+#: Sent before ``[DONE]`` when the request asks for it (``stream_options.include_usage``).
+USAGE_EVENT = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+    b'"model":"bench-upstream","choices":[],'
+    b'"usage":{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28}}\n\n'
+)
 
 
 async def upstream(request: web.Request) -> web.StreamResponse:
@@ -47,6 +53,9 @@ async def upstream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     for event in EVENTS:
         await response.write(event)
+    if b'"include_usage":true' in body:
+        await response.write(USAGE_EVENT)
+    await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 

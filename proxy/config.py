@@ -293,10 +293,35 @@ class LoggingSection(Section):
     include_bodies: bool = False
 
 
+#: A Go duration, as Ollama parses ``keep_alive`` strings (``time.ParseDuration``).
+_GO_DURATION = re.compile(r"[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h))+)")
+
+
 class OllamaSection(Section):
     #: Ollama model options (``num_ctx``, …) sent with every request under the request's own.
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Seconds (a number) or a Go duration (``"10m"``, ``"1h30m"``); negative: stay loaded.
     keep_alive: str | int | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | int | None) -> str | int | None:
+        # Ollama refuses a bare number in a string ("30": no unit) on every request, so it is
+        # settled here: seconds, as a bare number means; anything else must parse as Ollama
+        # parses it.
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if re.fullmatch(r"[-+]?\d+", text):
+            return int(text)
+        if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)", text):
+            return f"{text}s"
+        if not _GO_DURATION.fullmatch(text):
+            raise ValueError(
+                f"{value!r} is not a duration: give seconds (300) or a duration such as "
+                '"5m" or "1h30m" (negative keeps the model loaded)'
+            )
+        return text
 
 
 class FxnSection(Section):

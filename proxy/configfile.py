@@ -70,7 +70,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     try:
         text = read_bounded(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
-        raise ConfigError([f"{name}: file not found"]) from None
+        raise ConfigError([
+            f"{name}: file not found; give a config with -c PATH or $MODEL_BACKEND_CONFIG, "
+            "or copy model_backend.yaml.example (or one of config/examples/) to "
+            "./model_backend.yaml"
+        ]) from None
     except _TooLarge:
         raise ConfigError([
             f"{name}: the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
@@ -91,13 +95,33 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(_describe(exc, data, name)) from None
 
 
+def _unquoted_in_flow(line: str) -> bool:
+    """Whether ``line`` has a ``${`` after an opening ``[`` or ``{`` and outside quotes, where
+    YAML reads ``{`` as the start of a mapping."""
+    at = line.find("${")
+    while at >= 0:
+        before = line[:at]
+        quoted = before.count('"') % 2 == 1 or before.count("'") % 2 == 1
+        if not quoted and ("[" in before or "{" in before):
+            return True
+        at = line.find("${", at + 2)
+    return False
+
+
 def parse_yaml(text: str, name: str) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        raise ConfigError([f"{where}: YAML syntax error: {exc.problem or exc.context}"]) from None
+        message = f"{where}: YAML syntax error: {exc.problem or exc.context}"
+        lines = text.splitlines()
+        if mark is not None and mark.line < len(lines) and _unquoted_in_flow(lines[mark.line]):
+            message += (
+                '; inside [...] or {...} a ${VAR} must be quoted ("${VAR}"), '
+                "or write the list one item per line (- ${VAR})"
+            )
+        raise ConfigError([message]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{name}: YAML error: {exc}"]) from None
     if data is None:

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+#: The ``Server`` header of every answer: no product versions for a scanner to match.
+SERVER = "model-backend-proxy"
+
 FORWARDED_REQUEST_HEADERS = frozenset(
     {"content-type", "accept", "x-request-id", "traceparent", "tracestate"}
 )

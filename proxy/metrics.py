@@ -127,6 +127,10 @@ class Metrics:
             ("endpoint",))
         self.tokens = FastCounter(
             "model_proxy_tokens", "Tokens reported by the upstream.", ("direction",))
+        self.usage_missing = FastCounter(
+            "model_proxy_usage_missing",
+            "Answers read to their end in which the upstream reported no token usage.",
+            ("endpoint",))
         self.upstream_errors = FastCounter(
             "model_proxy_upstream_errors", "Upstream failures by kind.", ("kind",))
         self.upstream_timings = FastHistogram(
@@ -160,8 +164,15 @@ class Metrics:
             "Upstream requests holding a concurrency slot now.", registry=r)
         self.queued = Gauge(
             "model_proxy_queued_requests", "Requests waiting for an upstream slot.", registry=r)
+        # upstream_up: the last word on the upstream (an answer, a failure, a readiness probe),
+        # and 0 while the circuit is open; kept as a plain flag, read at scrape time.
+        self.up = False
+        self._circuit_open: Callable[[], bool] = lambda: False
         self.upstream_up = Gauge(
-            "model_proxy_upstream_up", "1 when the last readiness probe succeeded.", registry=r)
+            "model_proxy_upstream_up",
+            "1 when the upstream's last answer or readiness probe succeeded and its circuit is "
+            "not open.", registry=r)
+        self.upstream_up.set_function(lambda: float(self.up and not self._circuit_open()))
         self.circuit_state = Gauge(
             "model_proxy_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
             registry=r)
@@ -175,8 +186,9 @@ class Metrics:
 
     def fast_families(self) -> tuple[FastCounter | FastHistogram, ...]:
         return (self.requests, self.latency, self.upstream_latency, self.ttft, self.tokens,
-                self.upstream_errors, self.upstream_timings, self.upstream_tokens_per_second,
-                self.overhead, self.chunk_gap, self.upstream_attempts)
+                self.usage_missing, self.upstream_errors, self.upstream_timings,
+                self.upstream_tokens_per_second, self.overhead, self.chunk_gap,
+                self.upstream_attempts)
 
     def watch_gauges(
         self, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -186,6 +198,7 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         self.queued.set_function(queued)
         self.circuit_state.set_function(circuit_state)
+        self._circuit_open = lambda: circuit_state() == 2  # breaker.State.OPEN
 
     def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         label = _STATUS_LABELS.get(status) or str(status)
@@ -222,7 +235,7 @@ class Metrics:
         self.auth_failures.labels(reason).inc()
 
     def set_upstream_up(self, up: bool) -> None:
-        self.upstream_up.set(up)
+        self.up = up
 
     def count_upstream_error(self, kind: str) -> None:
         """``kind`` is an error code from ``proxy.errors``: a fixed set, never client input."""
@@ -241,6 +254,9 @@ class Metrics:
                     self.upstream_tokens_per_second.observe((), seconds)
                 elif phase.endswith("_duration"):
                     self.upstream_timings.observe((phase.removesuffix("_duration"),), seconds)
+
+    def count_usage_missing(self, endpoint: str) -> None:
+        self.usage_missing.inc((endpoint,))
 
     def watch_stats(self, stats: Callable[[], Mapping[str, float]],
                     families: Callable[[], Iterable[Metric]] = tuple) -> None:

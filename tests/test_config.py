@@ -285,7 +285,10 @@ def test_missing_file_and_default_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == 2
-    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.yaml'}: file not found"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{tmp_path / 'nope.yaml'}: file not found; ") and "\n" not in err
+    for hint in ("-c PATH", "$MODEL_BACKEND_CONFIG", "model_backend.yaml.example"):
+        assert hint in err
     write(tmp_path, "backend_provider: mock\n", "env.yaml")
     monkeypatch.setenv("MODEL_BACKEND_CONFIG", str(tmp_path / "env.yaml"))
     assert main(["check"]) == 0
@@ -342,3 +345,20 @@ def test_check_shows_each_model_with_its_secrets_masked(
     assert "valid (models)" in out
     assert "\nurl:" not in out  # per-model keys appear in the entries only
     assert out.count("backend_provider:") == 2
+
+
+def test_ollama_keep_alive_is_settled_at_load(tmp_path: Path) -> None:
+    """Ollama refuses a bare number in a string ("30") on every request; the config says
+    seconds, or fails at load with one line."""
+    base = "backend_provider: ollama\nurl: http://h:11434\nollama:\n  keep_alive: "
+    for given, kept in (('"30"', 30), ("'-1'", -1), ('"1.5"', "1.5s"), ('"1h30m"', "1h30m"),
+                        ("300", 300)):
+        config = load_config(write(tmp_path, base + given + "\n"))
+        assert isinstance(config, OllamaConfig) and config.ollama.keep_alive == kept, given
+    path = write(tmp_path, base + '"5 minutes"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: ollama.keep_alive: '5 minutes' is not a duration: give seconds (300) or a "
+        'duration such as "5m" or "1h30m" (negative keeps the model loaded)'
+    ]

@@ -190,7 +190,7 @@ async def test_upstream_down_is_502(start_proxy: StartProxy) -> None:
     assert resp.status == 502
     error = (await resp.json())["error"]
     assert "unreachable" in error["message"]
-    assert f"127.0.0.1:{port}" in error["message"]
+    assert f"127.0.0.1:{port}" not in error["message"] and str(port) not in error["message"]
     assert "never-shown" not in json.dumps(error)
     resp = await client.get("/readyz")
     assert resp.status == 503

@@ -76,6 +76,7 @@ async def test_chat_completions_embeddings_models(
         assert sent.body["options"] == {
             "num_ctx": 2048,
             "temperature": 0,
+            "top_p": 1.0,  # absent from the request: OpenAI's default, as Ollama's /v1 sends
             "seed": 7,
             "num_predict": 100,
         }

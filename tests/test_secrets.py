@@ -133,7 +133,7 @@ async def test_no_secret_reaches_any_output(
                           {"x-api-key": INBOUND_KEY}) == 503
     fake.allowed = frozenset({"0x" + "33" * 20})
     assert await out.call(client, "POST", "/v1/chat/completions", CHAT,
-                          {"x-api-key": INBOUND_KEY}) == 401
+                          {"x-api-key": INBOUND_KEY}) == 502  # upstream_auth_failed
     fake.allowed, fake.delay = None, 2.0
     slow_config = write_config(tmp_path, upstream_url(node), name="slow.yaml", first_byte=0.2)
     slow = await aiohttp_client(create_app(load_config(slow_config, env=env)))

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from proxy.config import BaseConfig
+    from proxy.wire.relayed import Relayed
 
 Endpoint = Literal["chat", "completions", "embeddings", "passthrough"]
 
@@ -64,6 +65,9 @@ class Job:
     upstream: str = ""
     usage: Usage | None = None
     answer: bytearray | None = None
+    #: The proxy asked the upstream for the stream's usage event on its own behalf
+    #: (``stream_options.include_usage``): the event is read and not relayed.
+    usage_asked: bool = False
 
 
 @dataclass(slots=True)
@@ -84,7 +88,8 @@ class UpstreamResponse:
     relay always calls it, also when the client has gone.
     """
 
-    __slots__ = ("_chunks", "_release", "_usage", "body", "headers", "status", "stream")
+    __slots__ = ("_chunks", "_release", "_usage", "body", "counted", "headers", "status",
+                 "stream")
 
     def __init__(
         self,
@@ -104,6 +109,8 @@ class UpstreamResponse:
         self.body = body
         self._chunks = chunks
         self._release = release
+        #: For a relayed OpenAI-compatible answer: what it reported, read on the way.
+        self.counted: Relayed | None = None
 
     @property
     def usage(self) -> Usage:
@@ -117,8 +124,17 @@ class UpstreamResponse:
         self._usage = usage
 
     def reported_usage(self) -> Usage | None:
-        """The usage an adapter filled in, if any (for metrics)."""
+        """The usage an adapter filled in or a relayed answer reported, if any (for metrics)."""
+        counted = self.counted
+        if self._usage is None and counted is not None and counted.usage is not None:
+            prompt, completion, extra = counted.tokens()
+            self._usage = Usage(prompt, completion, extra)
         return self._usage
+
+    def usage_missing(self) -> bool:
+        """Whether a relayed answer that was read to its end reported no usage."""
+        counted = self.counted
+        return counted is not None and counted.complete and counted.usage is None
 
     def chunks(self) -> AsyncIterator[bytes]:
         if self.body is not None:
@@ -190,6 +206,9 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: Whether streams are relayed as the upstream sends them and their usage is read from
+    #: the upstream's usage event, which the proxy then asks for (``Job.usage_asked``).
+    asks_usage: ClassVar[bool] = False
     #: Whether ``/v1/*`` paths the proxy does not know are forwarded to this upstream unchanged.
     passthrough: ClassVar[bool] = False
 

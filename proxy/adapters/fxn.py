@@ -28,6 +28,7 @@ class FxnAdapter(HTTPUpstream):
     """Forwards to a Function Network node or gateway; the resolver already set the model."""
 
     name = "fxn"
+    asks_usage = True
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
@@ -42,20 +43,13 @@ class FxnAdapter(HTTPUpstream):
     async def check_ready(self) -> None:
         # Any answer below 500 shows the node is up, except a refusal of our credentials,
         # which would refuse every job too. Gateways need not list models, so 404 is fine.
-        response = await self.request("GET", "/v1/models")
+        response = await self.request("GET", "/v1/models")  # a 401 or 403 raises here
         release_response(response)
-        if response.status in (401, 403):
-            raise UpstreamError(
-                f"upstream at {self.where} refused this node's signature or credentials "
-                f"({response.status})"
-            )
         if response.status >= 500:
-            raise UpstreamError(
-                f"upstream at {self.where} answered /v1/models with {response.status}"
-            )
+            raise UpstreamError(f"the upstream answered /v1/models with {response.status}")
 
     async def send(self, job: Job) -> UpstreamResponse:
         response = await self.request(
             job.method, job.path, body=job.body, headers=job.headers
         )
-        return await self.relay(response)
+        return await self.relay(response, None if job.endpoint == "passthrough" else job)

@@ -11,6 +11,10 @@ the work, and a retry would do it twice.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
@@ -18,45 +22,52 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from proxy.adapters.base import Adapter, UpstreamResponse
+from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig, TimeoutsSection
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.headers import response_headers
+from proxy.wire.relayed import Relayed
+
+log = logging.getLogger("model_proxy")
+#: Failure messages logged once per this many seconds at most (they come per request).
+NOTE_SECONDS = 10.0
 
 #: Where a failure happened: sending and waiting for the status line; reading the start of the
 #: answer before anything of it can have reached the client; reading the rest of it.
 Stage = Literal["send", "start", "body"]
 
 
-def upstream_error(
-    exc: BaseException, stage: Stage, where: str, timeouts: TimeoutsSection
-) -> UpstreamError:
-    """The project's error for an aiohttp exception or a timeout at ``stage``."""
+def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) -> UpstreamError:
+    """The project's error for an aiohttp exception or a timeout at ``stage``.
+
+    Messages reach clients, so they never name the upstream's address; the adapter's log line
+    does (:meth:`HTTPUpstream.error`).
+    """
     if stage == "send":
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return UpstreamTimeout(f"upstream at {where} did not accept a connection within "
+            return UpstreamTimeout(f"the upstream did not accept a connection within "
                                    f"{timeouts.connect:g} s", retryable=True)
         if isinstance(exc, TimeoutError):
-            return UpstreamTimeout(f"upstream at {where} did not answer within "
+            return UpstreamTimeout(f"the upstream did not answer within "
                                    f"{timeouts.first_byte:g} s", retryable=True)
         if isinstance(exc, aiohttp.ClientConnectorError):
-            return UpstreamError(f"upstream at {where} is unreachable: {_reason(exc)}",
+            return UpstreamError(f"the upstream is unreachable: {_reason(exc)}",
                                  retryable=True)
-        return UpstreamError(f"upstream at {where} failed before answering: {_reason(exc)}",
+        return UpstreamError(f"the upstream failed before answering: {_reason(exc)}",
                              retryable=True)
     if stage == "start":
         if isinstance(exc, TimeoutError):
-            return UpstreamTimeout(f"upstream at {where} did not start its answer within "
+            return UpstreamTimeout(f"the upstream did not start its answer within "
                                    f"{timeouts.first_byte:g} s", retryable=True)
-        return UpstreamError(f"upstream at {where} failed before answering: {_reason(exc)}",
+        return UpstreamError(f"the upstream failed before answering: {_reason(exc)}",
                              retryable=True)
     if isinstance(exc, aiohttp.SocketTimeoutError):  # aiohttp's per-read (idle) timer
-        return UpstreamTimeout(f"upstream at {where} sent nothing for {timeouts.idle:g} s "
+        return UpstreamTimeout(f"the upstream sent nothing for {timeouts.idle:g} s "
                                "mid-answer")
     if isinstance(exc, TimeoutError):  # an adapter's idle deadline, or the attempt's total
-        return UpstreamTimeout(f"upstream at {where} stopped answering in time (idle "
+        return UpstreamTimeout(f"the upstream stopped answering in time (idle "
                                f"{timeouts.idle:g} s, total {timeouts.total:g} s)")
-    return UpstreamError(f"upstream at {where} broke off mid-answer: {_reason(exc)}")
+    return UpstreamError(f"the upstream broke off mid-answer: {_reason(exc)}")
 
 
 #: What the map takes: everything the HTTP client raises for a failed exchange.
@@ -73,7 +84,9 @@ class HTTPUpstream(Adapter):
         # several URLs are split by the pipeline, one adapter each (BaseConfig.for_url)
         assert isinstance(config.url, str)
         self.base_url = config.url
+        #: The upstream's address, for the log only: messages that clients see never carry it.
         self.where = _safe_origin(config.url)
+        self._noted: dict[str, float] = {}
         self.timeouts = config.timeouts
         self.max_response_bytes = config.limits.max_response_bytes
         self.auth_headers = credential_headers(config)
@@ -94,7 +107,32 @@ class HTTPUpstream(Adapter):
         )
 
     def error(self, exc: BaseException, stage: Stage) -> UpstreamError:
-        return upstream_error(exc, stage, self.where, self.timeouts)
+        mapped = upstream_error(exc, stage, self.timeouts)
+        self.note(logging.WARNING, mapped.message)
+        return mapped
+
+    def note(self, level: int, message: str) -> None:
+        """Log ``message`` with the upstream's address (which clients never see), at most once
+        per :data:`NOTE_SECONDS` for the same message, as failures come per request."""
+        now = time.monotonic()
+        noted = self._noted
+        if now - noted.get(message, -NOTE_SECONDS) < NOTE_SECONDS:
+            return
+        if len(noted) >= 64:
+            noted.clear()
+        noted[message] = now
+        log.log(level, "%s (upstream %s; the same is not logged again for %gs)",
+                message, self.where, NOTE_SECONDS)
+
+    def auth_failed(self, response: aiohttp.ClientResponse) -> UpstreamError:
+        """The error for an upstream that refused this node's credentials (401, 403): a 502,
+        as the client cannot fix it, logged loudly for the operator."""
+        release_response(response)
+        self.note(logging.ERROR, f"the upstream refused this node's credentials with "
+                                 f"{response.status}: check the configured api_key, "
+                                 "bearer_token or signing key")
+        return UpstreamError("the upstream rejected this node's credentials",
+                             code="upstream_auth_failed")
 
     async def request(
         self,
@@ -108,7 +146,8 @@ class HTTPUpstream(Adapter):
         """Send one request and wait for the status line, within the first-byte timeout.
 
         Afterwards each read of the body may wait ``read_timeout`` seconds (``timeouts.idle``
-        unless given; ``None`` leaves the body's pace to the caller).
+        unless given; ``None`` leaves the body's pace to the caller). An upstream that refuses
+        the node's credentials (401, 403) raises ``upstream_auth_failed``.
         """
         all_headers = {**headers, **self.fixed_headers} if headers else self.fixed_headers
         signed = self.attempt_headers(body or b"")
@@ -134,8 +173,12 @@ class HTTPUpstream(Adapter):
             raise self.error(exc, "send") from exc
         if response.status == 101:
             response.close()
-            raise UpstreamError(f"upstream at {self.where} answered 101 Switching Protocols; "
-                                "the proxy relays no protocol upgrades", code="upstream_upgrade")
+            message = ("the upstream answered 101 Switching Protocols; the proxy relays no "
+                       "protocol upgrades")
+            self.note(logging.WARNING, message)
+            raise UpstreamError(message, code="upstream_upgrade")
+        if response.status in (401, 403):
+            raise self.auth_failed(response)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = (
@@ -196,11 +239,10 @@ class HTTPUpstream(Adapter):
             release_response(response)
 
     def _too_large(self, size: str) -> UpstreamError:
-        return UpstreamError(
-            f"upstream at {self.where} sent an answer of {size}; the limit is "
-            f"{self.max_response_bytes} bytes (limits.max_response_bytes)",
-            code="upstream_response_too_large",
-        )
+        message = (f"the upstream sent an answer of {size}; the limit is "
+                   f"{self.max_response_bytes} bytes (limits.max_response_bytes)")
+        self.note(logging.WARNING, message)
+        return UpstreamError(message, code="upstream_response_too_large")
 
     async def read_some(self, response: aiohttp.ClientResponse, stage: Stage) -> bytes:
         """The next bytes of the body as they arrive (``b""`` at its end)."""
@@ -218,35 +260,68 @@ class HTTPUpstream(Adapter):
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "body") from exc
 
-    async def relay(self, response: aiohttp.ClientResponse) -> UpstreamResponse:
-        """The answer to relay: a stream as it arrives, anything else read whole (one read)."""
+    async def relayed_chunks(
+        self, response: aiohttp.ClientResponse, relayed: Relayed
+    ) -> AsyncIterator[bytes]:
+        """:meth:`body_chunks` of an OpenAI-compatible stream, renamed and its usage read."""
+        content = response.content
+        try:
+            while chunk := await content.readany():
+                chunk = relayed.chunk(chunk)
+                if chunk:
+                    yield chunk
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, "body") from exc
+        tail = relayed.end()
+        if tail:
+            yield tail
+        relayed.complete = True
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, job: Job | None = None
+    ) -> UpstreamResponse:
+        """The answer to relay: a stream as it arrives, anything else read whole (one read).
+
+        With ``job`` (an OpenAI-compatible inference request), a successful answer names the
+        model the client asked for and its usage is read (``proxy.wire.relayed``).
+        """
         headers = response_headers(response.headers)
+        relayed = None
+        if job is not None and job.model is not None and response.status < 300:
+            relayed = Relayed(job.model, drop_usage=job.usage_asked)
         if response.content_type == "text/event-stream":
             # The per-read timer still holds the first-byte deadline until the next read
             # re-arms it; re-arm it now so a stream that stalls right away ends after `idle`.
             protocol = response.connection.protocol if response.connection else None
             if protocol is not None and not response.content.at_eof():
                 protocol.start_timeout()
-            return UpstreamResponse(
-                response.status, headers, self.body_chunks(response), stream=True,
+            chunks = (self.body_chunks(response) if relayed is None
+                      else self.relayed_chunks(response, relayed))
+            out = UpstreamResponse(
+                response.status, headers, chunks, stream=True,
                 release=lambda: release_response(response),
             )
-        body = await self.read_all(response)
-        if response.status >= 300 and self.secrets:
-            for name, value in list(headers.items()):
-                if any(secret.decode() in value for secret in self.secrets):
-                    headers[name] = "[redacted]"
-        return UpstreamResponse(response.status, headers, stream=False, body=body)
+        else:
+            body = await self.read_all(response)
+            if response.status >= 300 and self.secrets:
+                for name, value in list(headers.items()):
+                    if any(secret.decode() in value for secret in self.secrets):
+                        headers[name] = "[redacted]"
+            if relayed is not None:
+                body = relayed.body(body)
+            out = UpstreamResponse(response.status, headers, stream=False, body=body)
+        out.counted = relayed
+        return out
 
     async def get_json(self, path: str) -> Any:
         response = await self.request("GET", path)
         body = await self.read_all(response)
         if response.status >= 400:
-            raise UpstreamError(f"upstream at {self.where} answered {path} with {response.status}")
+            raise UpstreamError(f"the upstream answered {path} with {response.status}")
         try:
             return orjson.loads(body)
         except ValueError as exc:
-            raise UpstreamError(f"upstream at {self.where} sent a bad answer to {path}") from exc
+            raise UpstreamError(f"the upstream sent a bad answer to {path}") from exc
 
 
 def credential_headers(config: BaseConfig) -> dict[str, str]:
@@ -278,7 +353,11 @@ def _safe_origin(url: str) -> str:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.os_error.strerror or type(exc.os_error).__name__
+        # the errno's own text: strerror may carry the address ("Connect call failed (...)")
+        error = exc.os_error
+        if isinstance(error, socket.gaierror) and error.strerror:
+            return error.strerror  # e.g. "Name or service not known"
+        return os.strerror(error.errno) if error.errno else type(error).__name__
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the response body was incomplete"
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -1,7 +1,8 @@
 """OpenAI-compatible upstreams (``custom``, a vLLM server): bytes in, bytes out.
 
-The body travels as received (the resolver has already rewritten ``model``); the answer is
-relayed chunk by chunk without parsing. Only the status line and headers are looked at.
+The body travels as received (the resolver has already rewritten ``model`` and asked for the
+usage event); the answer is relayed chunk by chunk, searched on bytes for its ``model`` and
+``usage`` members (``proxy.wire.relayed``), never parsed whole.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class OpenAIAdapter(HTTPUpstream):
 
     name = "custom"
     passthrough = True
+    asks_usage = True
     ready_path = "/v1/models"
 
     async def send(self, job: Job) -> UpstreamResponse:
@@ -25,7 +27,7 @@ class OpenAIAdapter(HTTPUpstream):
         response = await self.request(
             job.method, path, body=job.body or None, headers=job.headers
         )
-        return await self.relay(response)
+        return await self.relay(response, None if job.endpoint == "passthrough" else job)
 
     async def models(self) -> list[dict[str, Any]]:
         data = await self.get_json("/v1/models")
@@ -35,12 +37,8 @@ class OpenAIAdapter(HTTPUpstream):
     async def check_ready(self) -> None:
         response = await self.request("GET", self.ready_path)
         release_response(response)
-        if response.status in (401, 403):
-            raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")
         if response.status >= 400:
-            raise UpstreamError(
-                f"upstream at {self.where} answered {self.ready_path} with {response.status}"
-            )
+            raise UpstreamError(f"the upstream answered {self.ready_path} with {response.status}")
 
 
 class VllmServerAdapter(OpenAIAdapter):
@@ -51,8 +49,7 @@ class VllmServerAdapter(OpenAIAdapter):
 
     async def check_ready(self) -> None:
         await super().check_ready()
-        # /health needs no key, so it cannot tell a wrong api_key; /v1/models does.
+        # /health needs no key, so it cannot tell a wrong api_key; /v1/models does (a 401 or
+        # 403 raises in ``request``).
         response = await self.request("GET", "/v1/models")
         release_response(response)
-        if response.status in (401, 403):
-            raise UpstreamError(f"upstream at {self.where} rejected the configured credentials")

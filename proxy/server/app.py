@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,7 +19,7 @@ from proxy.server import routes
 from proxy.server.catalog import Catalog, cataloguing
 from proxy.server.drain import Drain
 from proxy.server.edge import UNCOUNTED, layered
-from proxy.server.health import Readiness
+from proxy.server.health import Readiness, probing
 from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
 from proxy.upstream.limiter import Limiter
@@ -78,6 +80,7 @@ def create_app(
     metrics.watch_stats(lambda: runtime.backend.adapter.stats(),
                         lambda: runtime.backend.adapter.metric_families())
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_probing)
     app.cleanup_ctx.append(reloading)
     app.cleanup_ctx.append(cataloguing)
     app.on_shutdown.append(_drain_requests)
@@ -114,6 +117,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def _adapters(runtime: Runtime) -> list[Adapter]:
     return [adapter for backend in runtime.served.backends for adapter in backend.adapters()]
+
+
+async def _probing(app: web.Application) -> AsyncIterator[None]:
+    """The background readiness probe (``model_proxy_upstream_up``), while the app runs."""
+    task = asyncio.create_task(probing(app[RUNTIME]), name="readiness probe")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _drain_requests(app: web.Application) -> None:

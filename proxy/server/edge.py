@@ -27,6 +27,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
+from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
 
@@ -109,10 +110,18 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                     ProxyError("internal error; the proxy's log has the details"), request_id
                 )
             status = response.status
+            if not response.prepared:  # a stream has set its own as it started
+                response.headers["Server"] = SERVER
             return response
-        except asyncio.CancelledError:
-            status = 499  # the client went away first
-            raise
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            status = 499
+            if not client_gone(request):
+                raise  # cancelled for another reason (the shutdown's last step)
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            return client_left()
         finally:
             if label:
                 seconds = time.perf_counter() - start
@@ -128,6 +137,19 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                     metrics.observe_overhead(label, seconds - upstream)
 
     return handle
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """Whether the client's connection is closed or closing."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def client_left() -> web.Response:
+    """What a handler whose client has gone returns: aiohttp's attempt to send it fails
+    quietly on the closed connection, and the access log still gets its one line, with 499
+    (nginx's "client closed request"), instead of a traceback and a 500."""
+    return web.Response(status=499)
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> ProxyError:

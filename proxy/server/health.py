@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -18,20 +19,25 @@ if TYPE_CHECKING:
     from proxy.server.runtime import Runtime
     from proxy.upstream.pipeline import Backend
 
+log = logging.getLogger("model_proxy")
 #: How long an upstream readiness answer is reused, so probes cannot hammer the upstream.
 READY_CACHE_SECONDS = 1.0
+#: How often the proxy checks its upstream on its own (``model_proxy_upstream_up`` stays
+#: current with no traffic and no one polling ``/readyz``).
+PROBE_SECONDS = 10.0
 
 
 class Readiness:
     """``/readyz``'s answer: shutting down, the circuit, then the upstream's own check, whose
     result is cached for :data:`READY_CACHE_SECONDS` per backend."""
 
-    __slots__ = ("cache", "grace")
+    __slots__ = ("cache", "grace", "probe_every")
 
     def __init__(self, config: BaseConfig) -> None:
         #: id(backend) -> (backend, when, reason): the last answer of each backend's check
         self.cache: dict[int, tuple[Backend, float, str | None]] = {}
         self.grace = 5.0
+        self.probe_every = PROBE_SECONDS
         self.configure(config)
 
     def configure(self, config: BaseConfig) -> None:
@@ -79,6 +85,21 @@ class Readiness:
         self.cache[id(backend)] = (backend, now, reason)
         runtime.metrics.set_upstream_up(reason is None)
         return reason
+
+
+async def probing(runtime: Runtime) -> None:
+    """Check the upstream every ``readiness.probe_every`` seconds (the first time after one
+    interval: traffic tells sooner), for as long as it runs (the app's lifecycle starts and
+    cancels it)."""
+    readiness = runtime.readiness
+    while True:
+        await asyncio.sleep(readiness.probe_every)
+        if runtime.shutting_down:
+            return
+        try:
+            await readiness.reason(runtime)
+        except Exception:  # a bug must not end the probing for good
+            log.exception("the readiness probe failed")
 
 
 async def probe(config: BaseConfig) -> str | None:

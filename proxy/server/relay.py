@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.adapters.base import Job, UpstreamResponse
 from proxy.errors import ProxyError
+from proxy.headers import SERVER
 from proxy.metrics import Metrics, observe_into
 from proxy.server.drain import SHUTTING_DOWN, Drain
 from proxy.server.requestid import HEADER
@@ -40,6 +41,7 @@ async def relay(
             return whole
         response = web.StreamResponse(status=upstream.status, headers=upstream.headers)
         response.headers[HEADER] = job.request_id
+        response.headers["Server"] = SERVER
         await response.prepare(request)
         endpoint = job.endpoint
         clock = time.perf_counter
@@ -83,6 +85,8 @@ async def relay(
         usage = job.usage = upstream.reported_usage()
         if usage is not None:
             metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
+        elif upstream.usage_missing():
+            metrics.count_usage_missing(job.endpoint)
 
 
 async def _kept(chunks: AsyncIterator[bytes], answer: bytearray) -> AsyncIterator[bytes]:

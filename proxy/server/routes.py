@@ -22,6 +22,7 @@ from proxy.upstream import determinism
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import UNROUTED
 from proxy.wire.checks import check_request, parse_object
+from proxy.wire.relayed import ask_usage
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",
@@ -44,18 +45,22 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
     backend = served.only or routed(runtime, model)
     config = backend.config
     upstream_model = resolve_model(config, model)
-    if config.determinism.enforce and endpoint != "embeddings":
+    renamed = upstream_model != model
+    forced = config.determinism.enforce and endpoint != "embeddings"
+    if forced:
         determinism.force(payload, config.determinism, config.backend_provider)
+    if renamed or forced:
         payload["model"] = upstream_model
-        body = orjson.dumps(payload)
-    elif upstream_model != model:
-        payload["model"] = upstream_model
+    # a pass-through upstream's tokens are read from its usage event, asked for if need be
+    asks = stream and backend.adapter.asks_usage and endpoint != "embeddings"
+    asked = asks and ask_usage(payload)
+    if renamed or forced or asked:
         body = orjson.dumps(payload)
     request_id = CURRENT.get()
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
     job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
-              headers, request_id)
+              headers, request_id, usage_asked=asked)
     return await forward(request, runtime, backend, job)
 
 

@@ -144,16 +144,22 @@ class Pipeline:
                 await response.buffer()
         except UpstreamError as exc:
             job.upstream_seconds += time.perf_counter() - start
-            self.metrics.count_upstream_error(exc.code or "upstream_error")
+            metrics = self.metrics
+            metrics.count_upstream_error(exc.code or "upstream_error")
+            metrics.set_upstream_up(False)
             breaker.failure()
             raise
         elapsed = time.perf_counter() - start
         job.upstream_seconds += elapsed
+        metrics = self.metrics
         if response.status in FAILED_STATUSES:
             breaker.failure()
-        elif breaker.failures or breaker.state is not State.CLOSED:
-            breaker.success()
-        self.metrics.observe_upstream(job.endpoint, elapsed)
+            metrics.set_upstream_up(False)
+        else:
+            if breaker.failures or breaker.state is not State.CLOSED:
+                breaker.success()
+            metrics.set_upstream_up(True)
+        metrics.observe_upstream(job.endpoint, elapsed)
         return response
 
 

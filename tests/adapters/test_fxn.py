@@ -111,13 +111,14 @@ async def test_each_attempt_is_signed_afresh(aiohttp_server: Any) -> None:
     assert all(r.body == body for r in fake.received)
 
 
-async def test_node_refusing_the_signer_is_relayed(
+async def test_node_refusing_the_signer_is_the_nodes_fault_not_the_clients(
     start_proxy: StartProxy, aiohttp_server: Any
 ) -> None:
     server, fake = await node(aiohttp_server, allowed=["0x" + "22" * 20])
     client = await start_proxy(fxn(server))
     resp = await client.post("/v1/chat/completions", json=CHAT)
-    assert resp.status == 401
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_auth_failed"
     assert fake.received[-1].signer is None
 
 
@@ -174,7 +175,7 @@ async def test_readiness_probe_is_signed(start_proxy: StartProxy, aiohttp_server
     other = await start_proxy(fxn(server))  # a fresh app: readiness is cached for a second
     resp = await other.get("/readyz")
     assert resp.status == 503
-    assert "refused this node's signature" in (await resp.json())["reason"]
+    assert (await resp.json())["reason"] == "the upstream rejected this node's credentials"
 
 
 async def test_model_name_alias_wins_as_on_the_node(
@@ -218,3 +219,21 @@ async def test_custom_still_sends_both_credentials(
     assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
     headers = fake_openai.seen[-1].headers
     assert headers["x-api-key"] == "k1" and headers["Authorization"] == "Bearer t1"
+
+
+async def test_answers_name_the_public_model_and_tokens_are_counted(
+    start_proxy: StartProxy, aiohttp_server: Any
+) -> None:
+    server, _fake = await node(aiohttp_server, allowed=[ADDRESS])
+    client = await start_proxy(fxn(server, model={"name": "public"}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "model": "public"})
+    assert (await resp.json())["model"] == "public"
+    resp = await client.post("/v1/chat/completions",
+                             json={**CHAT, "model": "public", "stream": True})
+    body = await resp.read()
+    assert body.count(b'"model":"public"') == body.count(b'"model":') > 0
+    assert FXN_ID.encode() not in body
+    metrics = await (await client.get("/metrics")).text()
+    assert 'model_proxy_tokens_total{direction="out"} 4.0' in metrics
+    # the fake node sends no usage event in streams: counted as missing, not guessed
+    assert 'model_proxy_usage_missing_total{endpoint="chat"} 1.0' in metrics

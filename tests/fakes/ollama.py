@@ -367,7 +367,8 @@ async def _stream(
 async def _embed(request: web.Request) -> web.Response:
     state, body = await _begin(request)
     inputs = body.get("input")
-    texts = [inputs] if isinstance(inputs, str) else inputs
+    # as Ollama's server/routes.go: an empty string is no input at all (zero embeddings)
+    texts = ([inputs] if inputs else []) if isinstance(inputs, str) else inputs
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         return _error(400, "invalid input type")
     dimensions = body.get("dimensions") or 8

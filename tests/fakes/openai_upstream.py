@@ -42,6 +42,10 @@ class FakeOpenAI:
     stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
     #: Further fields of the one model ``/v1/models`` lists (e.g. vLLM's ``max_model_len``).
     model_fields: dict[str, Any] = field(default_factory=dict)
+    #: The model name every answer gives (as llama.cpp's server does); None: the one asked for.
+    answer_model: str | None = None
+    #: Whether answers report usage (streams: when ``stream_options.include_usage`` asks).
+    usage: bool = True
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -78,6 +82,9 @@ class FakeOpenAI:
         if failed is not None:
             return failed
         payload = seen.json()
+        model = self.answer_model or payload.get("model")
+        counts = {"prompt_tokens": 3, "completion_tokens": self.chunks,
+                  "total_tokens": 3 + self.chunks}
         chat = request.path.endswith("chat/completions")
         words = [f"w{i}" for i in range(self.chunks)]
         if not payload.get("stream"):
@@ -91,19 +98,17 @@ class FakeOpenAI:
                 if chat
                 else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
             )
+            answer = {
+                "id": "cmpl-fake",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": 1,
+                "model": model,
+                "choices": [choice],
+            }
+            if self.usage:
+                answer["usage"] = counts
             return web.json_response(
-                {
-                    "id": "cmpl-fake",
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": 1,
-                    "model": payload.get("model"),
-                    "choices": [choice],
-                    "usage": {
-                        "prompt_tokens": 3,
-                        "completion_tokens": len(words),
-                        "total_tokens": 3 + len(words),
-                    },
-                },
+                answer,
                 headers={
                     "Set-Cookie": "upstream=secret",
                     "Server": "fake/1.0",
@@ -125,7 +130,7 @@ class FakeOpenAI:
                     "id": "cmpl-fake",
                     "object": "chat.completion.chunk",
                     "created": 1,
-                    "model": payload.get("model"),
+                    "model": model,
                     "choices": [choice],
                 }
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -135,7 +140,7 @@ class FakeOpenAI:
                 "id": "cmpl-fake",
                 "object": "chat.completion.chunk",
                 "created": 1,
-                "model": payload.get("model"),
+                "model": model,
                 "choices": [
                     {"index": 0, "delta": {}, "finish_reason": "stop"}
                     if chat
@@ -143,6 +148,11 @@ class FakeOpenAI:
                 ],
             }
             await response.write(f"data: {json.dumps(final)}\n\n".encode())
+            options = payload.get("stream_options") or {}
+            if self.usage and options.get("include_usage"):
+                last = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 1,
+                        "model": model, "choices": [], "usage": counts}
+                await response.write(f"data: {json.dumps(last)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             self.stream_finished.set()
@@ -158,17 +168,17 @@ class FakeOpenAI:
             return failed
         payload = seen.json()
         inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
-        return web.json_response(
-            {
-                "object": "list",
-                "model": payload.get("model"),
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": [0.5, -0.5, float(i)]}
-                    for i in range(len(inputs))
-                ],
-                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
-            }
-        )
+        answer = {
+            "object": "list",
+            "model": self.answer_model or payload.get("model"),
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [0.5, -0.5, float(i)]}
+                for i in range(len(inputs))
+            ],
+        }
+        if self.usage:
+            answer["usage"] = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        return web.json_response(answer)
 
     async def models(self, request: web.Request) -> web.Response:
         await self.record(request)

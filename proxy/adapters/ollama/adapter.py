@@ -143,14 +143,14 @@ class OllamaAdapter(HTTPUpstream):
         """Ollama answers ``/api/version`` and has the configured model pulled."""
         version = await self._get_json("/api/version")
         if not isinstance(version.get("version"), str):
-            raise UpstreamError(f"Ollama at {self.where} gave no version from /api/version")
+            raise UpstreamError("Ollama gave no version from /api/version")
         if self._tag is None:
             return
         tags = (await self._get_json("/api/tags")).get("models") or []
         names = {_canonical(e.get("name") or e.get("model") or "") for e in tags}
         if _canonical(self._tag) not in names:
             raise UpstreamError(
-                f"model {self._tag!r} is not pulled on the Ollama server at {self.where}; "
+                f"model {self._tag!r} is not pulled on the Ollama server; "
                 f"run `ollama pull {self._tag}`"
             )
 
@@ -202,7 +202,7 @@ class OllamaAdapter(HTTPUpstream):
         raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
         if resp.status != 200:
             raise UpstreamError(
-                f"Ollama at {self.where} answered {path} with {resp.status}: {_error_text(raw)}",
+                f"Ollama answered {path} with {resp.status}: {_error_text(raw)}",
                 retryable=resp.status in RETRYABLE_STATUSES,
             )
         return _json_object(raw, path)

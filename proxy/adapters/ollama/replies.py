@@ -132,7 +132,7 @@ def chat_response(
             del call["index"]  # index belongs to stream deltas only
         out_message["tool_calls"] = calls
     if message.get("thinking"):
-        out_message["reasoning_content"] = message["thinking"]
+        out_message["reasoning"] = message["thinking"]
     choice = answers.chat_choice(out_message, finish_reason(obj, bool(calls)),
                                  chat_logprobs(obj.get("logprobs")))
     return answers.completion("chat", response_id, created, model, [choice], usage(obj))
@@ -262,7 +262,7 @@ class StreamTranslator:
             if not message.get("tool_calls"):
                 delta["content"] = ""
         if message.get("thinking"):
-            delta["reasoning_content"] = message["thinking"]
+            delta["reasoning"] = message["thinking"]
         if message.get("content"):
             delta["content"] = message["content"]
         calls = message.get("tool_calls")

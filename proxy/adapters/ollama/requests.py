@@ -33,6 +33,8 @@ _SAME_NAME_OPTIONS = (
     "repeat_penalty",
 )
 
+# As Ollama's own OpenAI layer maps them (openai/openai.go, thinkFromReasoningEffort): OpenAI's
+# scale clamped to Ollama's tiers, "ultra" (a tier clients add) included.
 _THINK_LEVELS: Mapping[str, bool | str] = {
     "none": False,
     "minimal": "low",
@@ -41,7 +43,12 @@ _THINK_LEVELS: Mapping[str, bool | str] = {
     "high": "high",
     "max": "max",
     "xhigh": "max",
+    "ultra": "max",
 }
+#: Sampling defaults when neither the request nor the operator's options set them: OpenAI's
+#: documented defaults, which Ollama's own /v1 layer sends too (rather than Ollama's native
+#: temperature 0.8 / top_p 0.9).
+_OPENAI_DEFAULTS: Mapping[str, float] = {"temperature": 1.0, "top_p": 1.0}
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -125,7 +132,8 @@ def embed_request(
             "token ids",
             param="input",
         )
-    body: dict[str, Any] = {"model": model, "input": text}
+    # Ollama reads "" as no input (zero embeddings); OpenAI embeds it: send it as a list of one
+    body: dict[str, Any] = {"model": model, "input": [text] if text == "" else text}
     dimensions = payload.get("dimensions")
     if dimensions is not None:
         body["dimensions"] = dimensions
@@ -163,7 +171,7 @@ def _refuse_unsupported(payload: Mapping[str, Any], endpoint: str) -> None:
 
 
 def _options(payload: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
-    options = dict(base)
+    options = {**_OPENAI_DEFAULTS, **base}
     # Types and ranges were checked with the request (proxy.wire.checks).
     for key in _SAME_NAME_OPTIONS:
         value = payload.get(key)
@@ -283,11 +291,18 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
             calls = message.get("tool_calls")
             if calls:
                 item["tool_calls"] = [_tool_call_out(call, index, call_names) for call in calls]
+            # the model's earlier reasoning, under either name clients send it back with
+            thinking = message.get("reasoning") or message.get("reasoning_content")
+            if isinstance(thinking, str) and thinking:
+                item["thinking"] = thinking
         elif role in ("tool", "function"):
             item["role"] = "tool"
-            name = message.get("name") or call_names.get(message.get("tool_call_id") or "")
+            call_id = message.get("tool_call_id")
+            name = message.get("name") or call_names.get(call_id or "")
             if name:
                 item["tool_name"] = name
+            if isinstance(call_id, str) and call_id:
+                item["tool_call_id"] = call_id  # templates match results to calls by id
         elif role not in ("system", "user"):
             raise BadRequest(f"messages[{index}] has an unknown role {role!r}", param="messages")
         out.append(item)
@@ -341,6 +356,9 @@ def _tool_call_out(call: Any, index: int, call_names: dict[str, str]) -> dict[st
             raise BadRequest(
                 f"messages[{index}].tool_calls arguments are not valid JSON", param="messages"
             ) from exc
-    if call.get("id"):
-        call_names[call["id"]] = fn["name"]
-    return {"function": {"name": fn["name"], "arguments": arguments}}
+    out: dict[str, Any] = {"function": {"name": fn["name"], "arguments": arguments}}
+    ident = call.get("id")
+    if isinstance(ident, str) and ident:
+        call_names[ident] = fn["name"]
+        out["id"] = ident
+    return out

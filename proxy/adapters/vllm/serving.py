@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 
 from proxy.adapters.base import JSON_HEADERS, Job, UpstreamResponse, Usage
 from proxy.errors import ProxyError, Unavailable, UpstreamError, UpstreamTimeout
+from proxy.wire.relayed import Relayed
 
 #: ``state`` attribute of vLLM's serving object for each endpoint, and what vLLM says when
 #: the model cannot serve it (its router raises ``NotImplementedError``: a 501).
@@ -96,7 +97,7 @@ class Frontend:
                     raise NotImplementedError(unsupported)
                 request = self.models[job.endpoint].validate_json(job.body)
                 if job.endpoint == "embeddings":
-                    return _whole_response(await handler(request, raw))
+                    return _whole_response(await handler(request, raw), _renamer(job))
                 create = (handler.create_chat_completion if job.endpoint == "chat"
                           else handler.create_completion)
                 result = await create(request, raw)
@@ -104,10 +105,17 @@ class Frontend:
             raise UpstreamTimeout(f"the vLLM engine did not answer within {limit:g} s") from exc
         except Exception as exc:  # every vLLM refusal becomes an answer
             raise await error_from(exc, raw) from exc
-        return await _response(result, deadline, limit)
+        return await _response(result, deadline, limit, _renamer(job))
 
 
-async def _response(result: Any, deadline: float, limit: float) -> UpstreamResponse:
+def _renamer(job: Job) -> Relayed:
+    """vLLM names its served model in answers; they name the model the client asked for
+    (``proxy.wire.relayed``, on bytes)."""
+    return Relayed(job.model or "")
+
+
+async def _response(result: Any, deadline: float, limit: float,
+                    renamer: Relayed) -> UpstreamResponse:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if isinstance(result, ErrorResponse):
@@ -115,8 +123,8 @@ async def _response(result: Any, deadline: float, limit: float) -> UpstreamRespo
     if not isinstance(result, AsyncGenerator):
         from starlette.responses import JSONResponse
 
-        response = UpstreamResponse(200, JSON_HEADERS, stream=False,
-                                    body=bytes(JSONResponse(content=result.model_dump()).body))
+        body = bytes(JSONResponse(content=result.model_dump()).body)
+        response = UpstreamResponse(200, JSON_HEADERS, stream=False, body=renamer.rename(body))
         usage = getattr(result, "usage", None)
         if usage is not None:
             response.usage.prompt_tokens = usage.prompt_tokens
@@ -134,16 +142,17 @@ async def _response(result: Any, deadline: float, limit: float) -> UpstreamRespo
         await result.aclose()
         raise
     usage = Usage()
-    response = UpstreamResponse.from_sse(_events(first, result, usage), release=result.aclose)
+    response = UpstreamResponse.from_sse(_events(first, result, usage, renamer),
+                                         release=result.aclose)
     response.usage = usage
     return response
 
 
 async def _events(first: str | None, rest: AsyncGenerator[str, None],
-                  usage: Usage) -> AsyncIterator[bytes]:
+                  usage: Usage, renamer: Relayed) -> AsyncIterator[bytes]:
     event = first
     while event is not None:
-        data = event.encode()
+        data = renamer.rename(event.encode())
         if _USAGE_MARK in data:  # the usage event (stream_options.include_usage)
             _count(data, usage)
         yield data
@@ -159,9 +168,11 @@ def _count(event: bytes, usage: Usage) -> None:
     usage.completion_tokens = counts.get("completion_tokens")
 
 
-def _whole_response(result: Any) -> UpstreamResponse:
+def _whole_response(result: Any, renamer: Relayed) -> UpstreamResponse:
     """A starlette ``Response`` (what ``ServingEmbedding`` returns) as ours."""
     body = bytes(result.body)
+    if result.status_code == 200:
+        body = renamer.rename(body)
     response = UpstreamResponse(result.status_code, JSON_HEADERS, stream=False, body=body)
     if result.status_code == 200:
         usage = orjson.loads(body).get("usage") or {}

@@ -137,7 +137,7 @@ async def test_chat(env: Env) -> None:
     }
     sent = env.state.requests[-1].body
     assert sent["model"] == "llama3.2:latest" and sent["stream"] is False
-    assert sent["options"] == {"num_ctx": 4096, "temperature": 0}
+    assert sent["options"] == {"num_ctx": 4096, "temperature": 0, "top_p": 1.0}
     assert sent["keep_alive"] == "10m"
     check_requests(env.state)
 
@@ -199,6 +199,15 @@ async def test_embeddings(env: Env, text: Any, encoding: str | None) -> None:
     assert resp.usage.prompt_tokens is not None and resp.usage.prompt_tokens > 0
     assert body["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
     assert env.state.requests[-1].body["dimensions"] == 4
+    check_requests(env.state)
+
+
+async def test_an_empty_string_is_embedded_once(env: Env) -> None:
+    """OpenAI embeds ``""``; Ollama takes a bare ``""`` for no input at all."""
+    resp = await env.adapter().send(job("embeddings", {"input": ""}))
+    body = orjson.loads(await resp.read())
+    vectors = [d["embedding"] for d in body["data"]]
+    assert len(vectors) == 1 and vectors[0] == embedding("", len(vectors[0]))
     check_requests(env.state)
 
 
@@ -320,7 +329,8 @@ async def test_wrong_credentials_are_a_502_without_the_secret(env: Env) -> None:
     with pytest.raises(UpstreamError) as caught:
         await env.adapter().send(job("chat", {"messages": USER}))
     assert caught.value.status == 502 and not caught.value.retryable
-    assert "rejected the configured credentials (401)" in caught.value.message
+    assert caught.value.code == "upstream_auth_failed"
+    assert caught.value.message == "the upstream rejected this node's credentials"
     assert SECRET not in caught.value.message
 
 

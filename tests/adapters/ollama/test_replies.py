@@ -93,7 +93,7 @@ def test_chat_response_with_tool_calls_and_thinking() -> None:
     assert choice["finish_reason"] == "tool_calls"
     message = choice["message"]
     assert message["content"] is None
-    assert message["reasoning_content"] == "hmm"
+    assert message["reasoning"] == "hmm" and "reasoning_content" not in message
     assert [c["function"] for c in message["tool_calls"]] == [
         {"name": "get_weather", "arguments": '{"city":"Tokyo"}'},
         {"name": "get_time", "arguments": "{}"},
@@ -260,7 +260,7 @@ def test_chat_stream_role_only_when_first_line_is_empty() -> None:
     t = translator()
     got = events(t.line(chat_line("")) + t.line(chat_line("x", thinking="because")))
     assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert got[1]["choices"][0]["delta"] == {"reasoning_content": "because", "content": "x"}
+    assert got[1]["choices"][0]["delta"] == {"reasoning": "because", "content": "x"}
 
 
 def test_completion_stream() -> None:

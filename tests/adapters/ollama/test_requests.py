@@ -26,6 +26,8 @@ TOOL = {
     },
 }
 PNG = "iVBORw0KGgo="
+#: What Ollama's own /v1 layer sends when the request and the operator leave them out.
+DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
 
 
 def checked(endpoint: str, payload: dict[str, Any]) -> None:
@@ -88,7 +90,7 @@ CHAT_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
 def test_chat_request_fields(payload: dict[str, Any], expected: dict[str, Any]) -> None:
     body = chat(payload)
     for key, value in expected.items():
-        assert body[key] == value
+        assert body[key] == ({**DEFAULTS, **value} if key == "options" else value)
     assert body["model"] == "llama3.2:3b"
     for absent in ("user", "metadata", "n", "response_format", "max_tokens"):
         assert absent not in body
@@ -100,7 +102,7 @@ def test_config_options_sit_under_the_request_and_keep_alive_is_sent() -> None:
         options={"num_ctx": 8192, "temperature": 0.7},
         keep_alive=300,
     )
-    assert body["options"] == {"num_ctx": 8192, "temperature": 0.1}
+    assert body["options"] == {"num_ctx": 8192, "temperature": 0.1, "top_p": 1.0}
     assert body["keep_alive"] == "300s"
     assert chat({}, keep_alive="10m")["keep_alive"] == "10m"
     assert "keep_alive" not in chat({})
@@ -140,11 +142,38 @@ def test_messages_of_every_role() -> None:
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+            "tool_calls": [{"id": "call_1",
+                            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
         },
-        {"role": "tool", "content": "11 degrees", "tool_name": "get_weather"},
+        {"role": "tool", "content": "11 degrees", "tool_name": "get_weather",
+         "tool_call_id": "call_1"},
         {"role": "assistant", "content": "It is 11 degrees."},
     ]
+
+
+def test_sampling_defaults_are_openais_as_ollamas_v1_sends_them() -> None:
+    """Ollama's openai/openai.go sends temperature and top_p 1.0 when a request has none;
+    the operator's options still come first, the request's own fields before both."""
+    assert chat({})["options"] == {"temperature": 1.0, "top_p": 1.0}
+    assert generate({})["options"] == {"temperature": 1.0, "top_p": 1.0}
+    assert chat({}, options={"temperature": 0.3})["options"] == {"temperature": 0.3, "top_p": 1.0}
+    assert chat({"top_p": 0.5, "temperature": 0})["options"] == {"temperature": 0, "top_p": 0.5}
+
+
+def test_prior_reasoning_goes_back_as_thinking() -> None:
+    for name in ("reasoning", "reasoning_content"):
+        messages = [*USER, {"role": "assistant", "content": "4", name: "2 and 2"}, *USER]
+        sent = chat({"messages": messages})["messages"]
+        assert sent[1] == {"role": "assistant", "content": "4", "thinking": "2 and 2"}
+
+
+@pytest.mark.parametrize(("effort", "think"), [
+    ("none", False), ("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high"),
+    ("max", "max"), ("xhigh", "max"), ("ultra", "max"),
+])
+def test_every_reasoning_effort_ollama_takes(effort: str, think: bool | str) -> None:
+    assert chat({"reasoning_effort": effort})["think"] == think
+    assert chat({"reasoning": {"effort": effort}})["think"] == think
 
 
 def test_image_url_as_plain_string_data_uri() -> None:
@@ -274,7 +303,7 @@ def generate(payload: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
 def test_generate_request(payload: dict[str, Any], expected: dict[str, Any]) -> None:
     body = generate(payload)
     for key, value in expected.items():
-        assert body[key] == value
+        assert body[key] == ({**DEFAULTS, **value} if key == "options" else value)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,88 @@
+"""Renaming and usage reading on the bytes of OpenAI-compatible answers."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+
+from proxy.wire.relayed import Relayed, ask_usage
+
+
+def event(obj: object, spaced: bool = False) -> bytes:
+    text = json.dumps(obj) if spaced else orjson.dumps(obj).decode()
+    return f"data: {text}\n\n".encode()
+
+
+def chunk(i: int, model: str = "up-7b") -> dict[str, object]:
+    return {"id": "c", "object": "chat.completion.chunk", "model": model, "usage": None,
+            "choices": [{"index": 0, "delta": {"content": f'say "model":"x" {i}'}}]}
+
+
+USAGE = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+         "prompt_tokens_details": {"cached_tokens": 0}}
+LAST = {"id": "c", "object": "chat.completion.chunk", "model": "up-7b", "choices": [],
+        "usage": USAGE}
+
+
+def stream(spaced: bool) -> bytes:
+    return (event(chunk(0), spaced) + event(chunk(1), spaced) + event(LAST, spaced)
+            + b"data: [DONE]\n\n")
+
+
+def relay(data: bytes, cut: int, relayed: Relayed) -> bytes:
+    out = relayed.chunk(data[:cut]) + relayed.chunk(data[cut:]) + relayed.end()
+    relayed.complete = True
+    return out
+
+
+def test_a_stream_cut_anywhere_is_renamed_and_its_usage_read() -> None:
+    for spaced in (False, True):
+        data = stream(spaced)
+        for cut in range(1, len(data)):
+            relayed = Relayed("public", drop_usage=True)
+            out = relay(data, cut, relayed)
+            parts = out.split(b"\n\n")
+            assert parts[-2:] == [b"data: [DONE]", b""], (spaced, cut)
+            got = [json.loads(p[6:]) for p in parts[:-2]]
+            assert got == [{**chunk(0), "model": "public"}, {**chunk(1), "model": "public"}]
+            assert relayed.usage == USAGE
+            assert relayed.tokens()[:2] == (4, 2)
+
+
+def test_the_usage_event_stays_when_the_client_asked() -> None:
+    relayed = Relayed("public")
+    out = relay(stream(False), 10, relayed)
+    assert json.loads(out.split(b"\n\n")[2][6:]) == {**LAST, "model": "public"}
+
+
+def test_usage_on_a_content_chunk_keeps_the_content() -> None:
+    both = {**chunk(5), "usage": USAGE}
+    relayed = Relayed("public", drop_usage=True)
+    out = relayed.chunk(event(both).replace(b"\n\n", b"\r\n\r\n") + b"data: [DONE]\n\n")
+    first, rest = out.split(b"\n\n", 1)
+    assert json.loads(first[6:]) == {k: v for k, v in {**both, "model": "public"}.items()
+                                     if k != "usage"}
+    assert rest == b"data: [DONE]\n\n" and relayed.usage == USAGE
+
+
+def test_a_body_is_renamed_once_and_its_usage_cut_out() -> None:
+    body = orjson.dumps({"choices": [{"message": {"content": '"model":"up-7b"'}}],
+                         "model": "up-7b", "usage": USAGE})
+    relayed = Relayed("pub\"lic")
+    out = orjson.loads(relayed.body(body))
+    assert out["model"] == 'pub"lic'
+    assert out["choices"][0]["message"]["content"] == '"model":"up-7b"'
+    assert relayed.usage == USAGE and relayed.complete
+    nothing = Relayed("public")
+    assert nothing.body(b'{"model": null, "data": []}') == b'{"model": null, "data": []}'
+    assert nothing.usage is None
+
+
+def test_ask_usage_keeps_the_clients_other_options() -> None:
+    payload = {"stream_options": {"continuous_usage_stats": False}}
+    assert ask_usage(payload)
+    assert payload == {"stream_options": {"continuous_usage_stats": False, "include_usage": True}}
+    assert not ask_usage(payload)
+    bare: dict[str, object] = {}
+    assert ask_usage(bare) and bare == {"stream_options": {"include_usage": True}}
