@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -22,6 +20,7 @@ from proxy.server.edge import UNCOUNTED, layered
 from proxy.server.health import Readiness, probing
 from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
+from proxy.server.tasks import running
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
 from proxy.upstream.routing import Served
@@ -121,11 +120,8 @@ def _adapters(runtime: Runtime) -> list[Adapter]:
 
 async def _probing(app: web.Application) -> AsyncIterator[None]:
     """The background readiness probe (``model_proxy_upstream_up``), while the app runs."""
-    task = asyncio.create_task(probing(app[RUNTIME]), name="readiness probe")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(probing(app[RUNTIME]), "readiness-probe"):
+        yield
 
 
 async def _drain_requests(app: web.Application) -> None:
