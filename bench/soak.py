@@ -75,6 +75,11 @@ EVENT = (b'data: {"id":"chatcmpl-soak","object":"chat.completion.chunk","created
          b'"model":"soak-upstream","choices":[{"index":0,"delta":{"content":" w"},'
          b'"finish_reason":null}]}\n\n')
 DONE = b"data: [DONE]\n\n"
+#: What the client gets: the same bytes, naming the model it asked for (the proxy's echo).
+ANSWERED, EMBEDDED, RELAYED_EVENT = (
+    part.replace(b'"model":"soak-upstream"', b'"model":"bench"')
+    for part in (ANSWER, EMBEDDING, EVENT)
+)
 UPSTREAM_ERROR = b'{"error":{"message":"soak upstream failure","type":"server_error"}}'
 
 
@@ -150,17 +155,17 @@ async def post(client: Client, n: int, body: bytes, path: str = "/v1/chat/comple
 
 async def chat(client: Client, n: int) -> bool:
     status, body = await post(client, n, chat_body(n))
-    return status == 200 and body == ANSWER
+    return status == 200 and body == ANSWERED
 
 
 async def stream(client: Client, n: int) -> bool:
     status, body = await post(client, n, chat_body(n, stream=True))
-    return status == 200 and body == EVENT * 8 + DONE
+    return status == 200 and body == RELAYED_EVENT * 8 + DONE
 
 
 async def embeddings(client: Client, n: int) -> bool:
     status, body = await post(client, n, b'{"model":"bench","input":"x"}', "/v1/embeddings")
-    return status == 200 and body == EMBEDDING
+    return status == 200 and body == EMBEDDED
 
 
 async def abandon(client: Client, n: int) -> bool:
@@ -206,7 +211,7 @@ async def upstream_reset(client: Client, n: int) -> bool:
 async def stream_break(client: Client, n: int) -> bool:
     """A stream the upstream breaks after one event: the proxy ends it with an error event."""
     status, body = await post(client, n, chat_body(n, stream=True, marker="soak:break"))
-    return status == 200 and body.startswith(EVENT) and b'"error"' in body and DONE not in body
+    return status == 200 and body.startswith(RELAYED_EVENT) and b'"error"' in body and DONE not in body
 
 
 Kind = Callable[[Client, int], Awaitable[bool]]
