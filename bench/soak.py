@@ -211,7 +211,8 @@ async def upstream_reset(client: Client, n: int) -> bool:
 async def stream_break(client: Client, n: int) -> bool:
     """A stream the upstream breaks after one event: the proxy ends it with an error event."""
     status, body = await post(client, n, chat_body(n, stream=True, marker="soak:break"))
-    return status == 200 and body.startswith(RELAYED_EVENT) and b'"error"' in body and DONE not in body
+    return (status == 200 and body.startswith(RELAYED_EVENT) and b'"error"' in body
+            and DONE not in body)
 
 
 Kind = Callable[[Client, int], Awaitable[bool]]
