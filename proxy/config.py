@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import ipaddress
+import os
 import re
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
@@ -520,6 +521,13 @@ class BaseConfig(Section):
     url: str | tuple[str, ...] | None = None
     #: How requests spread over several ``url``s: in turn, or to the one with fewest in flight.
     routing: Literal["round_robin", "least_busy"] = "round_robin"
+    #: The HTTP client that talks to ``url``: aiohttp's ``ClientSession``, or the lean
+    #: HTTP/1.1 pool (``proxy.adapters.lean``). A config that names none takes
+    #: ``$MODEL_PROXY_UPSTREAM_CLIENT``, else ``aiohttp``.
+    upstream_client: Literal["aiohttp", "lean"] = Field(
+        default_factory=lambda: os.environ.get("MODEL_PROXY_UPSTREAM_CLIENT", "aiohttp"),
+        validate_default=True,
+    )
     fxn_id: str | None = Field(None, min_length=1)
     api_key: SecretStr | None = None
     #: Header that carries ``api_key`` upstream; the provider's default when unset.

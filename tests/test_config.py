@@ -362,3 +362,21 @@ def test_ollama_keep_alive_is_settled_at_load(tmp_path: Path) -> None:
         f"{path}: ollama.keep_alive: '5 minutes' is not a duration: give seconds (300) or a "
         'duration such as "5m" or "1h30m" (negative keeps the model loaded)'
     ]
+
+
+def test_upstream_client_is_chosen_by_name_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
+    plain = write(tmp_path, "backend_provider: custom\nurl: http://h\n")
+    assert load_config(plain).upstream_client == "aiohttp"
+    named = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstreamClient: lean\n", "n")
+    assert load_config(named).upstream_client == "lean"
+    monkeypatch.setenv("MODEL_PROXY_UPSTREAM_CLIENT", "lean")
+    assert load_config(plain).upstream_client == "lean"
+    bad = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstream_client: curl\n", "b")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{bad}: upstream_client: ")
+    assert "'aiohttp' or 'lean'" in info.value.problems[0]

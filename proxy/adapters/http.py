@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.adapters import lean
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig, TimeoutsSection
 from proxy.errors import UpstreamError, UpstreamTimeout
@@ -44,13 +47,13 @@ def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) 
     does (:meth:`HTTPUpstream.error`).
     """
     if stage == "send":
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, aiohttp.ConnectionTimeoutError | lean.ConnectTimeout):
             return UpstreamTimeout(f"the upstream did not accept a connection within "
                                    f"{timeouts.connect:g} s", retryable=True)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"the upstream did not answer within "
                                    f"{timeouts.first_byte:g} s", retryable=True)
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, aiohttp.ClientConnectorError | lean.ConnectError):
             return UpstreamError(f"the upstream is unreachable: {_reason(exc)}",
                                  retryable=True)
         return UpstreamError(f"the upstream failed before answering: {_reason(exc)}",
@@ -61,7 +64,8 @@ def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) 
                                    f"{timeouts.first_byte:g} s", retryable=True)
         return UpstreamError(f"the upstream failed before answering: {_reason(exc)}",
                              retryable=True)
-    if isinstance(exc, aiohttp.SocketTimeoutError):  # aiohttp's per-read (idle) timer
+    # the HTTP client's per-read (idle) timer
+    if isinstance(exc, aiohttp.SocketTimeoutError | lean.IdleTimeout):
         return UpstreamTimeout(f"the upstream sent nothing for {timeouts.idle:g} s "
                                "mid-answer")
     if isinstance(exc, TimeoutError):  # an adapter's idle deadline, or the attempt's total
@@ -70,10 +74,49 @@ def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) 
     return UpstreamError(f"the upstream broke off mid-answer: {_reason(exc)}")
 
 
-#: What the map takes: everything the HTTP client raises for a failed exchange.
-CLIENT_FAILURES = (TimeoutError, aiohttp.ClientError)
+#: What the map takes: everything the HTTP clients raise for a failed exchange.
+CLIENT_FAILURES = (TimeoutError, aiohttp.ClientError, lean.LeanError)
 #: What a reused keep-alive connection the upstream has closed meanwhile raises on send.
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+class LeanAnswer:
+    """A :class:`~proxy.adapters.lean.LeanResponse` as the few parts of aiohttp's
+    ``ClientResponse`` that adapters use: ``status``, ``headers``, ``content``, ``release``,
+    ``close``."""
+
+    __slots__ = ("content", "headers", "status")
+    #: No aiohttp connection (its per-read timer is aiohttp's; lean arms its own per wait).
+    connection = None
+
+    def __init__(self, response: lean.LeanResponse) -> None:
+        self.content = response
+        self.status = response.status
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in response.headers:
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        self.headers = CIMultiDictProxy(headers)
+
+    @property
+    def content_type(self) -> str:
+        value = self.headers.get("Content-Type")
+        return "application/octet-stream" if value is None else (
+            value.partition(";")[0].strip().lower())
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    def release(self) -> None:
+        self.content.close()  # a whole body has already put its connection back
+
+    def close(self) -> None:
+        self.content.close()
+
+
+#: An upstream's answer from either HTTP client.
+Answer = aiohttp.ClientResponse | LeanAnswer
 
 
 class HTTPUpstream(Adapter):
@@ -105,6 +148,18 @@ class HTTPUpstream(Adapter):
         self.client_timeout = aiohttp.ClientTimeout(
             total=t.total, sock_connect=t.connect, sock_read=t.first_byte
         )
+        #: The lean client's keep-alive pool (``upstream_client: lean``); else the session.
+        self.pool: lean.LeanPool | None = None
+        if config.upstream_client == "lean":
+            origin = URL(config.url)
+            # the base URL's path prefixes every request path
+            self.base_path = origin.raw_path.rstrip("/")
+            assert origin.host is not None and origin.port is not None  # a checked URL
+            self.pool = lean.LeanPool(
+                origin.host, origin.port, connect_timeout=t.connect,
+                tls=ssl.create_default_context() if origin.scheme == "https" else None,
+            )
+            self.lean_headers = tuple(self.fixed_headers.items())
 
     def error(self, exc: BaseException, stage: Stage) -> UpstreamError:
         mapped = upstream_error(exc, stage, self.timeouts)
@@ -124,7 +179,7 @@ class HTTPUpstream(Adapter):
         log.log(level, "%s (upstream %s; the same is not logged again for %gs)",
                 message, self.where, NOTE_SECONDS)
 
-    def auth_failed(self, response: aiohttp.ClientResponse) -> UpstreamError:
+    def auth_failed(self, response: Answer) -> UpstreamError:
         """The error for an upstream that refused this node's credentials (401, 403): a 502,
         as the client cannot fix it, logged loudly for the operator."""
         release_response(response)
@@ -142,13 +197,15 @@ class HTTPUpstream(Adapter):
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         read_timeout: float | Literal["idle"] | None = "idle",
-    ) -> aiohttp.ClientResponse:
+    ) -> Answer:
         """Send one request and wait for the status line, within the first-byte timeout.
 
         Afterwards each read of the body may wait ``read_timeout`` seconds (``timeouts.idle``
         unless given; ``None`` leaves the body's pace to the caller). An upstream that refuses
         the node's credentials (401, 403) raises ``upstream_auth_failed``.
         """
+        if self.pool is not None:
+            return await self._lean_request(method, path, body, headers, read_timeout)
         all_headers = {**headers, **self.fixed_headers} if headers else self.fixed_headers
         signed = self.attempt_headers(body or b"")
         if signed:
@@ -186,6 +243,44 @@ class HTTPUpstream(Adapter):
             )
         return response
 
+    async def _lean_request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        read_timeout: float | Literal["idle"] | None,
+    ) -> LeanAnswer:
+        """:meth:`request` on the lean client (the pool retries a stale connection itself)."""
+        assert self.pool is not None
+        payload = body or b""
+        sent: tuple[tuple[str, str], ...] | list[tuple[str, str]] = self.lean_headers
+        if headers:
+            fixed = self.fixed_headers
+            sent = [item for item in headers.items() if item[0] not in fixed]
+            sent.extend(self.lean_headers)
+        signed = self.attempt_headers(payload)
+        if signed:
+            sent = [*sent, *signed.items()]
+        t = self.timeouts
+        try:
+            raw = await self.pool.request(
+                method, self.base_path + path, payload, sent, first_byte=t.first_byte,
+                idle=t.idle if read_timeout == "idle" else read_timeout, total=t.total,
+            )
+        except CLIENT_FAILURES as exc:
+            raise self.error(exc, "send") from exc
+        response = LeanAnswer(raw)
+        if response.status == 101:
+            response.close()
+            message = ("the upstream answered 101 Switching Protocols; the proxy relays no "
+                       "protocol upgrades")
+            self.note(logging.WARNING, message)
+            raise UpstreamError(message, code="upstream_upgrade")
+        if response.status in (401, 403):
+            raise self.auth_failed(response)
+        return response
+
     def _fresh(self) -> aiohttp.ClientSession:
         """A session that opens a new connection for every request (made on first use)."""
         if self._fresh_session is None:
@@ -195,6 +290,8 @@ class HTTPUpstream(Adapter):
         return self._fresh_session
 
     async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
         if self._fresh_session is not None:
             await self._fresh_session.close()
         await super().close()
@@ -210,7 +307,7 @@ class HTTPUpstream(Adapter):
         """Headers made afresh for each request sent (e.g. a signature over ``body``)."""
         return None
 
-    async def read_all(self, response: aiohttp.ClientResponse, stage: Stage = "body") -> bytes:
+    async def read_all(self, response: Answer, stage: Stage = "body") -> bytes:
         """The whole body; the connection is released (or closed, if unread) either way.
 
         A body over ``limits.max_response_bytes`` is not read further: the connection is
@@ -244,14 +341,14 @@ class HTTPUpstream(Adapter):
         self.note(logging.WARNING, message)
         return UpstreamError(message, code="upstream_response_too_large")
 
-    async def read_some(self, response: aiohttp.ClientResponse, stage: Stage) -> bytes:
+    async def read_some(self, response: Answer, stage: Stage) -> bytes:
         """The next bytes of the body as they arrive (``b""`` at its end)."""
         try:
             return await response.content.readany()
         except CLIENT_FAILURES as exc:
             raise self.error(exc, stage) from exc
 
-    async def body_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def body_chunks(self, response: Answer) -> AsyncIterator[bytes]:
         """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
         content = response.content
         try:
@@ -261,7 +358,7 @@ class HTTPUpstream(Adapter):
             raise self.error(exc, "body") from exc
 
     async def relayed_chunks(
-        self, response: aiohttp.ClientResponse, relayed: Relayed
+        self, response: Answer, relayed: Relayed
     ) -> AsyncIterator[bytes]:
         """:meth:`body_chunks` of an OpenAI-compatible stream, renamed and its usage read."""
         content = response.content
@@ -278,7 +375,7 @@ class HTTPUpstream(Adapter):
         relayed.complete = True
 
     async def relay(
-        self, response: aiohttp.ClientResponse, job: Job | None = None
+        self, response: Answer, job: Job | None = None
     ) -> UpstreamResponse:
         """The answer to relay: a stream as it arrives, anything else read whole (one read).
 
@@ -336,7 +433,7 @@ def credential_headers(config: BaseConfig) -> dict[str, str]:
     return headers
 
 
-def release_response(response: aiohttp.ClientResponse) -> None:
+def release_response(response: Answer) -> None:
     # A half-read body must close the connection so the upstream sees the client go away;
     # a fully read one goes back to the keep-alive pool.
     if response.content.at_eof():
@@ -358,6 +455,10 @@ def _reason(exc: BaseException) -> str:
         if isinstance(error, socket.gaierror) and error.strerror:
             return error.strerror  # e.g. "Name or service not known"
         return os.strerror(error.errno) if error.errno else type(error).__name__
+    if isinstance(exc, lean.ConnectError):
+        return os.strerror(exc.errno) if exc.errno else "cannot connect"
+    if isinstance(exc, lean.LeanError):
+        return str(exc)
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the response body was incomplete"
     if isinstance(exc, aiohttp.ServerDisconnectedError):

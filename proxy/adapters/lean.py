@@ -1,14 +1,16 @@
 """A lean HTTP/1.1 client for one upstream origin: keep-alive connections on asyncio protocols,
 answers parsed by llhttp (``httptools``, the parser uvicorn uses server-side).
 
-A prototype beside aiohttp's ``ClientSession``, measured by ``python -m bench.lean``; nothing
-uses it yet. It does what the proxy needs of an upstream client and no more: one origin, bodies
-as bytes, no redirects, cookies or compression; answers framed by ``Content-Length``, chunked
-encoding, or the connection's close. A request goes out in one write; the answer's body is
+The upstream client behind ``HTTPUpstream`` when ``upstream_client: lean`` (aiohttp's
+``ClientSession`` otherwise); measured by ``python -m bench.lean``. It does what the proxy
+needs of an upstream client and no more: one origin, bodies as bytes, no redirects, cookies
+or compression; answers framed by ``Content-Length``, chunked encoding, or the connection's
+close. A request goes out in one write; the answer's body is
 buffered per response (reading pauses above :data:`HIGH_WATER` bytes unread), so a connection
 goes back to the pool as soon as its answer has arrived whole.
 
-Failures are ``TimeoutError`` (connect, first byte, idle gap between reads) or
+Failures are ``TimeoutError`` (:class:`ConnectTimeout`, first byte, :class:`IdleTimeout`
+between body reads, the ``total`` deadline) or
 :class:`LeanError` with the stage it happened in (``send``: nothing of an answer arrived;
 ``body``: the answer broke off). A pooled connection the upstream closed is noticed when the
 close arrives; one that closes as a request is written, before any byte of an answer, is
@@ -39,6 +41,22 @@ class LeanError(ConnectionError):
         self.stage = stage
 
 
+class ConnectError(LeanError):
+    """No connection could be made; ``errno`` says why (``None`` when unknown)."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message, "send")
+        self.errno = errno
+
+
+class ConnectTimeout(TimeoutError):
+    """The upstream did not accept a connection within ``connect_timeout``."""
+
+
+class IdleTimeout(TimeoutError):
+    """Nothing of the body arrived within ``idle`` seconds of the last bytes."""
+
+
 class _Stale(Exception):
     """A reused connection closed before any byte of the answer: safe to send again."""
 
@@ -47,11 +65,13 @@ class LeanResponse:
     """One answer: status and headers once :meth:`LeanPool.request` returns, then the body."""
 
     __slots__ = ("_chunks", "_conn", "_done", "_error", "_idle", "_size", "_started",
-                 "_timer", "_waiter", "framed", "headers", "keep_alive", "status")
+                 "_timer", "_waiter", "deadline", "framed", "headers", "keep_alive", "status")
 
-    def __init__(self, conn: _Conn, idle: float | None) -> None:
+    def __init__(self, conn: _Conn, idle: float | None, deadline: float | None = None) -> None:
         self._conn: _Conn | None = conn
         self._idle = idle
+        #: ``loop.time()`` by which the whole answer must have arrived (``None``: no bound).
+        self.deadline = deadline
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.framed = False  # Content-Length or chunked; otherwise the body ends at close
@@ -94,16 +114,23 @@ class LeanResponse:
     async def _wait(self, seconds: float | None) -> None:
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = None if seconds is None else loop.call_later(seconds, self._time_out, waiter)
+        error: type[TimeoutError] = IdleTimeout if self.status else TimeoutError
+        deadline = self.deadline
+        if deadline is not None:
+            left = deadline - loop.time()
+            if seconds is None or left <= seconds:
+                seconds, error = max(left, 0.0), TimeoutError
+        timer = (None if seconds is None
+                 else loop.call_later(seconds, self._time_out, waiter, error))
         try:
             await waiter
         finally:
             if timer is not None:
                 timer.cancel()
 
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
+    def _time_out(self, waiter: asyncio.Future[None], error: type[TimeoutError]) -> None:
         if not waiter.done():
-            waiter.set_exception(TimeoutError())
+            waiter.set_exception(error())
         if self._conn is not None:
             self._conn.abort()
 
@@ -123,6 +150,27 @@ class LeanResponse:
             if self._done:
                 return
             await self._wait(self._idle)
+
+    async def readany(self) -> bytes:
+        """The bytes buffered now, or the next to arrive; ``b""`` at the body's end."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                chunks.clear()
+                self._size = 0
+                if self._conn is not None:
+                    self._conn.resume()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            await self._wait(self._idle)
+
+    def at_eof(self) -> bool:
+        """Whether the whole body has arrived and been read."""
+        return self._done and not self._chunks
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -184,9 +232,11 @@ class _Conn(asyncio.Protocol):
         elif not response._started:
             response._fail(_Stale())
         else:
-            reason = f": {exc}" if exc else ""
-            stage: Stage = "body" if response.status else "send"
-            response._fail(LeanError(f"connection closed mid-answer{reason}", stage))
+            if response.status:
+                message = "the response body was incomplete (the connection closed)"
+                response._fail(LeanError(message, "body"))
+            else:
+                response._fail(LeanError("the server closed the connection", "send"))
 
     def abort(self) -> None:
         self.closed = True
@@ -258,11 +308,14 @@ class LeanPool:
     async def request(self, method: str, path: str, body: bytes = b"",
                       headers: Iterable[tuple[str, str]] = (), *,
                       first_byte: float | None = None,
-                      idle: float | None = None) -> LeanResponse:
+                      idle: float | None = None,
+                      total: float | None = None) -> LeanResponse:
         """Send one request; return once the status line and headers are in.
 
-        ``first_byte`` bounds the wait for them; ``idle`` each later wait for body bytes.
+        ``first_byte`` bounds the wait for them; ``idle`` each later wait for body bytes;
+        ``total`` the whole exchange from here to the body's last byte.
         """
+        deadline = None if total is None else asyncio.get_running_loop().time() + total
         head = [b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
                 % (method.encode(), path.encode(), self.host_header, len(body))]
         for name, value in headers:
@@ -274,7 +327,7 @@ class LeanPool:
         for attempt in range(2):
             conn = await self._acquire()
             reused = conn.used > 0
-            response = LeanResponse(conn, idle)
+            response = LeanResponse(conn, idle, deadline)
             conn.send(response, data)
             try:
                 while not response.status:
@@ -286,6 +339,9 @@ class LeanPool:
                 if reused and attempt == 0:
                     continue
                 raise LeanError("connection closed before any answer", "send") from None
+            except BaseException:
+                conn.abort()  # given up on (cancelled, timed out): the upstream sees it go
+                raise
         raise AssertionError("unreachable")
 
     async def _acquire(self) -> _Conn:
@@ -301,8 +357,10 @@ class LeanPool:
                 _, conn = await loop.create_connection(
                     lambda: _Conn(self), self.host, self.port, ssl=self.tls,
                     server_hostname=self.host if self.tls is not None else None)
+        except TimeoutError as exc:
+            raise ConnectTimeout() from exc
         except OSError as exc:
-            raise LeanError(f"cannot connect: {exc.strerror or exc}", "send") from exc
+            raise ConnectError(f"cannot connect: {exc.strerror or exc}", exc.errno) from exc
         self.opened += 1
         self._all.add(conn)
         return conn

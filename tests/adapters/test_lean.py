@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.adapters.lean import HIGH_WATER, LeanError, LeanPool
+from tests.conftest import StartProxy, upstream_url
+from tests.fakes.openai_upstream import FakeOpenAI
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -339,3 +342,31 @@ async def test_tls_upstream(aiohttp_server: Any, pools: list[LeanPool],
     untrusting = pool_for(server.port, pools, tls=ssl.create_default_context())
     with pytest.raises(LeanError, match="cannot connect"):
         await untrusting.request("POST", "/", b"hello")
+
+
+# -- behind HTTPUpstream: the proxy with ``upstream_client: lean``
+
+async def test_the_proxy_sends_through_the_lean_pool(
+    start_proxy: StartProxy, openai_upstream: TestServer, fake_openai: FakeOpenAI,
+) -> None:
+    """Answers whole and streamed come back as with aiohttp; the requests are the lean
+    client's (no aiohttp User-Agent), with the credential and identity encoding."""
+    config = {"backend_provider": "custom", "url": upstream_url(openai_upstream) + "/",
+              "api_key": "sk-lean", "api_key_header": "Authorization",
+              "model": {"name": "public"}, "upstream_client": "lean"}
+    client = await start_proxy(config)
+    chat = {"model": "public", "messages": [{"role": "user", "content": "hi"}]}
+    resp = await client.post("/v1/chat/completions", json=chat)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["model"] == "public"
+    resp = await client.post("/v1/chat/completions", json={**chat, "stream": True})
+    body = await resp.read()
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert body.count(b'"model":"public"') == fake_openai.chunks + 1
+    seen = fake_openai.seen[-2:]
+    assert [s.path for s in seen] == ["/v1/chat/completions"] * 2
+    for request in seen:
+        assert request.headers["Authorization"] == "Bearer sk-lean"
+        assert request.headers["Accept-Encoding"] == "identity"
+        assert "aiohttp" not in request.headers.get("User-Agent", "")

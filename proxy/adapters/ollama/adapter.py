@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from proxy.adapters.base import Job, UpstreamResponse, Usage
-from proxy.adapters.http import HTTPUpstream, Stage
+from proxy.adapters.http import Answer, HTTPUpstream, Stage
 from proxy.adapters.ollama import replies
 from proxy.adapters.ollama import requests as wire
 from proxy.adapters.ollama.replies import NDJSONLines, StreamTranslator, parse_line
@@ -168,7 +168,7 @@ class OllamaAdapter(HTTPUpstream):
 
     async def _post(
         self, path: str, body: dict[str, Any], *, model: str, tag: str
-    ) -> aiohttp.ClientResponse:
+    ) -> Answer:
         """Send and wait for the status; a non-200 answer is read, released and raised."""
         # Ollama may stay silent while it loads a model: this adapter keeps its own read
         # deadlines (first_byte for the first line, idle after), so aiohttp's per-read timer
@@ -181,10 +181,10 @@ class OllamaAdapter(HTTPUpstream):
         raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
         raise _status_error(resp.status, raw, resp.headers, model, tag)
 
-    async def _read_json(self, resp: aiohttp.ClientResponse, until: float) -> dict[str, Any]:
+    async def _read_json(self, resp: Answer, until: float) -> dict[str, Any]:
         return _json_object(await self._read_all(resp, until), "its answer")
 
-    async def _read_all(self, resp: aiohttp.ClientResponse, until: float) -> bytes:
+    async def _read_all(self, resp: Answer, until: float) -> bytes:
         """The whole body by loop time ``until``; the connection is released either way."""
         try:
             async with asyncio.timeout_at(until):
@@ -208,7 +208,7 @@ class OllamaAdapter(HTTPUpstream):
         return _json_object(raw, path)
 
     async def _stream(
-        self, resp: aiohttp.ClientResponse, translator: StreamTranslator, first_byte_by: float
+        self, resp: Answer, translator: StreamTranslator, first_byte_by: float
     ) -> UpstreamResponse:
         lines = NDJSONLines()
         first: list[bytes] = []
@@ -270,7 +270,7 @@ class OllamaAdapter(HTTPUpstream):
         return out
 
     async def _read(
-        self, resp: aiohttp.ClientResponse, until: float, *, before_first_byte: bool
+        self, resp: Answer, until: float, *, before_first_byte: bool
     ) -> bytes:
         """The next bytes by loop time ``until``: the first line's deadline is ``first_byte``
         (a model may be loading), each later read's is ``idle``."""
