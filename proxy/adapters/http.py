@@ -3,10 +3,11 @@ one place where a failure of the HTTP client becomes a project error.
 
 Every send and every body read of every HTTP adapter goes through :meth:`HTTPUpstream.request`,
 :meth:`~HTTPUpstream.read_all`, :meth:`~HTTPUpstream.read_some` or
-:meth:`~HTTPUpstream.body_chunks`, and each of them hands aiohttp's exceptions and timeouts to
-:func:`upstream_error`, the single map (always chained: ``raise mapped from exc``). Before the
-upstream has started its answer a failure is retryable; once it has, the upstream may have done
-the work, and a retry would do it twice.
+:meth:`~HTTPUpstream.body_chunks`, and each of them hands the HTTP client's exceptions and
+timeouts (aiohttp's ``ClientSession``, or the lean pool of :mod:`proxy.adapters.lean` under
+``upstream_client: lean``) to :func:`upstream_error`, the single map (always chained:
+``raise mapped from exc``). Before the upstream has started its answer a failure is retryable;
+once it has, the upstream may have done the work, and a retry would do it twice.
 """
 
 from __future__ import annotations
