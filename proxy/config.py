@@ -787,7 +787,8 @@ ModelConfig = Annotated[
 TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models",
                   "plugins", "node")
 #: Sections a ``models:`` entry takes from the top level when it does not give its own.
-INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism")
+INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism",
+             "upstream_client")
 #: Keys that describe one model, given in each ``models:`` entry instead of the top level.
 PER_MODEL = ("backend_provider", "url", "routing", "fxn_id", "api_key", "api_key_header",
              "bearer_token", "model_name_alias", "model", "ollama", "engine", "fxn", "options")

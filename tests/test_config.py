@@ -380,3 +380,17 @@ def test_upstream_client_is_chosen_by_name_or_environment(
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith(f"{bad}: upstream_client: ")
     assert "'aiohttp' or 'lean'" in info.value.problems[0]
+
+
+def test_models_entries_take_the_top_level_upstream_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
+    path = write(tmp_path, (
+        "upstream_client: lean\nmodels:\n"
+        "  - {backend_provider: custom, url: 'http://a', model: {name: a}}\n"
+        "  - {backend_provider: custom, url: 'http://b', model: {name: b},"
+        " upstream_client: aiohttp}\n"
+    ))
+    config = load_config(path)
+    assert [entry.upstream_client for entry in config.entries] == ["lean", "aiohttp"]
