@@ -57,11 +57,13 @@ async def test_wrong_key_is_reported_by_readiness(vllm_server: str) -> None:
         async with aiohttp.ClientSession() as s:
             async with s.get(proxy.url + "/readyz") as r:
                 assert r.status == 503
-                assert "rejected the configured credentials" in (await r.json())["reason"]
+                assert "rejected this node's credentials" in (await r.json())["reason"]
             body = {"model": PUBLIC, "messages": MESSAGES, "max_tokens": 2}
             async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
-                # vLLM's own 401 body, relayed as it is (it is not OpenAI-shaped).
-                assert r.status == 401
-                assert await r.json() == {"error": "Unauthorized"}
+                # vLLM's 401 is this node's credential problem, not the caller's: a 502
+                assert r.status == 502
+                error = (await r.json())["error"]
+                assert error["code"] == "upstream_auth_failed"
+                assert "Unauthorized" not in error["message"]
     finally:
         await proxy.runner.cleanup()
