@@ -75,6 +75,9 @@ def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) 
     return UpstreamError(f"the upstream broke off mid-answer: {_reason(exc)}")
 
 
+#: Upstream statuses that are never relayed (see ``HTTPUpstream.refused``).
+REFUSED_STATUSES = frozenset({101, 401, 403})
+
 #: What the map takes: everything the HTTP clients raise for a failed exchange.
 CLIENT_FAILURES = (TimeoutError, aiohttp.ClientError, lean.LeanError)
 #: What a reused keep-alive connection the upstream has closed meanwhile raises on send.
@@ -180,6 +183,17 @@ class HTTPUpstream(Adapter):
         log.log(level, "%s (upstream %s; the same is not logged again for %gs)",
                 message, self.where, NOTE_SECONDS)
 
+    def refused(self, response: Answer) -> UpstreamError:
+        """The error for an answer the proxy never relays: a protocol upgrade (101), or a
+        refusal of this node's credentials (401, 403)."""
+        if response.status != 101:
+            return self.auth_failed(response)
+        response.close()
+        message = ("the upstream answered 101 Switching Protocols; the proxy relays no "
+                   "protocol upgrades")
+        self.note(logging.WARNING, message)
+        return UpstreamError(message, code="upstream_upgrade")
+
     def auth_failed(self, response: Answer) -> UpstreamError:
         """The error for an upstream that refused this node's credentials (401, 403): a 502,
         as the client cannot fix it, logged loudly for the operator."""
@@ -229,14 +243,8 @@ class HTTPUpstream(Adapter):
                 )
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "send") from exc
-        if response.status == 101:
-            response.close()
-            message = ("the upstream answered 101 Switching Protocols; the proxy relays no "
-                       "protocol upgrades")
-            self.note(logging.WARNING, message)
-            raise UpstreamError(message, code="upstream_upgrade")
-        if response.status in (401, 403):
-            raise self.auth_failed(response)
+        if response.status in REFUSED_STATUSES:
+            raise self.refused(response)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = (
@@ -272,14 +280,8 @@ class HTTPUpstream(Adapter):
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "send") from exc
         response = LeanAnswer(raw)
-        if response.status == 101:
-            response.close()
-            message = ("the upstream answered 101 Switching Protocols; the proxy relays no "
-                       "protocol upgrades")
-            self.note(logging.WARNING, message)
-            raise UpstreamError(message, code="upstream_upgrade")
-        if response.status in (401, 403):
-            raise self.auth_failed(response)
+        if response.status in REFUSED_STATUSES:
+            raise self.refused(response)
         return response
 
     def _fresh(self) -> aiohttp.ClientSession:
