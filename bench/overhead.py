@@ -25,6 +25,7 @@ from bench.targets import (
     cpu_seconds,
     free_port,
     proxy_config,
+    stop_all,
     supports_auth,
     wait_up,
 )
@@ -102,10 +103,7 @@ def main() -> None:
             name = "stream" if stream else "non-stream"
             print(f"{name:<12}{b:>14.1f}{o:>14.1f}{o / b:>8.3f}")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
+        stop_all(procs, timeout=10)
 
 
 if __name__ == "__main__":

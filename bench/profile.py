@@ -29,6 +29,7 @@ from bench.targets import (
     pinned,
     proxy_config,
     python,
+    stop_all,
     supports_auth,
     wait_up,
 )
@@ -134,10 +135,7 @@ def main() -> None:
         if sampler.returncode != 0:
             raise SystemExit(f"py-spy failed: {err.decode(errors='replace').strip()}")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
+        stop_all(procs)
     kind = "slow streams" if args.slow else "streamed" if args.stream else "non-streamed"
     print(f"{args.target}, {kind}, {args.connections} connections, {args.seconds} s")
     print(summarize(raw, args.top))

@@ -52,6 +52,7 @@ from bench.targets import (
     proxy_config,
     python,
     rss_bytes,
+    stop_all,
     supports_auth,
     wait_up,
 )
@@ -449,14 +450,7 @@ def main() -> None:
             results.notes.append("instructions/req: `python -m bench.instructions` (callgrind, "
                                  "aiohttp upstream; its streams are 16 events)")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_all(procs)
 
     rows = table(results, names)
     header = (f"{started:%Y-%m-%d %H:%M} UTC; {machine()}; `python -m bench "

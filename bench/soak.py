@@ -56,6 +56,7 @@ import uvloop
 from aiohttp import web
 
 from bench.overhead import INBOUND_KEY, config_text, free_port, wait_up
+from bench.targets import stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -357,14 +358,7 @@ def soak(
                         trim=trim, seconds=seconds, progress=progress))
         return report
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs, timeout=30)
 
 
 async def load(run: Run, report: Report, *, every: int, concurrency: int, trace: bool,

@@ -90,6 +90,18 @@ def wait_up(url: str, proc: subprocess.Popen[bytes], tries: int = 200) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """Terminate every process, then wait for each; one that will not go is killed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 def supports_auth() -> bool:
     from proxy.config import AuthSection
 
