@@ -4,10 +4,11 @@ one place where a failure of the HTTP client becomes a project error.
 Every send and every body read of every HTTP adapter goes through :meth:`HTTPUpstream.request`,
 :meth:`~HTTPUpstream.read_all`, :meth:`~HTTPUpstream.read_some` or
 :meth:`~HTTPUpstream.body_chunks`, and each of them hands the HTTP client's exceptions and
-timeouts (aiohttp's ``ClientSession``, or the lean pool of :mod:`proxy.adapters.lean` under
-``upstream_client: lean``) to :func:`upstream_error`, the single map (always chained:
-``raise mapped from exc``). Before the upstream has started its answer a failure is retryable;
-once it has, the upstream may have done the work, and a retry would do it twice.
+timeouts (the lean pool of :mod:`proxy.adapters.lean`, the default, or aiohttp's
+``ClientSession`` under ``upstream_client: aiohttp``) to :func:`upstream_error`, the single map
+(always chained: ``raise mapped from exc``). Before the upstream has started its answer a
+failure is retryable; once it has, the upstream may have done the work, and a retry would do it
+twice.
 """
 
 from __future__ import annotations
@@ -459,7 +460,7 @@ def _reason(exc: BaseException) -> str:
             return error.strerror  # e.g. "Name or service not known"
         return os.strerror(error.errno) if error.errno else type(error).__name__
     if isinstance(exc, lean.ConnectError):
-        return os.strerror(exc.errno) if exc.errno else "cannot connect"
+        return exc.reason
     if isinstance(exc, lean.LeanError):
         return str(exc)
     if isinstance(exc, aiohttp.ClientPayloadError):

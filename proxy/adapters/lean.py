@@ -1,13 +1,13 @@
 """A lean HTTP/1.1 client for one upstream origin: keep-alive connections on asyncio protocols,
 answers parsed by llhttp (``httptools``, the parser uvicorn uses server-side).
 
-The upstream client behind ``HTTPUpstream`` when ``upstream_client: lean`` (aiohttp's
-``ClientSession`` otherwise); measured by ``python -m bench.lean``. It does what the proxy
-needs of an upstream client and no more: one origin, bodies as bytes, no redirects, cookies
-or compression; answers framed by ``Content-Length``, chunked encoding, or the connection's
-close. A request goes out in one write; the answer's body is
-buffered per response (reading pauses above :data:`HIGH_WATER` bytes unread), so a connection
-goes back to the pool as soon as its answer has arrived whole.
+The upstream client behind ``HTTPUpstream`` (``upstream_client: lean``, the default; aiohttp's
+``ClientSession`` under ``upstream_client: aiohttp``); measured by ``python -m bench.lean``. It
+does what the proxy needs of an upstream client and no more: one origin, bodies as bytes, no
+redirects, cookies or compression; answers framed by ``Content-Length``, chunked encoding, or
+the connection's close. A request goes out in one write; the answer's body is buffered per
+response (reading pauses above :data:`HIGH_WATER` bytes unread), so a connection goes back to
+the pool as soon as its answer has arrived whole.
 
 Failures are ``TimeoutError`` (:class:`ConnectTimeout`, first byte, :class:`IdleTimeout`
 between body reads, the ``total`` deadline) or
@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
+import os
+import socket
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -42,11 +45,19 @@ class LeanError(ConnectionError):
 
 
 class ConnectError(LeanError):
-    """No connection could be made; ``errno`` says why (``None`` when unknown)."""
+    """No connection could be made; ``reason`` says why, in the system's words (no address)."""
 
-    def __init__(self, message: str, errno: int | None) -> None:
-        super().__init__(message, "send")
+    def __init__(self, reason: str, errno: int | None) -> None:
+        super().__init__(f"cannot connect: {reason}", "send")
+        self.reason = reason
         self.errno = errno
+
+    @classmethod
+    def of(cls, exc: OSError) -> ConnectError:
+        if isinstance(exc, socket.gaierror):  # a failed lookup: its errno is the resolver's
+            return cls(exc.strerror or "the host name could not be resolved", None)
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
+        return cls(reason, exc.errno)
 
 
 class ConnectTimeout(TimeoutError):
@@ -290,17 +301,34 @@ class _Conn(asyncio.Protocol):
         response._wake()
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 class LeanPool:
     """Keep-alive HTTP/1.1 connections to one origin (``http://`` or ``https://``)."""
 
     def __init__(self, host: str, port: int, *, tls: ssl_module.SSLContext | None = None,
-                 connect_timeout: float = 5.0, keep_idle: float = 30.0) -> None:
+                 connect_timeout: float = 5.0, keep_idle: float = 30.0,
+                 dns_ttl: float = 300.0) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.connect_timeout = connect_timeout
         #: Seconds an unused connection is kept before it is closed instead of reused.
         self.keep_idle = keep_idle
+        #: Seconds a host name's addresses are reused for new connections (as aiohttp's
+        #: ``ttl_dns_cache``); forgotten at once when none of them takes a connection.
+        self.dns_ttl = dns_ttl
+        self._addresses: list[tuple[str, int]] = []
+        self._resolved_at = -dns_ttl
+        self._literal = _is_ip(host)
+        self.lookups = 0  # host name lookups made, for tests
         default_port = 443 if tls is not None else 80
-        self.host_header = (host if port == default_port else f"{host}:{port}").encode()
+        named = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed
+        self.host_header = (named if port == default_port else f"{named}:{port}").encode()
         self._idle: list[_Conn] = []
         self._all: set[_Conn] = set()
         self.opened = 0  # connections made, for tests and benchmarks
@@ -351,19 +379,45 @@ class LeanPool:
             if not conn.closed and now - conn.idle_since < self.keep_idle:
                 return conn
             conn.abort()
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Conn(self), self.host, self.port, ssl=self.tls,
-                    server_hostname=self.host if self.tls is not None else None)
+                conn = await self._connect()
         except TimeoutError as exc:
             raise ConnectTimeout() from exc
         except OSError as exc:
-            raise ConnectError(f"cannot connect: {exc.strerror or exc}", exc.errno) from exc
+            raise ConnectError.of(exc) from exc
         self.opened += 1
         self._all.add(conn)
         return conn
+
+    async def _connect(self) -> _Conn:
+        """A new connection: to each of the host's addresses in turn until one takes it."""
+        loop = asyncio.get_running_loop()
+        hostname = self.host if self.tls is not None else None
+        addresses = [(self.host, self.port)] if self._literal else await self._resolve(loop)
+        error: OSError | None = None
+        for host, port in addresses:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self), host, port, ssl=self.tls, server_hostname=hostname)
+                return conn
+            except OSError as exc:
+                error = exc
+        self._resolved_at = -self.dns_ttl  # look the name up again next time
+        assert error is not None
+        raise error
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[str, int]]:
+        now = time.monotonic()
+        if self._addresses and now - self._resolved_at < self.dns_ttl:
+            return self._addresses
+        self.lookups += 1
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+        if not addresses:
+            raise socket.gaierror(socket.EAI_NONAME, "the host name has no address")
+        self._addresses, self._resolved_at = addresses, now
+        return addresses
 
     def _release(self, conn: _Conn) -> None:
         conn.idle_since = time.monotonic()

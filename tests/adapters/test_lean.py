@@ -5,6 +5,7 @@ closes and faults."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.adapters.lean import HIGH_WATER, LeanError, LeanPool
+from proxy.adapters.lean import HIGH_WATER, ConnectError, LeanError, LeanPool
 from tests.conftest import StartProxy, upstream_url
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -276,6 +277,45 @@ async def test_refused_connection(pools: list[LeanPool]) -> None:
     with pytest.raises(LeanError, match="cannot connect") as caught:
         await pool.request("POST", "/", b"x")
     assert caught.value.stage == "send"
+
+
+async def test_host_name_is_looked_up_once_per_ttl(raw_server: Any,
+                                                   pools: list[LeanPool]) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(answer(b"ok", b"Connection: close\r\n"))
+        await writer.drain()
+
+    raw = await raw_server(script)
+    pool = LeanPool("localhost", raw.port)  # may resolve to ::1 first: the next address serves
+    pools.append(pool)
+    for _ in range(3):
+        assert await (await pool.request("POST", "/", b"x")).read() == b"ok"
+    assert (pool.opened, pool.lookups, raw.connections) == (3, 1, 3)
+    pool.dns_ttl = 0  # expired: the next new connection looks the name up again
+    assert await (await pool.request("POST", "/", b"x")).read() == b"ok"
+    assert pool.lookups == 2
+
+
+async def test_unreachable_name_is_looked_up_again(pools: list[LeanPool]) -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    pool = LeanPool("localhost", port)
+    pools.append(pool)
+    for tries in (1, 2):
+        with pytest.raises(ConnectError) as caught:
+            await pool.request("POST", "/", b"x")
+        assert caught.value.reason == "Connection refused"  # the system's words, no address
+        assert pool.lookups == tries  # no address took the connection: none is kept
+
+
+def test_ipv6_host_header_is_bracketed() -> None:
+    assert LeanPool("::1", 8000).host_header == b"[::1]:8000"
+    assert LeanPool("::1", 80).host_header == b"[::1]"
+    assert LeanPool("example.org", 443, tls=ssl.create_default_context()).host_header == (
+        b"example.org")
 
 
 async def test_large_body_pauses_reading_and_arrives_whole(raw_server: Any,
