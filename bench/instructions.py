@@ -1,6 +1,6 @@
 """Instructions per request of each proxy process, counted by valgrind's callgrind.
 
-    python -m bench.instructions [--requests 600]
+    python -m bench.instructions [--requests 600] [--stream] [--lean] [--aiohttp]
 
 A second figure beside ``bench.overhead``'s CPU time: instruction counts do not move with
 the machine's other load, so small differences show. Each proxy (the bare aiohttp
@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 from bench.overhead import INBOUND_KEY, config_text, free_port, load, supports_auth, wait_up
+
+
+AIOHTTP = "upstream_client: aiohttp"
 
 
 def count(cmd: list[str], url: str, health: str, requests: int, stream: bool, key: str,
@@ -55,46 +58,44 @@ def count(cmd: list[str], url: str, health: str, requests: int, stream: bool, ke
     return int(match.group(1)) / requests
 
 
-def per_request(requests: int, stream: bool,
-                extra: list[str] = ()) -> tuple[float, float, bool]:  # type: ignore[assignment]
-    """Instructions per request of the bare pass-through and of the proxy, and whether inbound
-    auth was on."""
-    bare, ours, auth, _ = instruction_counts(requests, stream, list(extra), lean=False)
-    return bare, ours, auth
+#: What else can be counted beside ``bare`` and ``ours``: the bare pass-through on the lean
+#: upstream client, and this proxy on aiohttp's ClientSession (its fallback client).
+ALSO = ("bare-lean", "ours-aiohttp")
 
 
 def instruction_counts(requests: int, stream: bool, extra: list[str],
-            lean: bool) -> tuple[float, float, bool, float | None]:
+                       also: tuple[str, ...] = ()) -> tuple[dict[str, float], bool]:
+    """Instructions per request of ``bare``, ``ours`` and each of ``also`` (names from
+    :data:`ALSO`), and whether inbound auth was on."""
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="proxy-instr-"))
     up_port = free_port()
     upstream_proc = subprocess.Popen([py, "-m", "bench.servers", "upstream", str(up_port)])
     upstream = f"http://127.0.0.1:{up_port}"
+    path = "/v1/chat/completions"
+    counts: dict[str, float] = {}
+    auth = supports_auth()
     try:
         wait_up(upstream + "/", upstream_proc)
-        path = "/v1/chat/completions"
-        bare_port, ours_port = free_port(), free_port()
-        bare = count([py, "-m", "bench.servers", "bare", str(bare_port), upstream],
-                     f"http://127.0.0.1:{bare_port}{path}", f"http://127.0.0.1:{bare_port}/",
-                     requests, stream, "", work, "bare")
-        lean_count = None
-        if lean:
-            lean_port = free_port()
-            lean_count = count([py, "-m", "bench.servers", "bare-lean", str(lean_port), upstream],
-                               f"http://127.0.0.1:{lean_port}{path}",
-                               f"http://127.0.0.1:{lean_port}/", requests, stream, "", work,
-                               "bare-lean")
-        auth = supports_auth()
-        config = work / "model_backend.yaml"
-        config.write_text(config_text(upstream, ours_port, auth, extra))
-        ours = count([py, "-m", "proxy", "serve", "-c", str(config)],
-                     f"http://127.0.0.1:{ours_port}{path}",
-                     f"http://127.0.0.1:{ours_port}/healthz", requests, stream,
-                     INBOUND_KEY if auth else "", work, "proxy")
+        for name in ("bare", *(n for n in ALSO if n == "bare-lean" and n in also)):
+            port = free_port()
+            counts[name] = count([py, "-m", "bench.servers", name, str(port), upstream],
+                                 f"http://127.0.0.1:{port}{path}", f"http://127.0.0.1:{port}/",
+                                 requests, stream, "", work, name)
+        for name, lines in (("ours", extra), ("ours-aiohttp", [*extra, AIOHTTP])):
+            if name != "ours" and name not in also:
+                continue
+            port = free_port()
+            config = work / f"{name}.yaml"
+            config.write_text(config_text(upstream, port, auth, lines))
+            counts[name] = count([py, "-m", "proxy", "serve", "-c", str(config)],
+                                 f"http://127.0.0.1:{port}{path}",
+                                 f"http://127.0.0.1:{port}/healthz", requests, stream,
+                                 INBOUND_KEY if auth else "", work, name)
     finally:
         upstream_proc.terminate()
         upstream_proc.wait(timeout=10)
-    return bare, ours, auth, lean_count
+    return counts, auth
 
 
 def main() -> None:
@@ -103,18 +104,18 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="streamed answers (SSE)")
     parser.add_argument("--set", action="append", default=[], metavar="YAML_LINE")
     parser.add_argument("--lean", action="store_true",
-                        help="also the bare pass-through on the lean upstream client prototype")
+                        help="also the bare pass-through on the lean upstream client")
+    parser.add_argument("--aiohttp", action="store_true",
+                        help="also this proxy on aiohttp's ClientSession (upstream_client: "
+                             "aiohttp)")
     args = parser.parse_args()
-    bare, ours, auth, lean = instruction_counts(args.requests, args.stream, args.set, args.lean)
+    also = (("bare-lean",) if args.lean else ()) + (("ours-aiohttp",) if args.aiohttp else ())
+    counts, auth = instruction_counts(args.requests, args.stream, args.set, also)
     kind = "stream" if args.stream else "non-stream"
     print(f"{kind}: {args.requests} requests; inbound auth {'on' if auth else 'off'}")
-    print(f"{'proxy':<8}{'instructions/req':>18}")
-    print(f"{'bare':<8}{bare:>18,.0f}")
-    print(f"{'ours':<8}{ours:>18,.0f}")
-    print(f"ratio   {ours / bare:>18.3f}")
-    if lean is not None:
-        print(f"{'bare-lean':<10}{lean:>16,.0f}")
-        print(f"bare-lean / bare {lean / bare:>9.3f}")
+    print(f"{'proxy':<14}{'instructions/req':>18}{'÷ bare':>9}")
+    for name, value in counts.items():
+        print(f"{name:<14}{value:>18,.0f}{value / counts['bare']:>9.3f}")
 
 
 if __name__ == "__main__":

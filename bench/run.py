@@ -1,7 +1,7 @@
 """The benchmark users would run: this proxy against a bare pass-through, direct, and LiteLLM.
 
-    python -m bench [--repeats 3] [--duration 10] [--litellm] [--instructions]
-                    [--markdown FILE] [--smoke]
+    python -m bench [--repeats 3] [--duration 10] [--litellm] [--lean] [--aiohttp]
+                    [--instructions] [--markdown FILE] [--smoke]
 
 Starts a fast fake OpenAI upstream (``bench.servers fast``), the bare aiohttp pass-through
 (``bench.servers bare``), this proxy configured as users run it (``bench.targets.proxy_config``)
@@ -39,6 +39,7 @@ from typing import cast
 
 import httptools
 
+from bench.instructions import AIOHTTP
 from bench.targets import (
     INBOUND_KEY,
     PATH,
@@ -296,10 +297,12 @@ def ratio(top: list[float] | None, bottom: list[float] | None) -> str:
 
 
 def table(results: Results, names: list[str]) -> list[list[str]]:
-    litellm, lean = "litellm" in names, "bare-lean" in names
+    litellm, lean, aio = "litellm" in names, "bare-lean" in names, "ours-aiohttp" in names
     head = ["test", "metric", *names, "ours÷bare", "ours÷direct", "bare÷direct"]
     if lean:
         head.append("bare-lean÷bare")
+    if aio:
+        head.append("ours-aiohttp÷bare")
     if litellm:
         head.append("litellm÷ours")
     rows = [head]
@@ -310,6 +313,8 @@ def table(results: Results, names: list[str]) -> list[list[str]]:
                ratio(by_target.get("bare"), by_target.get("direct"))]
         if lean:
             row.append(ratio(by_target.get("bare-lean"), by_target.get("bare")))
+        if aio:
+            row.append(ratio(by_target.get("ours-aiohttp"), by_target.get("bare")))
         if litellm:
             row.append(ratio(by_target.get("litellm"), by_target.get("ours")))
         rows.append(row)
@@ -342,7 +347,10 @@ def main() -> None:
     parser.add_argument("--litellm", action="store_true",
                         help=f"also LiteLLM's proxy (installs {LITELLM_PIN} into .bench/)")
     parser.add_argument("--lean", action="store_true",
-                        help="also the bare pass-through on the lean upstream client prototype")
+                        help="also the bare pass-through on the lean upstream client")
+    parser.add_argument("--aiohttp", action="store_true",
+                        help="also this proxy on aiohttp's ClientSession (upstream_client: "
+                             "aiohttp), its fallback upstream client")
     parser.add_argument("--instructions", action="store_true",
                         help="add bench.instructions's callgrind counts (needs valgrind)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
@@ -390,14 +398,18 @@ def main() -> None:
             targets.append(Target("bare-lean", f"http://127.0.0.1:{lean_port}{PATH}",
                                   procs[-1]))
 
-        ours_port = free_port()
         auth = supports_auth()
-        config = work / "model_backend.yaml"
-        config.write_text(config_yaml(proxy_config(upstream, ours_port, auth=auth), args.set))
-        procs.append(start(pinned(target_cpu, [py, "-m", "proxy", "serve", "-c", str(config)]),
-                           work / "proxy.log"))
-        wait_up(f"http://127.0.0.1:{ours_port}/healthz", procs[-1])
-        targets.append(Target("ours", f"http://127.0.0.1:{ours_port}{PATH}", procs[-1]))
+        ours = [("ours", args.set)]
+        if args.aiohttp:
+            ours.append(("ours-aiohttp", [*args.set, AIOHTTP]))
+        for name, lines in ours:
+            ours_port = free_port()
+            config = work / f"{name}.yaml"
+            config.write_text(config_yaml(proxy_config(upstream, ours_port, auth=auth), lines))
+            procs.append(start(pinned(target_cpu, [py, "-m", "proxy", "serve", "-c",
+                                                   str(config)]), work / f"{name}.log"))
+            wait_up(f"http://127.0.0.1:{ours_port}/healthz", procs[-1])
+            targets.append(Target(name, f"http://127.0.0.1:{ours_port}{PATH}", procs[-1]))
 
         if litellm_exe is not None:
             lite_port = free_port()
@@ -440,13 +452,12 @@ def main() -> None:
             from bench.instructions import instruction_counts
 
             requests = 100 if args.smoke else 600
+            also = tuple(name for name in names if name in ("bare-lean", "ours-aiohttp"))
             for point, stream in (("non-streamed", False), ("streamed, 20 chunks", True)):
                 print(f"instructions: {point} (callgrind, {requests} requests)", flush=True)
-                bare, ours, _, lean = instruction_counts(requests, stream, args.set, args.lean)
-                results.add(point, "instructions/req", "bare", bare)
-                results.add(point, "instructions/req", "ours", ours)
-                if lean is not None:
-                    results.add(point, "instructions/req", "bare-lean", lean)
+                counts, _ = instruction_counts(requests, stream, args.set, also)
+                for name, value in counts.items():
+                    results.add(point, "instructions/req", name, value)
             results.notes.append("instructions/req: `python -m bench.instructions` (callgrind, "
                                  "aiohttp upstream; its streams are 16 events)")
     finally:

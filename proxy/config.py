@@ -521,11 +521,11 @@ class BaseConfig(Section):
     url: str | tuple[str, ...] | None = None
     #: How requests spread over several ``url``s: in turn, or to the one with fewest in flight.
     routing: Literal["round_robin", "least_busy"] = "round_robin"
-    #: The HTTP client that talks to ``url``: aiohttp's ``ClientSession``, or the lean
-    #: HTTP/1.1 pool (``proxy.adapters.lean``). A config that names none takes
-    #: ``$MODEL_PROXY_UPSTREAM_CLIENT``, else ``aiohttp``.
+    #: The HTTP client that talks to ``url``: the lean HTTP/1.1 pool (``proxy.adapters.lean``),
+    #: or aiohttp's ``ClientSession`` (the fallback). A config that names none takes
+    #: ``$MODEL_PROXY_UPSTREAM_CLIENT``, else ``lean``.
     upstream_client: Literal["aiohttp", "lean"] = Field(
-        default_factory=lambda: os.environ.get("MODEL_PROXY_UPSTREAM_CLIENT", "aiohttp"),
+        default_factory=lambda: os.environ.get("MODEL_PROXY_UPSTREAM_CLIENT", "lean"),
         validate_default=True,
     )
     fxn_id: str | None = Field(None, min_length=1)

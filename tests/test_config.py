@@ -369,11 +369,14 @@ def test_upstream_client_is_chosen_by_name_or_environment(
 ) -> None:
     monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
     plain = write(tmp_path, "backend_provider: custom\nurl: http://h\n")
-    assert load_config(plain).upstream_client == "aiohttp"
-    named = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstreamClient: lean\n", "n")
-    assert load_config(named).upstream_client == "lean"
-    monkeypatch.setenv("MODEL_PROXY_UPSTREAM_CLIENT", "lean")
     assert load_config(plain).upstream_client == "lean"
+    named = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstreamClient: aiohttp\n",
+                  "n")
+    assert load_config(named).upstream_client == "aiohttp"
+    monkeypatch.setenv("MODEL_PROXY_UPSTREAM_CLIENT", "aiohttp")
+    assert load_config(plain).upstream_client == "aiohttp"
+    assert load_config(write(tmp_path, "backend_provider: custom\nurl: http://h\n"
+                                       "upstream_client: lean\n", "l")).upstream_client == "lean"
     bad = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstream_client: curl\n", "b")
     with pytest.raises(ConfigError) as info:
         load_config(bad)
@@ -387,10 +390,10 @@ def test_models_entries_take_the_top_level_upstream_client(
 ) -> None:
     monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
     path = write(tmp_path, (
-        "upstream_client: lean\nmodels:\n"
+        "upstream_client: aiohttp\nmodels:\n"
         "  - {backend_provider: custom, url: 'http://a', model: {name: a}}\n"
         "  - {backend_provider: custom, url: 'http://b', model: {name: b},"
-        " upstream_client: aiohttp}\n"
+        " upstream_client: lean}\n"
     ))
     config = load_config(path)
-    assert [entry.upstream_client for entry in config.entries] == ["lean", "aiohttp"]
+    assert [entry.upstream_client for entry in config.entries] == ["aiohttp", "lean"]
