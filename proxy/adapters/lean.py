@@ -76,11 +76,15 @@ class LeanResponse:
     """One answer: status and headers once :meth:`LeanPool.request` returns, then the body."""
 
     __slots__ = ("_chunks", "_conn", "_done", "_error", "_idle", "_size", "_started",
-                 "_timer", "_waiter", "deadline", "framed", "headers", "keep_alive", "status")
+                 "_timer", "_waiter", "deadline", "framed", "head", "headers", "keep_alive",
+                 "status")
 
-    def __init__(self, conn: _Conn, idle: float | None, deadline: float | None = None) -> None:
+    def __init__(self, conn: _Conn, idle: float | None, deadline: float | None = None,
+                 head: bool = False) -> None:
         self._conn: _Conn | None = conn
         self._idle = idle
+        #: The answer to a HEAD request: it has no body, whatever its headers say.
+        self.head = head
         #: ``loop.time()`` by which the whole answer must have arrived (``None``: no bound).
         self.deadline = deadline
         self.status = 0
@@ -272,6 +276,14 @@ class _Conn(asyncio.Protocol):
         response = self.response
         assert response is not None
         response.status = self.parser.get_status_code()
+        if response.head:
+            # llhttp cannot be told that a response answers HEAD, and would read the
+            # Content-Length it names as a body: the answer ends here, and so does the
+            # connection (HEAD is rare; a new parser state is not worth the risk)
+            response._done = True
+            response._conn = None
+            self.response = None
+            self.abort()
         response._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -355,7 +367,7 @@ class LeanPool:
         for attempt in range(2):
             conn = await self._acquire()
             reused = conn.used > 0
-            response = LeanResponse(conn, idle, deadline)
+            response = LeanResponse(conn, idle, deadline, method == "HEAD")
             conn.send(response, data)
             try:
                 while not response.status:

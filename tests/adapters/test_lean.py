@@ -311,6 +311,22 @@ async def test_unreachable_name_is_looked_up_again(pools: list[LeanPool]) -> Non
         assert pool.lookups == tries  # no address took the connection: none is kept
 
 
+async def test_head_answer_has_no_body(raw_server: Any, pools: list[LeanPool]) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while await read_request(reader) is not None and not reader.at_eof():
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")  # HEAD: no body
+            await writer.drain()
+
+    raw = await raw_server(script)
+    pool = pool_for(raw.port, pools)
+    for _ in range(2):
+        response = await pool.request("HEAD", "/", first_byte=5, idle=5)
+        assert response.status == 200 and response.header(b"content-length") == b"5"
+        async with asyncio.timeout(2):  # not a wait for five bytes that never come
+            assert await response.read() == b""
+    assert pool.idle == 0  # the parser would take the next answer for the body: not reused
+
+
 def test_ipv6_host_header_is_bracketed() -> None:
     assert LeanPool("::1", 8000).host_header == b"[::1]:8000"
     assert LeanPool("::1", 80).host_header == b"[::1]"
@@ -410,3 +426,8 @@ async def test_the_proxy_sends_through_the_lean_pool(
         assert request.headers["Authorization"] == "Bearer sk-lean"
         assert request.headers["Accept-Encoding"] == "identity"
         assert "aiohttp" not in request.headers.get("User-Agent", "")
+    resp = await client.head("/v1/files/f1")  # passed through; the upstream answers no body
+    assert resp.status == 200 and await resp.read() == b""
+    assert fake_openai.seen[-1].method == "HEAD"
+    resp = await client.post("/v1/chat/completions", json=chat)
+    assert resp.status == 200 and (await resp.json())["model"] == "public"
