@@ -1,6 +1,6 @@
 """Instructions per request of each proxy process, counted by valgrind's callgrind.
 
-    python -m bench.instructions [--requests 600] [--stream] [--lean] [--aiohttp]
+    python -m bench.instructions [--requests 600] [--stream | --slow] [--lean] [--aiohttp]
 
 A second figure beside ``bench.overhead``'s CPU time: instruction counts do not move with
 the machine's other load, so small differences show. Each proxy (the bare aiohttp
@@ -21,11 +21,10 @@ from pathlib import Path
 
 from bench.overhead import INBOUND_KEY, config_text, free_port, load, supports_auth, wait_up
 
-
 AIOHTTP = "upstream_client: aiohttp"
 
 
-def count(cmd: list[str], url: str, health: str, requests: int, stream: bool, key: str,
+def count(cmd: list[str], url: str, health: str, requests: int, stream: bool | str, key: str,
           work: Path, name: str) -> float:
     out = work / f"callgrind.{name}.out"
     proc = subprocess.Popen(
@@ -63,14 +62,17 @@ def count(cmd: list[str], url: str, health: str, requests: int, stream: bool, ke
 ALSO = ("bare-lean", "ours-aiohttp")
 
 
-def instruction_counts(requests: int, stream: bool, extra: list[str],
+def instruction_counts(requests: int, stream: bool | str, extra: list[str],
                        also: tuple[str, ...] = ()) -> tuple[dict[str, float], bool]:
     """Instructions per request of ``bare``, ``ours`` and each of ``also`` (names from
-    :data:`ALSO`), and whether inbound auth was on."""
+    :data:`ALSO`), and whether inbound auth was on. ``stream``: streamed answers, or
+    ``"slow"``: streams whose chunks arrive one at a time (``bench.load``)."""
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="proxy-instr-"))
     up_port = free_port()
-    upstream_proc = subprocess.Popen([py, "-m", "bench.servers", "upstream", str(up_port)])
+    # the slow shape needs the upstream that reads it; the others keep the aiohttp upstream
+    kind = "fast" if stream == "slow" else "upstream"
+    upstream_proc = subprocess.Popen([py, "-m", "bench.servers", kind, str(up_port)])
     upstream = f"http://127.0.0.1:{up_port}"
     path = "/v1/chat/completions"
     counts: dict[str, float] = {}
@@ -102,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--stream", action="store_true", help="streamed answers (SSE)")
+    parser.add_argument("--slow", action="store_true",
+                        help="streamed answers of 20 chunks 5 ms apart, each arriving alone")
     parser.add_argument("--set", action="append", default=[], metavar="YAML_LINE")
     parser.add_argument("--lean", action="store_true",
                         help="also the bare pass-through on the lean upstream client")
@@ -110,8 +114,9 @@ def main() -> None:
                              "aiohttp)")
     args = parser.parse_args()
     also = (("bare-lean",) if args.lean else ()) + (("ours-aiohttp",) if args.aiohttp else ())
-    counts, auth = instruction_counts(args.requests, args.stream, args.set, also)
-    kind = "stream" if args.stream else "non-stream"
+    stream: bool | str = "slow" if args.slow else args.stream
+    counts, auth = instruction_counts(args.requests, stream, args.set, also)
+    kind = "slow stream" if args.slow else "stream" if args.stream else "non-stream"
     print(f"{kind}: {args.requests} requests; inbound auth {'on' if auth else 'off'}")
     print(f"{'proxy':<14}{'instructions/req':>18}{'÷ bare':>9}")
     for name, value in counts.items():

@@ -1,4 +1,8 @@
-"""Load generator: ``python -m bench.load URL COUNT CONCURRENCY STREAM AUTH`` → prints errors."""
+"""Load generator: ``python -m bench.load URL COUNT CONCURRENCY MODE AUTH`` → prints errors.
+
+MODE: ``0`` non-streamed, ``1`` streamed, ``slow`` streamed as 20 chunks 5 ms apart (an upstream
+that reads the request's ``stop`` shape, ``bench.servers fast``), so each chunk arrives alone.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,13 @@ BODY = (b'{"model":"bench","messages":[{"role":"user","content":"Tell me somethi
         b'"max_tokens":64,"temperature":0.2%s}')
 
 
-async def run(url: str, count: int, concurrency: int, stream: bool, auth: str) -> int:
-    body = BODY % (b',"stream":true' if stream else b"")
+#: What each MODE adds to the request body.
+MODES = {"0": b"", "1": b',"stream":true',
+         "slow": b',"stream":true,"stop":["bench:chunks=20:delay=5"]'}
+
+
+async def run(url: str, count: int, concurrency: int, mode: str, auth: str) -> int:
+    body = BODY % MODES[mode]
     headers = {"Content-Type": "application/json"}
     if auth:
         headers["Authorization"] = f"Bearer {auth}"
@@ -34,8 +43,8 @@ async def run(url: str, count: int, concurrency: int, stream: bool, auth: str) -
 
 
 def main() -> None:
-    url, count, concurrency, stream, auth = sys.argv[1:6]
-    errors = uvloop.run(run(url, int(count), int(concurrency), stream == "1", auth))
+    url, count, concurrency, mode, auth = sys.argv[1:6]
+    errors = uvloop.run(run(url, int(count), int(concurrency), mode, auth))
     print(errors)
 
 

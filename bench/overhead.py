@@ -37,10 +37,11 @@ def config_text(upstream: str, port: int, auth: bool, extra: list[str]) -> str:
     return config_yaml(proxy_config(upstream, port, auth=auth), extra)
 
 
-def load(url: str, count: int, concurrency: int, stream: bool, auth: str) -> None:
+def load(url: str, count: int, concurrency: int, stream: bool | str, auth: str) -> None:
+    """``count`` requests; ``stream``: streamed, or ``"slow"`` (see ``bench.load``)."""
+    mode = stream if isinstance(stream, str) else "1" if stream else "0"
     out = subprocess.run(
-        [sys.executable, "-m", "bench.load", url, str(count), str(concurrency),
-         "1" if stream else "0", auth],
+        [sys.executable, "-m", "bench.load", url, str(count), str(concurrency), mode, auth],
         check=True, capture_output=True, text=True,
     )
     if out.stdout.strip() != "0":

@@ -75,14 +75,16 @@ class _Stale(Exception):
 class LeanResponse:
     """One answer: status and headers once :meth:`LeanPool.request` returns, then the body."""
 
-    __slots__ = ("_chunks", "_conn", "_done", "_error", "_idle", "_size", "_started",
-                 "_timer", "_waiter", "deadline", "framed", "head", "headers", "keep_alive",
-                 "status")
+    __slots__ = ("_chunks", "_conn", "_done", "_error", "_idle", "_loop", "_size", "_started",
+                 "_waiter", "deadline", "framed", "head", "headers", "keep_alive", "status")
 
     def __init__(self, conn: _Conn, idle: float | None, deadline: float | None = None,
-                 head: bool = False) -> None:
+                 head: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._conn: _Conn | None = conn
         self._idle = idle
+        # kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11, and a
+        # stream waits once per chunk
+        self._loop = loop or asyncio.get_running_loop()
         #: The answer to a HEAD request: it has no body, whatever its headers say.
         self.head = head
         #: ``loop.time()`` by which the whole answer must have arrived (``None``: no bound).
@@ -97,7 +99,6 @@ class LeanResponse:
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first header called ``name`` (any case)."""
@@ -127,27 +128,22 @@ class LeanResponse:
 
     # -- the reader's side
     async def _wait(self, seconds: float | None) -> None:
-        loop = asyncio.get_running_loop()
+        """Wait for the connection's next event; at most ``seconds`` (and never past
+        :attr:`deadline`), else a timeout and the connection is dropped."""
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
-        error: type[TimeoutError] = IdleTimeout if self.status else TimeoutError
-        deadline = self.deadline
-        if deadline is not None:
-            left = deadline - loop.time()
-            if seconds is None or left <= seconds:
-                seconds, error = max(left, 0.0), TimeoutError
-        timer = (None if seconds is None
-                 else loop.call_later(seconds, self._time_out, waiter, error))
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _time_out(self, waiter: asyncio.Future[None], error: type[TimeoutError]) -> None:
-        if not waiter.done():
-            waiter.set_exception(error())
-        if self._conn is not None:
-            self._conn.abort()
+        conn = self._conn
+        if conn is not None:
+            deadline = self.deadline
+            if seconds is not None:
+                until = loop.time() + seconds
+                if deadline is None or until < deadline:
+                    conn.watch(until, IdleTimeout if self.status else TimeoutError)
+                else:
+                    conn.watch(deadline, TimeoutError)
+            elif deadline is not None:
+                conn.watch(deadline, TimeoutError)
+        await waiter
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: whatever is buffered at each step, joined."""
@@ -200,10 +196,23 @@ class LeanResponse:
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection; it carries one request at a time."""
+    """One keep-alive connection; it carries one request at a time.
 
-    def __init__(self, pool: LeanPool) -> None:
+    Its answer's waits are bounded by one timer per connection, armed lazily: a wait only
+    notes until when it may last (:meth:`watch`), and the timer, when it fires, ends a wait
+    that is still pending past that time or re-arms for the one pending now. A stream of
+    many chunks thus costs no timer per chunk (creating and cancelling one costs more than
+    the rest of a chunk's reading).
+    """
+
+    def __init__(self, pool: LeanPool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
+        self.loop = loop
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        #: Until when the pending wait may last, and what it raises then.
+        self.until = 0.0
+        self.timeout: type[TimeoutError] = TimeoutError
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: LeanResponse | None = None
@@ -235,8 +244,34 @@ class _Conn(asyncio.Protocol):
                 stage: Stage = "body" if response.status else "send"
                 response._fail(LeanError(f"malformed answer: {exc}", stage))
 
+    def watch(self, until: float, timeout: type[TimeoutError]) -> None:
+        """Bound the wait that begins now to ``until`` (loop time), then ``timeout``."""
+        self.until, self.timeout = until, timeout
+        timer = self.timer
+        if timer is None or self.timer_at > until:
+            if timer is not None:
+                timer.cancel()
+            self.timer_at = until
+            self.timer = self.loop.call_at(until, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        response = self.response
+        waiter = response._waiter if response is not None else None
+        if waiter is None or waiter.done():
+            return  # nothing waits: the next wait arms the timer again
+        if self.loop.time() + 0.001 < self.until:  # a later wait than the one armed for
+            self.timer_at = self.until
+            self.timer = self.loop.call_at(self.until, self._check)
+            return
+        waiter.set_exception(self.timeout())
+        self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.pool._forget(self)
         response, self.response = self.response, None
         if response is None or response._done:
@@ -355,7 +390,8 @@ class LeanPool:
         ``first_byte`` bounds the wait for them; ``idle`` each later wait for body bytes;
         ``total`` the whole exchange from here to the body's last byte.
         """
-        deadline = None if total is None else asyncio.get_running_loop().time() + total
+        loop = asyncio.get_running_loop()
+        deadline = None if total is None else loop.time() + total
         head = [b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
                 % (method.encode(), path.encode(), self.host_header, len(body))]
         for name, value in headers:
@@ -365,9 +401,9 @@ class LeanPool:
         head.append(b"\r\n")
         data = b"".join(head) + body
         for attempt in range(2):
-            conn = await self._acquire()
+            conn = await self._acquire(loop)
             reused = conn.used > 0
-            response = LeanResponse(conn, idle, deadline, method == "HEAD")
+            response = LeanResponse(conn, idle, deadline, method == "HEAD", loop)
             conn.send(response, data)
             try:
                 while not response.status:
@@ -384,7 +420,7 @@ class LeanPool:
                 raise
         raise AssertionError("unreachable")
 
-    async def _acquire(self) -> _Conn:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Conn:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -393,7 +429,7 @@ class LeanPool:
             conn.abort()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                conn = await self._connect()
+                conn = await self._connect(loop)
         except TimeoutError as exc:
             raise ConnectTimeout() from exc
         except OSError as exc:
@@ -402,16 +438,16 @@ class LeanPool:
         self._all.add(conn)
         return conn
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Conn:
         """A new connection: to each of the host's addresses in turn until one takes it."""
-        loop = asyncio.get_running_loop()
         hostname = self.host if self.tls is not None else None
         addresses = [(self.host, self.port)] if self._literal else await self._resolve(loop)
         error: OSError | None = None
         for host, port in addresses:
             try:
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(self), host, port, ssl=self.tls, server_hostname=hostname)
+                    lambda: _Conn(self, loop), host, port, ssl=self.tls,
+                    server_hostname=hostname)
                 return conn
             except OSError as exc:
                 error = exc

@@ -268,6 +268,38 @@ async def test_first_byte_and_idle_timeouts(raw_server: Any, pools: list[LeanPoo
     assert pool.idle == 0  # neither connection goes back
 
 
+async def test_idle_bounds_each_gap_not_the_whole_stream(raw_server: Any,
+                                                         pools: list[LeanPool]) -> None:
+    """One timer per connection, armed lazily: chunks 50 ms apart for 0.6 s pass an idle of
+    0.2 s; the stall after them ends the read about 0.2 s after the last chunk, though the
+    first-byte bound armed before was 5 s; ``total`` ends a stream that keeps sending."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(12 if i == 0 else 100):
+            await asyncio.sleep(0.05)
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+        await asyncio.sleep(3)
+
+    raw = await raw_server(script)
+    pool = pool_for(raw.port, pools)
+    loop = asyncio.get_running_loop()
+    response = await pool.request("POST", "/", b"x", first_byte=5, idle=0.2)
+    got, last = b"", 0.0
+    with pytest.raises(TimeoutError) as caught:
+        async for chunk in response.chunks():
+            got, last = got + chunk, loop.time()
+    assert type(caught.value).__name__ == "IdleTimeout"
+    assert got == b"x" * 12
+    assert 0.15 < loop.time() - last < 1.0
+    started = loop.time()
+    response = await pool.request("POST", "/", b"x", first_byte=5, idle=0.2, total=0.5)
+    with pytest.raises(TimeoutError):
+        await response.read()
+    assert 0.4 < loop.time() - started < 1.5
+
+
 async def test_refused_connection(pools: list[LeanPool]) -> None:
     probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = probe.sockets[0].getsockname()[1]
