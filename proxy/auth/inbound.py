@@ -53,7 +53,7 @@ class Authenticator:
     ``fxn_signatures.allowed_addresses``.
     """
 
-    __slots__ = ("_digests", "mode", "shared", "verifier")
+    __slots__ = ("_accepted", "_digests", "mode", "shared", "verifier")
 
     def __init__(
         self,
@@ -68,6 +68,10 @@ class Authenticator:
         #: The nonce store every replica shares, if configured; else ``verifier``'s own cache.
         self.shared = shared
         self._digests = tuple(_digest(key.get_secret_value()) for key in section.api_keys)
+        #: Keys that have matched (at most one per configured key), so that a client's next
+        #: request skips the hashing. A dict lookup tells nothing of a key it does not hold:
+        #: strings are compared only on equal (per-process keyed) hashes.
+        self._accepted: set[str] = set()
         signatures = section.fxn_signatures
         self.verifier = (
             None
@@ -143,11 +147,19 @@ class Authenticator:
                 "missing API key: send Authorization: Bearer <key> or x-api-key: <key>",
                 code="missing_api_key",
             )
+        accepted = self._accepted
+        for token in presented:
+            if token in accepted:
+                return
         matched = False
         for token in presented:
             digest = _digest(token)
+            hit = False
             for known in self._digests:  # no early exit: every key costs the same
-                matched |= hmac.compare_digest(digest, known)
+                hit |= hmac.compare_digest(digest, known)
+            if hit and len(accepted) < len(self._digests):
+                accepted.add(token)
+            matched |= hit
         if not matched:
             raise Unauthorized("invalid API key", code="bad_api_key")
 

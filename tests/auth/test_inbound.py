@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.auth.inbound import REASONS, AuthState, check_exposure
 from proxy.auth.signing import Signer
 from proxy.cli import main
 from proxy.config import BaseConfig, build_config
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, Unauthorized
 from tests.conftest import StartProxy
 from tests.fakes.fxn_node import gateway_headers
 
@@ -187,6 +188,33 @@ async def test_mode_all(start_proxy: StartProxy) -> None:
     assert refused(*await post(client, {"x-api-key": KEYS[0]}), "missing_header")
     assert refused(*await post(client, signed()), "missing_api_key")
     assert refused(*await post(client, {**signed(), "x-api-key": "wrong"}), "bad_api_key")
+
+
+def test_an_accepted_key_stays_checked_and_a_retired_one_is_refused() -> None:
+    """A key that matched is remembered (no hashing on the next request), and only keys
+    that matched are: a wrong one is refused every time; a reload that drops a key refuses it,
+    though it was accepted before."""
+    def config(keys: list[str]) -> BaseConfig:
+        return build_config({"backend_provider": "mock", "auth": {"api_keys": keys}})
+
+    state = AuthState(config(KEYS), refused=lambda reason: None)
+    assert not state.needs_body
+
+    def check(key: str) -> str:
+        try:
+            state.check_keys(CIMultiDictProxy(CIMultiDict({"x-api-key": key})))
+        except Unauthorized as exc:
+            return str(exc.code)
+        return "ok"
+
+    for _ in range(3):
+        assert check(KEYS[0]) == "ok"
+        assert check("wrong") == "bad_api_key"
+        assert check(KEYS[0] + "x") == "bad_api_key"
+    assert check(KEYS[1]) == "ok"
+    state.configure(config([KEYS[1]]))  # KEYS[0] retired
+    assert check(KEYS[0]) == "bad_api_key"
+    assert check(KEYS[1]) == "ok"
 
 
 def test_new_auth_section_keeps_replay_cache() -> None:
