@@ -218,6 +218,8 @@ class _Conn(asyncio.Protocol):
         self.response: LeanResponse | None = None
         self.closed = False
         self.paused = False
+        #: The message being parsed is an interim answer (100 Continue, 103 Early Hints).
+        self.interim = False
         self.used = 0
         self.idle_since = 0.0
 
@@ -310,7 +312,14 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
-        response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # an interim answer (as aiohttp's client does, skipped): the real one follows
+            self.interim = True
+            response.headers.clear()
+            response.framed = False
+            return
+        response.status = status
         if response.head:
             # llhttp cannot be told that a response answers HEAD, and would read the
             # Content-Length it names as a body: the answer ends here, and so does the
@@ -332,6 +341,9 @@ class _Conn(asyncio.Protocol):
         response._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         response = self.response
         assert response is not None
         response.keep_alive = self.parser.should_keep_alive()

@@ -359,6 +359,33 @@ async def test_head_answer_has_no_body(raw_server: Any, pools: list[LeanPool]) -
     assert pool.idle == 0  # the parser would take the next answer for the body: not reused
 
 
+async def test_interim_answers_are_skipped(raw_server: Any, pools: list[LeanPool]) -> None:
+    """103 Early Hints and 100 Continue come before the answer (whole, or in writes of their
+    own); the request returns the final status and only its headers, and the connection is
+    reused afterwards."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while await read_request(reader):
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                         + answer(b"first"))
+            await writer.drain()
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(answer(b"second", b"X-Final: yes\r\n"))
+            await writer.drain()
+
+    raw = await raw_server(script)
+    pool = pool_for(raw.port, pools)
+    response = await pool.request("POST", "/", b"x", first_byte=5, idle=5)
+    assert response.status == 200 and response.header(b"link") is None
+    assert await response.read() == b"first"
+    response = await pool.request("POST", "/", b"x", first_byte=5, idle=5)
+    assert response.status == 200 and response.header(b"x-final") == b"yes"
+    assert await response.read() == b"second"
+    assert raw.connections == 1 and pool.idle == 1
+
+
 def test_ipv6_host_header_is_bracketed() -> None:
     assert LeanPool("::1", 8000).host_header == b"[::1]:8000"
     assert LeanPool("::1", 80).host_header == b"[::1]"
