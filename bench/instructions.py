@@ -1,6 +1,7 @@
 """Instructions per request of each proxy process, counted by valgrind's callgrind.
 
     python -m bench.instructions [--requests 600] [--stream | --slow] [--lean] [--aiohttp]
+                                 [--only TARGET ...] [--set YAML_LINE ...]
 
 A second figure beside ``bench.overhead``'s CPU time: instruction counts do not move with
 the machine's other load, so small differences show. Each proxy (the bare aiohttp
@@ -57,15 +58,17 @@ def count(cmd: list[str], url: str, health: str, requests: int, stream: bool | s
     return int(match.group(1)) / requests
 
 
-#: What else can be counted beside ``bare`` and ``ours``: the bare pass-through on the lean
-#: upstream client, and this proxy on aiohttp's ClientSession (its fallback client).
-ALSO = ("bare-lean", "ours-aiohttp")
+#: What can be counted: the bare pass-through (on aiohttp's client, and on the lean one), and
+#: this proxy (on its default client, and on aiohttp's ClientSession, its fallback).
+TARGETS = ("bare", "bare-lean", "ours", "ours-aiohttp")
 
 
-def instruction_counts(requests: int, stream: bool | str, extra: list[str],
-                       also: tuple[str, ...] = ()) -> tuple[dict[str, float], bool]:
-    """Instructions per request of ``bare``, ``ours`` and each of ``also`` (names from
-    :data:`ALSO`), and whether inbound auth was on. ``stream``: streamed answers, or
+def instruction_counts(
+    requests: int, stream: bool | str, extra: list[str],
+    targets: tuple[str, ...] = ("bare", "ours"),
+) -> tuple[dict[str, float], bool]:
+    """Instructions per request of each of ``targets`` (names from :data:`TARGETS`, counted
+    in that order), and whether inbound auth was on. ``stream``: streamed answers, or
     ``"slow"``: streams whose chunks arrive one at a time (``bench.load``)."""
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="proxy-instr-"))
@@ -79,16 +82,16 @@ def instruction_counts(requests: int, stream: bool | str, extra: list[str],
     auth = supports_auth()
     try:
         wait_up(upstream + "/", upstream_proc)
-        for name in ("bare", *(n for n in ALSO if n == "bare-lean" and n in also)):
+        for name in (n for n in TARGETS if n in targets):
             port = free_port()
-            counts[name] = count([py, "-m", "bench.servers", name, str(port), upstream],
-                                 f"http://127.0.0.1:{port}{path}", f"http://127.0.0.1:{port}/",
-                                 requests, stream, "", work, name)
-        for name, lines in (("ours", extra), ("ours-aiohttp", [*extra, AIOHTTP])):
-            if name != "ours" and name not in also:
+            if name.startswith("bare"):
+                counts[name] = count([py, "-m", "bench.servers", name, str(port), upstream],
+                                     f"http://127.0.0.1:{port}{path}",
+                                     f"http://127.0.0.1:{port}/", requests, stream, "", work,
+                                     name)
                 continue
-            port = free_port()
             config = work / f"{name}.yaml"
+            lines = [*extra, AIOHTTP] if name == "ours-aiohttp" else extra
             config.write_text(config_text(upstream, port, auth, lines))
             counts[name] = count([py, "-m", "proxy", "serve", "-c", str(config)],
                                  f"http://127.0.0.1:{port}{path}",
@@ -112,15 +115,22 @@ def main() -> None:
     parser.add_argument("--aiohttp", action="store_true",
                         help="also this proxy on aiohttp's ClientSession (upstream_client: "
                              "aiohttp)")
+    parser.add_argument("--only", action="append", choices=TARGETS, metavar="TARGET",
+                        help=f"count only these ({', '.join(TARGETS)}); repeatable")
     args = parser.parse_args()
-    also = (("bare-lean",) if args.lean else ()) + (("ours-aiohttp",) if args.aiohttp else ())
+    if args.only:
+        targets = tuple(args.only)
+    else:
+        targets = ("bare", *(("bare-lean",) if args.lean else ()), "ours",
+                   *(("ours-aiohttp",) if args.aiohttp else ()))
     stream: bool | str = "slow" if args.slow else args.stream
-    counts, auth = instruction_counts(args.requests, stream, args.set, also)
+    counts, auth = instruction_counts(args.requests, stream, args.set, targets)
     kind = "slow stream" if args.slow else "stream" if args.stream else "non-stream"
     print(f"{kind}: {args.requests} requests; inbound auth {'on' if auth else 'off'}")
     print(f"{'proxy':<14}{'instructions/req':>18}{'÷ bare':>9}")
     for name, value in counts.items():
-        print(f"{name:<14}{value:>18,.0f}{value / counts['bare']:>9.3f}")
+        ratio = f"{value / counts['bare']:>9.3f}" if "bare" in counts else ""
+        print(f"{name:<14}{value:>18,.0f}{ratio}")
 
 
 if __name__ == "__main__":

@@ -449,13 +449,13 @@ def main() -> None:
                     results.add("slow stream, 1 at a time", "added TTFB ms", name,
                                 ms - ttfb["direct"])
         if args.instructions:
-            from bench.instructions import instruction_counts
+            from bench.instructions import TARGETS, instruction_counts
 
             requests = 100 if args.smoke else 600
-            also = tuple(name for name in names if name in ("bare-lean", "ours-aiohttp"))
+            counted = tuple(name for name in names if name in TARGETS)
             for point, stream in (("non-streamed", False), ("streamed, 20 chunks", True)):
                 print(f"instructions: {point} (callgrind, {requests} requests)", flush=True)
-                counts, _ = instruction_counts(requests, stream, args.set, also)
+                counts, _ = instruction_counts(requests, stream, args.set, counted)
                 for name, value in counts.items():
                     results.add(point, "instructions/req", name, value)
             results.notes.append("instructions/req: `python -m bench.instructions` (callgrind, "
