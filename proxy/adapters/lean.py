@@ -47,17 +47,15 @@ class LeanError(ConnectionError):
 class ConnectError(LeanError):
     """No connection could be made; ``reason`` says why, in the system's words (no address)."""
 
-    def __init__(self, reason: str, errno: int | None) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(f"cannot connect: {reason}", "send")
         self.reason = reason
-        self.errno = errno
 
     @classmethod
     def of(cls, exc: OSError) -> ConnectError:
         if isinstance(exc, socket.gaierror):  # a failed lookup: its errno is the resolver's
-            return cls(exc.strerror or "the host name could not be resolved", None)
-        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
-        return cls(reason, exc.errno)
+            return cls(exc.strerror or "the host name could not be resolved")
+        return cls(os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__))
 
 
 class ConnectTimeout(TimeoutError):
@@ -79,12 +77,13 @@ class LeanResponse:
                  "_waiter", "deadline", "framed", "head", "headers", "keep_alive", "status")
 
     def __init__(self, conn: _Conn, idle: float | None, deadline: float | None = None,
-                 head: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 head: bool = False) -> None:
         self._conn: _Conn | None = conn
         self._idle = idle
-        # kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11, and a
-        # stream waits once per chunk
-        self._loop = loop or asyncio.get_running_loop()
+        # the connection's loop, kept (``_conn`` goes at the answer's end):
+        # asyncio.get_running_loop() costs a getpid() system call on Python 3.11, and a stream
+        # waits once per chunk
+        self._loop = conn.loop
         #: The answer to a HEAD request: it has no body, whatever its headers say.
         self.head = head
         #: ``loop.time()`` by which the whole answer must have arrived (``None``: no bound).
@@ -134,15 +133,13 @@ class LeanResponse:
         waiter = self._waiter = loop.create_future()
         conn = self._conn
         if conn is not None:
-            deadline = self.deadline
+            until, timeout = self.deadline, TimeoutError
             if seconds is not None:
-                until = loop.time() + seconds
-                if deadline is None or until < deadline:
-                    conn.watch(until, IdleTimeout if self.status else TimeoutError)
-                else:
-                    conn.watch(deadline, TimeoutError)
-            elif deadline is not None:
-                conn.watch(deadline, TimeoutError)
+                bound = loop.time() + seconds
+                if until is None or bound < until:
+                    until, timeout = bound, IdleTimeout if self.status else TimeoutError
+            if until is not None:
+                conn.watch(until, timeout)
         await waiter
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -324,11 +321,15 @@ class _Conn(asyncio.Protocol):
             # llhttp cannot be told that a response answers HEAD, and would read the
             # Content-Length it names as a body: the answer ends here, and so does the
             # connection (HEAD is rare; a new parser state is not worth the risk)
-            response._done = True
-            response._conn = None
-            self.response = None
+            self._finish(response)
             self.abort()
         response._wake()
+
+    def _finish(self, response: LeanResponse) -> None:
+        """``response`` has arrived whole: it and this connection part."""
+        response._done = True
+        response._conn = None
+        self.response = None
 
     def on_body(self, body: bytes) -> None:
         response = self.response
@@ -347,9 +348,7 @@ class _Conn(asyncio.Protocol):
         response = self.response
         assert response is not None
         response.keep_alive = self.parser.should_keep_alive()
-        response._done = True
-        response._conn = None
-        self.response = None
+        self._finish(response)
         if response.keep_alive and not self.closed:
             self.resume()
             self.pool._release(self)
@@ -381,8 +380,9 @@ class LeanPool:
         #: Seconds a host name's addresses are reused for new connections (as aiohttp's
         #: ``ttl_dns_cache``); forgotten at once when none of them takes a connection.
         self.dns_ttl = dns_ttl
+        #: The host name's addresses, looked up at ``_resolved_at`` (empty: look up again).
         self._addresses: list[tuple[str, int]] = []
-        self._resolved_at = -dns_ttl
+        self._resolved_at = 0.0
         self._literal = _is_ip(host)
         self.lookups = 0  # host name lookups made, for tests
         default_port = 443 if tls is not None else 80
@@ -415,7 +415,7 @@ class LeanPool:
         for attempt in range(2):
             conn = await self._acquire(loop)
             reused = conn.used > 0
-            response = LeanResponse(conn, idle, deadline, method == "HEAD", loop)
+            response = LeanResponse(conn, idle, deadline, method == "HEAD")
             conn.send(response, data)
             try:
                 while not response.status:
@@ -463,7 +463,7 @@ class LeanPool:
                 return conn
             except OSError as exc:
                 error = exc
-        self._resolved_at = -self.dns_ttl  # look the name up again next time
+        self._addresses = []  # look the name up again next time
         assert error is not None
         raise error
 
