@@ -47,27 +47,33 @@ def create_app(
     pipeline = Pipeline(metrics, limiter)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    node = None
-    if config.node is not None:
-        from proxy.server import node as node_mode  # numpy and eth-abi: node mode only
+    try:
+        node = None
+        if config.node is not None:
+            from proxy.server import node as node_mode  # numpy and eth-abi: node mode only
 
-        node = node_mode.build(config, NodeMetrics(metrics.registry))
-    runtime = Runtime(
-        config=config,
-        metrics=metrics,
-        pipeline=pipeline,
-        drain=Drain(),
-        auth=AuthState(
-            config,
-            refused=metrics.count_auth_failure,
-            allowed=node.registry.inference if node is not None else None,
-        ),
-        readiness=Readiness(config),
-        catalog=Catalog(),
-        session=session,
-        served=Served([pipeline.build(entry, session) for entry in config.entries]),
-        config_path=config_path,
-    )
+            node = node_mode.build(config, NodeMetrics(metrics.registry))
+        runtime = Runtime(
+            config=config,
+            metrics=metrics,
+            pipeline=pipeline,
+            drain=Drain(),
+            auth=AuthState(
+                config,
+                refused=metrics.count_auth_failure,
+                allowed=node.registry.inference if node is not None else None,
+            ),
+            readiness=Readiness(config),
+            catalog=Catalog(),
+            session=session,
+            served=Served([pipeline.build(entry, session) for entry in config.entries]),
+            config_path=config_path,
+        )
+    except BaseException:
+        # A config that fails here (an adapter that cannot be imported, ...) must not leave
+        # an unclosed session behind; unused, it closes without a turn of the loop.
+        session.detach()
+        raise
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[RUNTIME] = runtime
     app[RELOADER] = Reloader(runtime)
