@@ -18,6 +18,36 @@ from tests.fakes.openai_upstream import FakeOpenAI
 
 StartProxy = Callable[..., Awaitable[TestClient]]
 
+#: The slow-marked suites a default run leaves out, and the command that runs each
+#: (``bash .ci/run`` runs them all, after installing what they need).
+SLOW_SUITES = {
+    "tests/adapters/vllm/": "vLLM on CPU (needs requirements/ci.txt installed, 3 to 5 minutes): "
+                            "setsid .venv/bin/python -m pytest -q -m slow tests/adapters/vllm",
+    "tests/": "soak and live Prometheus (Prometheus: apt-get install prometheus): "
+              ".venv/bin/python -m pytest -q -m slow --ignore=tests/adapters/vllm",
+}
+LEFT_OUT = pytest.StashKey[dict[str, int]]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if not items:
+        return
+    left_out = items[0].config.stash.setdefault(LEFT_OUT, {})
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            suite = next(s for s in SLOW_SUITES if item.nodeid.startswith(s))
+            left_out[suite] = left_out.get(suite, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say which slow suites this run left out and the command that runs them; the reasons
+    for skipped tests are in pytest's short summary (``-rs``)."""
+    left_out = config.stash.get(LEFT_OUT, {})
+    if left_out:
+        terminalreporter.section("left out (slow)")
+        for suite, count in left_out.items():
+            terminalreporter.write_line(f"{count} tests: {SLOW_SUITES[suite]}")
+
 
 @pytest.fixture
 def fake_openai() -> FakeOpenAI:

@@ -34,7 +34,8 @@ GATEWAY_KEY = bytes(31) + b"\x2a"
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(
     REDIS_SERVER is None and not os.environ.get("REDIS_SERVER_REQUIRED"),
-    reason="redis-server is not installed (Debian: apt-get install redis-server)",
+    reason="redis-server is not installed (Debian: apt-get install redis-server; bash .ci/run "
+           "installs it and runs these)",
 )
 BODY = b'{"model":"mock-model","messages":[{"role":"user","content":"hi"}]}'
 

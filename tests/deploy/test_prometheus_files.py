@@ -21,7 +21,8 @@ from tests.deploy.files import (
 from tests.deploy.test_prometheus_live import PENDING_METRICS
 
 needs_promtool = pytest.mark.skipif(
-    tool("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+    tool("promtool") is None,
+    reason="promtool not installed (apt-get install prometheus; bash .ci/run installs it)")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
