@@ -2,6 +2,10 @@
 #
 #   docker build -t model-proxy .                              # CPU image
 #   docker build -t model-proxy:vllm --build-arg EXTRAS=vllm . # GPU image, vLLM in process
+#
+# Python 3.11 (the default, what CI rehearses), 3.12 or 3.13 for the CPU image
+# (--build-arg PYTHON_IMAGE=python:3.12-slim-bookworm); the GPU image: 3.11 only (its lock,
+# requirements/proxy-vllm.txt, is for Linux x86_64 and Python 3.11).
 #   docker run -p 8080:8080 -v "$PWD/model_backend.yaml:/etc/model-proxy/model_backend.yaml:ro" model-proxy
 #
 # Config: /etc/model-proxy/model_backend.yaml (MODEL_BACKEND_CONFIG), mounted read-only.
@@ -12,23 +16,24 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- dependencies: their own layer, rebuilt only when pyproject.toml changes ---------------
+# --- dependencies: their own layer, rebuilt only when the lock changes ----------------------
+# The lock (exact versions, hashes; scripts/lock writes it): requirements/proxy.txt, or
+# requirements/proxy-vllm.txt with EXTRAS=vllm. Nothing is resolved at build time.
 FROM ${PYTHON_IMAGE} AS deps
 ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/model-proxy
 ENV PATH=/opt/model-proxy/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
-COPY deploy/container/requirements.py deploy/container/
-RUN python deploy/container/requirements.py pyproject.toml "$EXTRAS" > requirements.txt \
-    && pip install -r requirements.txt
+COPY requirements/proxy.txt requirements/proxy-vllm.txt requirements/
+RUN pip install --no-deps --require-hashes -r "requirements/proxy${EXTRAS:+-$EXTRAS}.txt" \
+    && pip check
 
-# --- the proxy itself, on top of the cached dependencies ------------------------------------
+# --- the proxy itself, on top of the cached dependencies, built with the lock's setuptools --
 FROM deps AS build
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install --no-deps . && model-proxy --version
+RUN pip install --no-deps --no-build-isolation . && model-proxy --version
 
 # --- runtime: the virtual environment only, as a numeric non-root user ----------------------
 FROM ${PYTHON_IMAGE}

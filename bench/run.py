@@ -59,7 +59,8 @@ from bench.targets import (
 )
 
 LITELLM_VENV = ROOT / ".bench" / "litellm"
-LITELLM_PIN = "litellm[proxy]"
+#: litellm[proxy] at exact versions with hashes (scripts/lock), so that its figures stay comparable
+LITELLM_LOCK = ROOT / "requirements" / "litellm.txt"
 WRK_HELP = "wrk not found: install it, e.g. `apt-get update && apt-get install -y wrk` (Debian)"
 SLOW = "bench:chunks=20:delay=20"
 
@@ -252,9 +253,10 @@ def ensure_litellm() -> Path:
     exe = LITELLM_VENV / "bin" / "litellm"
     if exe.exists():
         return exe
-    print(f"installing {LITELLM_PIN} into {LITELLM_VENV} (once) ...", flush=True)
+    print(f"installing {LITELLM_LOCK.relative_to(ROOT)} into {LITELLM_VENV} (once) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-    subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_PIN], check=True)
+    subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "--no-deps",
+                    "--require-hashes", "-r", str(LITELLM_LOCK)], check=True)
     return exe
 
 
@@ -345,7 +347,7 @@ def main() -> None:
     parser.add_argument("--ttfb-requests", type=int, default=20,
                         help="slow streams per target per repeat for time to first byte")
     parser.add_argument("--litellm", action="store_true",
-                        help=f"also LiteLLM's proxy (installs {LITELLM_PIN} into .bench/)")
+                        help="also LiteLLM's proxy (requirements/litellm.txt, into .bench/)")
     parser.add_argument("--lean", action="store_true",
                         help="also the bare pass-through on the lean upstream client")
     parser.add_argument("--aiohttp", action="store_true",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from tests.deploy.dockerfile import context_files, parse
 from tests.deploy.files import INSTALL_HINT, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
-REQUIREMENTS = ROOT / "deploy/container/requirements.py"
 
 
 def hadolint() -> str | None:
@@ -38,7 +36,8 @@ def test_build_context_holds_only_tracked_files() -> None:
                                  check=True).stdout.split())
     context = set(context_files(ROOT))
     assert context <= tracked, f"untracked files would enter the image: {context - tracked}"
-    copied = {"pyproject.toml", "README.md", "deploy/container/requirements.py"}
+    copied = {"pyproject.toml", "README.md", "requirements/proxy.txt",
+              "requirements/proxy-vllm.txt"}
     assert copied <= context and any(name.startswith("proxy/") for name in context)
     assert not any(name.startswith(("tests/", ".venv/", ".git/")) for name in context)
 
@@ -52,13 +51,18 @@ def test_every_copy_source_is_in_the_context() -> None:
                     assert any(n == source or n.startswith(source + "/") for n in context), source
 
 
-def test_dependencies_install_before_the_code_is_copied() -> None:
-    build = next(s for s in parse(DOCKERFILE) if s.name == "build")
-    steps = [f"{word} {rest}" for word, rest in build.steps]
-    install = next(i for i, s in enumerate(steps) if "pip install -r" in s)
-    code = steps.index("COPY proxy ./proxy")
-    assert steps.index("COPY pyproject.toml ./") < install < code
-    assert "$EXTRAS" in steps[install]
+def test_the_lock_installs_before_the_code_is_copied() -> None:
+    stages = {s.name: s for s in parse(DOCKERFILE)}
+    deps = [f"{word} {rest}" for word, rest in stages["deps"].steps]
+    install = next(i for i, s in enumerate(deps) if "pip install" in s)
+    assert deps.index("COPY requirements/proxy.txt requirements/proxy-vllm.txt requirements/") \
+        < install
+    # nothing resolved at build time: exact versions with hashes, the lock EXTRAS names
+    assert "--no-deps --require-hashes -r" in deps[install]
+    assert '"requirements/proxy${EXTRAS:+-$EXTRAS}.txt"' in deps[install]
+    build = [f"{word} {rest}" for word, rest in stages["build"].steps]
+    assert build.index("COPY proxy ./proxy") < next(
+        i for i, s in enumerate(build) if "pip install --no-deps --no-build-isolation ." in s)
 
 
 def test_runtime_stage() -> None:
@@ -73,30 +77,3 @@ def test_runtime_stage() -> None:
     assert final.healthcheck and final.healthcheck[0] == "python"
     assert "http://127.0.0.1:8080/healthz" in final.healthcheck[-1]
     assert not any(tool in " ".join(final.healthcheck) for tool in ("curl", "wget"))
-
-
-def requirements(extras: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(REQUIREMENTS), str(ROOT / "pyproject.toml"),
-                           extras], capture_output=True, text=True, timeout=30)
-
-
-def test_extras_build_arg_selects_the_vllm_extra() -> None:
-    plain, gpu = requirements(""), requirements("vllm")
-    assert plain.returncode == gpu.returncode == 0
-    assert any(line.startswith("aiohttp") for line in plain.stdout.splitlines())
-    assert not any(line.startswith("vllm") for line in plain.stdout.splitlines())
-    extra = set(optional_dependencies()["vllm"])
-    assert set(gpu.stdout.splitlines()) - set(plain.stdout.splitlines()) == extra
-
-
-def test_unknown_extra_is_one_clear_line() -> None:
-    result = requirements("vllm,gpu")
-    assert result.returncode == 1
-    known = ", ".join(sorted(optional_dependencies()))
-    assert result.stderr.strip() == (
-        f"{ROOT / 'pyproject.toml'}: no optional dependency group gpu; known: {known}")
-
-
-def optional_dependencies() -> dict[str, list[str]]:
-    with open(ROOT / "pyproject.toml", "rb") as file:
-        return dict(tomllib.load(file)["project"]["optional-dependencies"])
