@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import ipaddress
-import os
 import re
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
@@ -521,13 +520,6 @@ class BaseConfig(Section):
     url: str | tuple[str, ...] | None = None
     #: How requests spread over several ``url``s: in turn, or to the one with fewest in flight.
     routing: Literal["round_robin", "least_busy"] = "round_robin"
-    #: The HTTP client that talks to ``url``: the lean HTTP/1.1 pool (``proxy.adapters.lean``),
-    #: or aiohttp's ``ClientSession`` (the fallback). A config that names none takes
-    #: ``$MODEL_PROXY_UPSTREAM_CLIENT``, else ``lean``.
-    upstream_client: Literal["aiohttp", "lean"] = Field(
-        default_factory=lambda: os.environ.get("MODEL_PROXY_UPSTREAM_CLIENT", "lean"),
-        validate_default=True,
-    )
     fxn_id: str | None = Field(None, min_length=1)
     api_key: SecretStr | None = None
     #: Header that carries ``api_key`` upstream; the provider's default when unset.
@@ -787,8 +779,7 @@ ModelConfig = Annotated[
 TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "models",
                   "plugins", "node")
 #: Sections a ``models:`` entry takes from the top level when it does not give its own.
-INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism",
-             "upstream_client")
+INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism")
 #: Keys that describe one model, given in each ``models:`` entry instead of the top level.
 PER_MODEL = ("backend_provider", "url", "routing", "fxn_id", "api_key", "api_key_header",
              "bearer_token", "model_name_alias", "model", "ollama", "engine", "fxn", "options")

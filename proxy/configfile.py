@@ -7,6 +7,7 @@ half-applied: callers swap configs only after this returns.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import types
@@ -31,6 +32,7 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError
 
+log = logging.getLogger("model_proxy")
 Loc = tuple[str | int, ...]
 _REF = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -83,6 +85,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{name}: cannot read: {_reason(exc)}"]) from None
     data = parse_yaml(text, name)
+    _drop_retired(data, name)
     problems: list[str] = []
     data = _interpolate(data, (), os.environ if env is None else env, name, problems)
     _read_secret_files(data, (), path.parent, name, problems)
@@ -93,6 +96,26 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         return build_config(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, data, name)) from None
+
+
+#: Keys earlier versions read and this one ignores, with what to know about each.
+RETIRED = {
+    "upstream_client": "the proxy has one HTTP client for upstreams now; remove the key",
+}
+
+
+def _drop_retired(data: dict[str, Any], name: str) -> None:
+    """Take out the keys this version no longer reads, with one log line each."""
+    entries = data.get("models")
+    places = [("", data)]
+    if isinstance(entries, list):
+        places += [(f"models.{i}.", e) for i, e in enumerate(entries) if isinstance(e, dict)]
+    for prefix, place in places:
+        for key, note in RETIRED.items():
+            for spelt in (key, to_camel(key)):
+                if spelt in place:
+                    del place[spelt]
+                    log.warning("%s: %s%s: no longer read: %s", name, prefix, spelt, note)
 
 
 def _unquoted_in_flow(line: str) -> bool:

@@ -364,36 +364,30 @@ def test_ollama_keep_alive_is_settled_at_load(tmp_path: Path) -> None:
     ]
 
 
-def test_upstream_client_is_chosen_by_name_or_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_retired_upstream_client_key_is_a_note_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
-    plain = write(tmp_path, "backend_provider: custom\nurl: http://h\n")
-    assert load_config(plain).upstream_client == "lean"
-    named = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstreamClient: aiohttp\n",
-                  "n")
-    assert load_config(named).upstream_client == "aiohttp"
-    monkeypatch.setenv("MODEL_PROXY_UPSTREAM_CLIENT", "aiohttp")
-    assert load_config(plain).upstream_client == "aiohttp"
-    assert load_config(write(tmp_path, "backend_provider: custom\nurl: http://h\n"
-                                       "upstream_client: lean\n", "l")).upstream_client == "lean"
-    bad = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstream_client: curl\n", "b")
-    with pytest.raises(ConfigError) as info:
-        load_config(bad)
-    assert len(info.value.problems) == 1
-    assert info.value.problems[0].startswith(f"{bad}: upstream_client: ")
-    assert "'aiohttp' or 'lean'" in info.value.problems[0]
-
-
-def test_models_entries_take_the_top_level_upstream_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
-    path = write(tmp_path, (
-        "upstream_client: aiohttp\nmodels:\n"
-        "  - {backend_provider: custom, url: 'http://a', model: {name: a}}\n"
-        "  - {backend_provider: custom, url: 'http://b', model: {name: b},"
-        " upstream_client: lean}\n"
-    ))
-    config = load_config(path)
-    assert [entry.upstream_client for entry in config.entries] == ["aiohttp", "lean"]
+    """``upstream_client`` chose between two HTTP clients; there is one now. A config that
+    still names it (either spelling, top level or a ``models:`` entry) loads, with one line
+    per place saying the key is no longer read."""
+    plain = load_config(write(tmp_path, "backend_provider: custom\nurl: http://h\n"))
+    with caplog.at_level("WARNING", logger="model_proxy"):
+        named = write(tmp_path, "backend_provider: custom\nurl: http://h\n"
+                                "upstreamClient: aiohttp\n", "n")
+        assert load_config(named) == plain
+        many = write(tmp_path, (
+            "upstream_client: aiohttp\nmodels:\n"
+            "  - {backend_provider: custom, url: 'http://a', model: {name: a}}\n"
+            "  - {backend_provider: custom, url: 'http://b', model: {name: b},"
+            " upstream_client: lean}\n"
+        ), "m")
+        assert len(load_config(many).entries) == 2
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [
+        f"{named}: upstreamClient: no longer read: the proxy has one HTTP client for "
+        "upstreams now; remove the key",
+        f"{many}: upstream_client: no longer read: the proxy has one HTTP client for "
+        "upstreams now; remove the key",
+        f"{many}: models.1.upstream_client: no longer read: the proxy has one HTTP client "
+        "for upstreams now; remove the key",
+    ]
