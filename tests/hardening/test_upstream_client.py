@@ -142,3 +142,30 @@ async def test_a_header_flood_is_a_502(start_proxy: StartProxy,
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 502
     assert "header fields" in (await resp.json())["error"]["message"]
+
+
+async def test_a_signed_job_sent_again_is_signed_afresh(
+        start_proxy: StartProxy, raw_upstreams: list[RawUpstream]) -> None:
+    """A Function Network job whose kept-alive connection died unanswered goes again with a
+    new nonce and signature: the network's node would refuse the first copy's as a replay."""
+    answered: set[asyncio.StreamWriter] = set()
+
+    async def one_per_connection(req: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if writer in answered:
+            return False
+        answered.add(writer)
+        writer.write(response(200, COMPLETION))
+        return True
+
+    upstream = await started(raw_upstreams, one_per_connection)
+    key = "0x" + "5c" * 31 + "01"
+    client = await start_proxy({"backend_provider": "fxn", "url": upstream.url, "fxn_id": "m",
+                                "fxn": {"private_key": key}, "retries": {"attempts": 1}})
+    for _ in range(4):
+        resp = await client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status == 200, await resp.text()
+    posts = [r for r in upstream.seen if r.line.startswith("POST")]
+    assert len(posts) > 4  # some were sent twice: once on a dead connection, once fresh
+    nonces = [r.headers["x-nonce"] for r in posts]
+    signatures = [r.headers["x-signature"] for r in posts]
+    assert len(set(nonces)) == len(posts) and len(set(signatures)) == len(posts)
