@@ -21,6 +21,7 @@ from proxy.server.health import Readiness, probing
 from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
 from proxy.server.tasks import running
+from proxy.upstream.clock import SYSTEM, Clock
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
 from proxy.upstream.routing import Served
@@ -36,15 +37,17 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     config_path: str | None = None,
+    clock: Clock = SYSTEM,
 ) -> web.Application:
     """Build the proxy for ``config``; the adapter starts and stops with the application.
 
     Call it with an event loop running (the upstream connection pool belongs to it). Raises
-    ``ConfigError`` if the configured adapter cannot be imported.
+    ``ConfigError`` if the configured adapter cannot be imported. ``clock`` times the
+    breakers, the limiter's queue, retries and cool-downs (tests pass one they move).
     """
     metrics = Metrics(registry)
-    limiter = Limiter(config.limits)
-    pipeline = Pipeline(metrics, limiter)
+    limiter = Limiter(config.limits, clock)
+    pipeline = Pipeline(metrics, limiter, clock)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     node = None

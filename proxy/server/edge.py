@@ -27,13 +27,16 @@ from aiohttp.web_protocol import RequestPayloadError
 from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
+from proxy.exchange import Exchange
 from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RuntimeHandler = Callable[[web.Request, Runtime], Awaitable[web.StreamResponse]]
+#: A handler as routes write it: the request, the application's runtime, the request's own
+#: exchange (``proxy.exchange``).
+RuntimeHandler = Callable[[web.Request, Runtime, Exchange], Awaitable[web.StreamResponse]]
 
 _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 
@@ -68,6 +71,7 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         request_id = ids.of(request.headers.get(HEADER))
         # no reset: the next request handled in this task sets its own first
         CURRENT.set(request_id)
+        exchange = Exchange(request_id)
         label = endpoint
         if label is None:
             label = "passthrough" if request.path.startswith("/v1/") else "other"
@@ -90,7 +94,7 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                             read_body, request, limit, config.server.body_timeout))
                     else:
                         auth.check_keys(request.headers)
-                response = await handler(request, runtime)
+                response = await handler(request, runtime, exchange)
                 # a relayed stream has sent it with its headers already; setting it again then
                 # costs less than asking whether it was prepared
                 response.headers[HEADER] = request_id
@@ -125,15 +129,10 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         finally:
             if label:
                 seconds = time.perf_counter() - start
-                model = runtime.routed_label
-                if model:
-                    runtime.routed_label = ""
-                else:
-                    model = backend.model_label
-                metrics.observe_request(label, model, status, seconds)
-                upstream = runtime.upstream_seconds
+                metrics.observe_request(label, exchange.model_label or backend.model_label,
+                                        status, seconds)
+                upstream = exchange.upstream_seconds
                 if upstream >= 0.0:
-                    runtime.upstream_seconds = -1.0
                     metrics.observe_overhead(label, seconds - upstream)
 
     return handle

