@@ -11,7 +11,8 @@ bytes unread), so a connection goes back to the pool as soon as its answer has a
 What it refuses (as ``LeanError``, never a traceback): what llhttp refuses in strict mode
 (duplicate or invalid ``Content-Length``, ``Content-Length`` beside ``Transfer-Encoding``, bad
 chunk sizes, bare LF, obs-fold: RFC 9112 lets a recipient reject each, and a proxy that cannot
-be sure how the next hop frames a message must), status codes outside 100-599, heads over
+be sure how the next hop frames a message must), transfer codings other than chunked (the
+body could only be relayed still encoded), status codes outside 100-599, heads over
 :data:`MAX_HEAD_BYTES` or :data:`MAX_FIELDS` (interim answers and trailers counted with them),
 more than :data:`MAX_INTERIM` interim answers, and a protocol switch (101: the connection is
 closed, the status returned for the caller to refuse). Bytes after a complete answer close the
@@ -32,6 +33,7 @@ import asyncio
 import collections
 import ipaddress
 import os
+import re
 import socket
 import ssl as ssl_module
 import time
@@ -51,6 +53,8 @@ MAX_FIELDS = 256
 #: Interim answers (100 Continue, 103 Early Hints) skipped before the real one.
 MAX_INTERIM = 8
 Stage = Literal["send", "body"]
+#: What a reason phrase must not hold: control characters but HTAB.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class LeanError(ConnectionError):
@@ -390,6 +394,11 @@ class _Conn(asyncio.Protocol):
         if response is None or response._done:
             raise _Refused("bytes after the end of the answer")
 
+    def on_status(self, reason: bytes) -> None:
+        # never relayed, but a control character there is no HTTP (RFC 9112 4): as h11 does
+        if _CONTROL.search(reason) is not None:
+            raise _Refused("a control character in the status line")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
@@ -401,10 +410,15 @@ class _Conn(asyncio.Protocol):
         if response.status:
             return  # a trailer: counted, not kept
         lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding"
-                                            and b"chunked" in value.lower()):
+        if lowered == b"content-length":
             response.framed = True
-        response.headers.append((name, value))
+        elif lowered == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                # its body could only be relayed still encoded, and the header is dropped
+                raise _Refused("a transfer coding other than chunked")
+            response.framed = True
+        # OWS around a value is not part of it (RFC 9110 5.5); llhttp keeps what trails
+        response.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         response = self.response
