@@ -11,6 +11,7 @@ the same cases every run.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class Sink(asyncio.Transport):
 def pieces(case: Case) -> list[bytes]:
     data, cuts = case.data, sorted(set(case.splits))
     bounds = [0, *[c for c in cuts if 0 < c < len(data)], len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def ours(case: Case, pool: LeanPool, loop: asyncio.AbstractEventLoop) -> Read:
