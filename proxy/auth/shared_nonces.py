@@ -45,9 +45,9 @@ class RedisNonces:
     def __init__(self, url: str, *, timeout: float = TIMEOUT) -> None:
         # redis-py is an optional dependency (the "redis" extra), imported only when used
         import redis.asyncio
+        from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import RedisError
-        from redis.retry import Retry
 
         self._client = redis.asyncio.Redis.from_url(
             url,
