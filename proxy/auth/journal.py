@@ -64,8 +64,7 @@ class JournaledNonces(NonceCache):
         path = Path(directory) / FILE_NAME
         try:
             os.makedirs(directory, exist_ok=True)
-            db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_SECONDS,
-                                 check_same_thread=False)
+            db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_SECONDS)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             for statement in _SCHEMA:
