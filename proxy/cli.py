@@ -13,13 +13,12 @@ import yaml
 from pydantic import SecretStr, ValidationError
 
 from proxy import __version__, backendtool, trial
-from proxy.adapters import load_adapter_class
 from proxy.adapters.vllm import worker as vllm_worker
 from proxy.auth import keytool
-from proxy.auth.inbound import check_exposure
 from proxy.config import PER_MODEL, BaseConfig, ModelSetConfig, ProxyConfig, ServerSection
 from proxy.configfile import default_path, load_config
 from proxy.errors import ConfigError
+from proxy.server.preflight import check_servable
 
 EXIT_CONFIG = 2
 
@@ -80,19 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
-        for i, entry in enumerate(config.entries):
-            try:
-                load_adapter_class(entry)
-            except ConfigError as exc:
-                key = f"models[{i}]." if entry is not config else ""
-                raise ConfigError([f"{path}: {key}{line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
-        try:
-            exposure = check_exposure(config)  # refused here, before logging or binding
-        except ConfigError as exc:
-            where = "command line: --host" if args.command == "serve" and args.host else path
-            raise ConfigError([f"{where}: {line}" for line in exc.problems]) from None
+        # refused here, before logging or binding; a reload runs the same checks
+        exposure = check_servable(
+            config, path,
+            host_from="command line: --host" if args.command == "serve" and args.host else None,
+        )
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)

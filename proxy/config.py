@@ -202,26 +202,44 @@ class FxnSignaturesSection(Section):
     #: Most nonces remembered at once; when full, the accepted window narrows (no replays).
     #: For the ``memory`` store only.
     nonce_cache_size: int = Field(100_000, ge=1)
-    #: Where used nonces are remembered: ``memory`` (this process, the default) or a Redis URL
+    #: Where used nonces are remembered: ``journal`` (the default: memory, and a file in
+    #: ``state_dir`` that a restart reads back, ``proxy.auth.journal``), ``memory`` (this
+    #: process only: a restart refuses what was signed before it) or a Redis URL
     #: (``redis://``, ``rediss://``, ``unix://``) that every replica shares, so a signed job
     #: replayed to another replica is refused too (``proxy.auth.shared_nonces``). The URL may
     #: hold a password, so it is kept as a secret (``nonce_store_file`` reads it from a file).
-    #: ``None`` means ``memory``.
+    #: ``None`` means ``journal``.
     nonce_store: SecretStr | None = None
+    #: The directory of the nonce journal. Unset: ``$MODEL_PROXY_STATE_DIR`` (the image sets
+    #: /var/lib/model-proxy), else the directory of the config file.
+    state_dir: str | None = Field(None, min_length=1)
 
     @field_validator("nonce_store", mode="before")
     @classmethod
-    def _memory_is_default(cls, value: Any) -> Any:
-        return None if value == "memory" else value
+    def _journal_is_default(cls, value: Any) -> Any:
+        return None if value == "journal" else value
 
     @field_validator("nonce_store")
     @classmethod
     def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
+        if value is not None and value.get_secret_value() != "memory":
             scheme = value.get_secret_value().partition("://")[0].lower()
             if scheme not in ("redis", "rediss", "unix"):  # the message never quotes the URL
-                raise ValueError("must be memory or a redis://, rediss:// or unix:// URL")
+                raise ValueError(
+                    "must be journal, memory or a redis://, rediss:// or unix:// URL")
         return value
+
+    @property
+    def redis_url(self) -> str | None:
+        """The shared store's URL, if the nonces are kept in Redis."""
+        store = self.nonce_store
+        url = None if store is None else store.get_secret_value()
+        return None if url in (None, "memory") else url
+
+    @property
+    def journaled(self) -> bool:
+        """Whether the nonces are kept in a journal (``nonce_store: journal``, the default)."""
+        return self.nonce_store is None
 
     @field_validator("allowed_addresses", mode="before")
     @classmethod

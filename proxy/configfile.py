@@ -38,6 +38,8 @@ _REF = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+#: The environment variable naming the default ``auth.fxn_signatures.state_dir``.
+STATE_DIR_ENV = "MODEL_PROXY_STATE_DIR"
 #: Largest config file read; more is refused before parsing (``/dev/zero`` included).
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Largest ``*_file`` secret read.
@@ -90,6 +92,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     data = _interpolate(data, (), os.environ if env is None else env, name, problems)
     _read_secret_files(data, (), path.parent, name, problems)
     _anchor_key_file(data, path.parent)
+    _anchor_state_dir(data, path.parent, os.environ if env is None else env)
     if problems:
         raise ConfigError(problems)
     try:
@@ -345,6 +348,22 @@ def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
         value = node.get(key)
         if isinstance(value, str) and value:
             node[key] = str(base / Path(value).expanduser())
+
+
+def _anchor_state_dir(data: dict[str, Any], base: Path, env: Mapping[str, str]) -> None:
+    """``auth.fxn_signatures.state_dir``: relative to the config file; unset, the directory
+    ``$MODEL_PROXY_STATE_DIR`` names (the container image's), else the config file's."""
+    auth = data.get("auth")
+    signatures = auth.get("fxn_signatures", auth.get("fxnSignatures")) if isinstance(
+        auth, dict) else None
+    if not isinstance(signatures, dict):
+        return
+    key = "stateDir" if "stateDir" in signatures else "state_dir"
+    value = signatures.get(key)
+    if value is None:
+        value = env.get(STATE_DIR_ENV) or "."
+    if isinstance(value, str) and value:
+        signatures[key] = str(base / Path(value).expanduser())
 
 
 _ENTRY_MESSAGE = re.compile(r"(models\[\d+\]\.\S+): (.*)", re.S)

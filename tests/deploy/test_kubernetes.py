@@ -101,6 +101,16 @@ def test_security_context_matches_the_image() -> None:
     assert tmp in {m["mountPath"] for m in container()["volumeMounts"]}
 
 
+def test_the_state_dir_is_a_writable_volume() -> None:
+    # the nonce journal lives there; the root file system is read-only
+    state = parse(ROOT / "Dockerfile")[-1].env["MODEL_PROXY_STATE_DIR"]
+    mounts = {m["mountPath"]: m for m in container()["volumeMounts"]}
+    assert state in mounts and not mounts[state].get("readOnly", False)
+    compose = yaml.safe_load((ROOT / "deploy/compose/docker-compose.yml").read_text())
+    volumes = compose["services"]["proxy"]["volumes"]
+    assert any(v.split(":")[1] == state and not v.endswith(":ro") for v in volumes)
+
+
 def mounted(tmp_path: Path) -> tuple[Path, Any]:
     """The ConfigMap's file and the Secret's files where the pod would see them, under tmp."""
     docs = documents()
