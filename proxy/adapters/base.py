@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 
 Endpoint = Literal["chat", "completions", "embeddings", "passthrough"]
 
+#: The sampling parameters of OpenAI's API, which OpenAI-compatible upstreams pass on.
+OPENAI_SAMPLING = ("temperature", "top_p", "max_tokens", "stop", "seed", "frequency_penalty",
+                   "presence_penalty", "logit_bias", "logprobs", "top_logprobs")
+#: ...and those vLLM adds.
+VLLM_SAMPLING = (*OPENAI_SAMPLING, "top_k", "min_p", "repetition_penalty")
+
 JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
 SSE_HEADERS: Mapping[str, str] = {
     "Content-Type": "text/event-stream",
@@ -199,6 +205,12 @@ class Adapter(ABC):
     asks_usage: ClassVar[bool] = False
     #: Whether ``/v1/*`` paths the proxy does not know are forwarded to this upstream unchanged.
     passthrough: ClassVar[bool] = False
+    #: The sampling parameters the upstream honours (the catalog's
+    #: ``supported_sampling_parameters``).
+    sampling: ClassVar[tuple[str, ...]] = OPENAI_SAMPLING
+    #: The ``top_k`` that turns top-k sampling off, for upstreams whose requests have one
+    #: (``determinism: {enforce: true}`` sends it); ``None``: the upstream takes no ``top_k``.
+    top_k_off: ClassVar[int | None] = None
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         self.config = config

@@ -5,7 +5,7 @@ kept only as SHA-256 digests and every configured key is compared in constant ti
 neither timing nor an early exit tells which key (or how much of one) was right.
 ``auth.fxn_signatures`` checks the network's request signatures (``proxy.auth.signing``).
 ``auth.mode`` says whether either kind suffices (``any``) or every configured kind is needed
-(``all``). Probes and scrapes (:data:`PUBLIC_PATHS`) pass without credentials.
+(``all``). The server decides which paths need none (``Runtime.public_paths``).
 
 Every refusal is ``Unauthorized`` whose ``code`` is a reason from a fixed set, counted in
 ``model_proxy_auth_failures{reason}``; messages never echo what the client sent.
@@ -37,10 +37,6 @@ from proxy.errors import ConfigError, Unauthorized
 
 log = logging.getLogger("model_proxy")
 
-#: Liveness, readiness and metrics stay reachable for orchestrators and Prometheus; in node
-#: mode the node's ``/health`` too, and ``/challenge``, which checks the scheduler's signature
-#: itself (``proxy.server.node``). Without node mode both are 404s.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/challenge"})
 #: Every reason a refusal can carry (the ``reason`` label of the failure counter).
 REASONS = SIGNATURE_REASONS | {"missing_credentials", "missing_api_key", "bad_api_key"}
 

@@ -65,7 +65,7 @@ def create_app(
             refused=metrics.count_auth_failure,
             allowed=node.registry.inference if node is not None else None,
         ),
-        readiness=Readiness(config),
+        readiness=Readiness(config, metrics),
         catalog=Catalog(),
         session=session,
         served=Served([pipeline.build(entry, session) for entry in config.entries]),
@@ -97,6 +97,7 @@ def create_app(
                           ("/metrics", routes.metrics)):
         router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
     if node is not None:
+        runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
         node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
     router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
     return app
@@ -123,7 +124,8 @@ def _adapters(runtime: Runtime) -> list[Adapter]:
 
 async def _probing(app: web.Application) -> AsyncIterator[None]:
     """The background readiness probe (``model_proxy_upstream_up``), while the app runs."""
-    async with running(probing(app[RUNTIME]), "readiness-probe"):
+    runtime = app[RUNTIME]
+    async with running(probing(runtime.readiness, lambda: runtime.served), "readiness-probe"):
         yield
 
 

@@ -34,19 +34,6 @@ log = logging.getLogger("model_proxy")
 
 #: Seconds between two background refreshes of the upstreams' facts.
 REFRESH_SECONDS = 300.0
-#: Sampling parameters each provider passes on (the ``supported_sampling_parameters`` field).
-_OPENAI_SAMPLING = ("temperature", "top_p", "max_tokens", "stop", "seed", "frequency_penalty",
-                    "presence_penalty", "logit_bias", "logprobs", "top_logprobs")
-SAMPLING: dict[str, tuple[str, ...]] = {
-    "custom": _OPENAI_SAMPLING,
-    "fxn": _OPENAI_SAMPLING,
-    "vllm": (*_OPENAI_SAMPLING, "top_k", "min_p", "repetition_penalty"),
-    "ollama": ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
-               "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs"),
-    "mock": ("max_tokens",),
-}
-
-
 class Catalog:
     """The cached upstream facts of the served set, keyed by backend."""
 
@@ -149,7 +136,7 @@ async def _entries(
     config = backend.config
     facts, listed = catalog.facts(backend)
     warm, can_accept = await _live(runtime, backend)
-    base = _enriched(runtime, config, facts)
+    base = _enriched(runtime, config, facts, backend.adapter.sampling)
     base["metadata"] = {
         "backend_provider": config.backend_provider,
         "fxn_id": config.fxn_id,
@@ -176,14 +163,14 @@ async def _entries(
              "metadata": {**m.get("metadata", {}), **base["metadata"]}} for m in items]
 
 
-def _enriched(runtime: Runtime, config: BaseConfig, facts: dict[str, Any]) -> dict[str, Any]:
+def _enriched(runtime: Runtime, config: BaseConfig, facts: dict[str, Any],
+              sampling: tuple[str, ...]) -> dict[str, Any]:
     model = config.model
     features = list(model.supported_features) or facts.get("supported_features", [])
     out: dict[str, Any] = {
         "context_length": model.context_length or facts.get("context_length"),
         "max_output_length": model.max_output_length or facts.get("max_output_length"),
-        "supported_sampling_parameters": list(SAMPLING.get(config.backend_provider,
-                                                           _OPENAI_SAMPLING)),
+        "supported_sampling_parameters": list(sampling),
         "supported_features": features,
         "input_modalities": facts.get("input_modalities", ["text"]),
         "output_modalities": ["text"],
@@ -198,7 +185,7 @@ async def _live(runtime: Runtime, backend: Backend) -> tuple[bool, bool]:
     concurrency slot or a queue place is free and the proxy is not shutting down."""
     if runtime.shutting_down:
         return False, False
-    warm = await runtime.readiness.backend_reason(runtime, backend) is None
+    warm = await runtime.readiness.backend_reason(backend) is None
     if backend.breaker.state is not State.CLOSED:
         warm = False
     limiter = runtime.pipeline.limiter

@@ -24,7 +24,6 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.auth.inbound import PUBLIC_PATHS
 from proxy.config import LimitsSection
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.exchange import Exchange
@@ -87,7 +86,7 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                 config = backend.config
                 check_headers(request, config.limits)
                 auth = runtime.auth
-                if auth.enabled and request.path not in PUBLIC_PATHS:
+                if auth.enabled and request.path not in runtime.public_paths:
                     if auth.needs_body:
                         limit = config.limits.max_body_bytes
                         await auth.verify(request.headers, partial(

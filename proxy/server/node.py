@@ -38,7 +38,8 @@ from proxy.server.tasks import running
 
 log = logging.getLogger("model_proxy")
 
-#: Paths the general auth layer lets through: /challenge authenticates on its own.
+#: Paths the general auth layer lets through: the node's liveness answer, and /challenge,
+#: which checks the scheduler's signature on its own.
 NODE_PATHS = frozenset({"/challenge", "/health"})
 
 

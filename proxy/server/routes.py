@@ -50,7 +50,7 @@ async def inference(
     renamed = upstream_model != model
     forced = config.determinism.enforce and endpoint != "embeddings"
     if forced:
-        determinism.force(payload, config.determinism, config.backend_provider)
+        determinism.force(payload, config.determinism, backend.adapter.top_k_off)
     if renamed or forced:
         payload["model"] = upstream_model
     # a pass-through upstream's tokens are read from its usage event, asked for if need be
@@ -150,7 +150,7 @@ async def healthz(
 async def readyz(
     request: web.Request, runtime: Runtime, exchange: Exchange
 ) -> web.Response:
-    reason = await runtime.readiness.reason(runtime)
+    reason = await runtime.readiness.reason(runtime.served)
     if reason is None:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "unavailable", "reason": reason}, status=503)

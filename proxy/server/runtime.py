@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from proxy.upstream.routing import Served
 
 
+#: Liveness, readiness and metrics: reachable without credentials.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 @dataclass(slots=True, eq=False)
 class Runtime:
     """The proxy's state, built whole by ``create_app`` and hung on the app under ``RUNTIME``.
@@ -44,7 +48,9 @@ class Runtime:
     #: The first backend of ``served`` (the only one of a single-model config).
     backend: Backend = field(init=False)
     config_path: str | None = None
-    shutting_down: bool = False
+    #: Paths that need no inbound credentials: liveness, readiness and metrics, for
+    #: orchestrators and Prometheus; in node mode the node's own (``proxy.server.node``).
+    public_paths: frozenset[str] = PROBE_PATHS
     #: Whether the access log wants each forwarded request's job (JSON lines; set by ``serve``).
     access_jobs: bool = False
     started_at: float = field(default_factory=time.time)
@@ -52,6 +58,15 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.backend = self.served.backends[0]
+
+    @property
+    def shutting_down(self) -> bool:
+        """Set once the proxy stops taking new work (``/readyz`` says so from then on)."""
+        return self.readiness.stopping
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self.readiness.stopping = value
 
     def current(self) -> Backend:
         return self.backend

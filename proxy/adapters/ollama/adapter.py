@@ -50,6 +50,9 @@ class OllamaAdapter(HTTPUpstream):
     """
 
     name = "ollama"
+    sampling = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
+                "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
+    top_k_off = 0
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
