@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from proxy.adapters.base import Job
 from proxy.config import BaseConfig
 from proxy.errors import ConfigError, ProxyError
-from proxy.exchange import Exchange
 from proxy.metrics import Metrics
+from proxy.upstream.exchange import Exchange
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
 from proxy.upstream.routing import Served

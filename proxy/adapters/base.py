@@ -47,7 +47,7 @@ class Job:
     so the event is read and not relayed.
 
     What the request learns on the way (timings, attempts, usage) is not here but on its
-    :class:`proxy.exchange.Exchange`.
+    :class:`proxy.upstream.exchange.Exchange`.
     """
 
     endpoint: Endpoint

@@ -84,7 +84,7 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_probing)
     app.cleanup_ctx.append(reloading)
-    app.cleanup_ctx.append(cataloguing)
+    app.cleanup_ctx.append(lambda app: cataloguing(runtime.catalog, runtime))
     app.on_shutdown.append(_drain_requests)
     router = app.router
     for path, endpoint in routes.ENDPOINTS.items():

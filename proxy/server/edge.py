@@ -26,15 +26,15 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.config import BaseConfig, LimitsSection
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
-from proxy.exchange import Exchange
 from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
+from proxy.upstream.exchange import Exchange
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: A handler as routes write it: the request, the application's runtime, the request's own
-#: exchange (``proxy.exchange``).
+#: exchange (``proxy.upstream.exchange``).
 RuntimeHandler = Callable[[web.Request, Runtime, Exchange], Awaitable[web.StreamResponse]]
 
 _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire

@@ -24,9 +24,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy.config import LoggingSection
-from proxy.exchange import Exchange
 from proxy.server.requestid import CURRENT
 from proxy.server.runtime import EXCHANGE
+from proxy.upstream.exchange import Exchange
 
 log = logging.getLogger("model_proxy")
 

@@ -26,7 +26,6 @@ from proxy.auth.nonces import NonceCache
 from proxy.auth.signing import Signer, Verifier
 from proxy.config import BaseConfig, NodeSection
 from proxy.errors import BadRequest, ProxyError, Unauthorized
-from proxy.exchange import Exchange
 from proxy.metrics import NodeMetrics
 from proxy.node.chain import Chain
 from proxy.node.challenge import TYPES, Challenges
@@ -35,6 +34,7 @@ from proxy.node.registry import Registry
 from proxy.server.edge import Handler, RuntimeHandler, read_body
 from proxy.server.runtime import Runtime
 from proxy.server.tasks import running
+from proxy.upstream.exchange import Exchange
 
 log = logging.getLogger("model_proxy")
 

@@ -11,11 +11,11 @@ from aiohttp import web
 
 from proxy.adapters.base import UpstreamResponse
 from proxy.errors import ProxyError
-from proxy.exchange import Exchange
 from proxy.headers import SERVER
 from proxy.metrics import Metrics, observe_into
 from proxy.server.drain import SHUTTING_DOWN, Drain
 from proxy.server.requestid import HEADER
+from proxy.upstream.exchange import Exchange
 from proxy.wire import answers
 
 log = logging.getLogger("model_proxy")

@@ -11,7 +11,6 @@ from aiohttp import web
 from proxy.adapters.base import Endpoint, Job
 from proxy.config import BaseConfig
 from proxy.errors import NotFound
-from proxy.exchange import Exchange
 from proxy.headers import request_headers
 from proxy.metrics import CONTENT_TYPE
 from proxy.server import catalog
@@ -19,6 +18,7 @@ from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
 from proxy.server.runtime import EXCHANGE, Runtime
 from proxy.upstream import determinism
+from proxy.upstream.exchange import Exchange
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import UNROUTED
 from proxy.wire.checks import check_request, parse_object

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from proxy.exchange import Exchange
 from proxy.server.requestid import RequestIds
+from proxy.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from proxy.auth.inbound import AuthState

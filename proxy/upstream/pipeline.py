@@ -22,10 +22,10 @@ from proxy.adapters import load_adapter_class
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig, CircuitSection
 from proxy.errors import RETRYABLE_STATUSES, Unavailable, UpstreamError
-from proxy.exchange import Exchange
 from proxy.metrics import Metrics
 from proxy.upstream.breaker import Breaker, State
 from proxy.upstream.clock import SYSTEM, Clock
+from proxy.upstream.exchange import Exchange
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.retry import RetryPolicy
 
