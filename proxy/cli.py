@@ -15,8 +15,15 @@ from pydantic import SecretStr, ValidationError
 from proxy import __version__, backendtool, trial
 from proxy.adapters.vllm import worker as vllm_worker
 from proxy.auth import keytool
-from proxy.config import PER_MODEL, BaseConfig, ModelSetConfig, ProxyConfig, ServerSection
-from proxy.configfile import default_path, load_config
+from proxy.config import (
+    PER_MODEL,
+    BaseConfig,
+    ModelSetConfig,
+    ProxyConfig,
+    ServerSection,
+    default_path,
+    load_config,
+)
 from proxy.errors import ConfigError
 from proxy.server.preflight import check_servable
 
@@ -133,7 +140,7 @@ def _compat_warnings(config: BaseConfig, node_backend: str | None) -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    from proxy.configfile import parse_yaml
+    from proxy.config import parse_yaml
 
     try:
         text = path.read_text(encoding="utf-8")

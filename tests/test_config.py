@@ -6,10 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
+import proxy.config
 from proxy.cli import main
-from proxy.config import CustomConfig, FxnConfig, OllamaConfig, VllmConfig
-from proxy.configfile import load_config
+from proxy.config import (
+    CustomConfig,
+    FxnConfig,
+    OllamaConfig,
+    VllmConfig,
+    build_config,
+    load_config,
+)
 from proxy.errors import ConfigError
 
 SNAKE = """
@@ -391,3 +400,40 @@ def test_retired_upstream_client_key_is_a_note_not_an_error(
         f"{many}: models.1.upstream_client: no longer read: the proxy has one HTTP client "
         "for upstreams now; remove the key",
     ]
+
+
+def test_validation_reads_no_files_and_no_environment(tmp_path: Path) -> None:
+    """Validators are pure: the node's key file and an engine's chat template are read by the
+    load step (which reports them with the rest), and the installed entry points are given to
+    validation, not looked up inside it."""
+    node = {"backend_provider": "mock",
+            "node": {"key_file": str(tmp_path / "absent.json"),
+                     "scheduler_address": "0x" + "ab" * 20}}
+    assert build_config(node).node is not None  # nothing read
+    path = write(tmp_path, yaml.safe_dump(node))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems[-1].startswith(f"{path}: node.key_file: cannot read key file")
+    plugin = {"backend_provider": "acme", "url": "http://h"}
+    assert build_config(plugin, entry_points={"acme": "acme.adapter:Acme"}).backend_provider == (
+        "acme")
+    with pytest.raises(ValidationError, match="unknown provider 'acme'"):
+        build_config(plugin, entry_points={})
+
+
+def test_config_modules_do_no_io() -> None:
+    """Only the load step (and the YAML reader it uses) touches files, the environment or the
+    installed packages' metadata; one function of the provider registry lists entry points."""
+    package = Path(proxy.config.__file__).parent
+    pure = sorted(p.name for p in package.glob("*.py") if p.name not in ("load.py",
+                                                                        "yamlfile.py"))
+    assert "sections.py" in pure and "providers.py" in pure
+    for name in pure:
+        text = (package / name).read_text()
+        for call in ("open(", ".read_text(", ".is_file(", "os.environ", "getenv(",
+                     "from_file("):
+            assert call not in text, f"{name} calls {call}"
+        if name == "providers.py":
+            assert text.count("importlib.metadata.entry_points(") == 1
+        else:
+            assert "importlib.metadata" not in text, name

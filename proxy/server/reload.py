@@ -28,8 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from proxy.adapters.base import Adapter
-from proxy.config import BaseConfig
-from proxy.configfile import load_config
+from proxy.config import BaseConfig, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.server.preflight import check_servable
 from proxy.server.runtime import Runtime

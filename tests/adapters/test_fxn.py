@@ -14,8 +14,7 @@ from aiohttp.test_utils import TestServer
 from proxy.adapters.base import Job
 from proxy.adapters.fxn import FxnAdapter
 from proxy.auth.signing import Signer, generate_key_file
-from proxy.config import FxnConfig, build_config
-from proxy.configfile import load_config
+from proxy.config import FxnConfig, build_config, load_config
 from proxy.errors import ConfigError
 from proxy.server.app import create_app
 from tests.conftest import StartProxy, upstream_url

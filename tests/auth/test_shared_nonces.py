@@ -25,7 +25,7 @@ import pytest
 import redis.asyncio
 
 from proxy.auth.shared_nonces import KEY_PREFIX
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.errors import ConfigError
 from tests.conftest import StartProxy, free_port, wait_healthy
 from tests.fakes.fxn_node import gateway_headers

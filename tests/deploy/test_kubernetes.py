@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.configfile import load_config
+from proxy.config import load_config
 from tests.deploy.dockerfile import parse
 from tests.deploy.files import ALERTS, DEPLOY, INSTALL_HINT, ROOT
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.server.app import create_app
 from proxy.server.reload import RELOADER
 from proxy.server.runtime import RUNTIME
