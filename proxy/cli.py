@@ -30,7 +30,8 @@ from proxy.server.preflight import check_servable
 EXIT_CONFIG = 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: ``serve``, ``check``, ``migrate`` and the tools' own commands."""
     parser = argparse.ArgumentParser(
         prog="model-proxy", description="Reverse proxy in front of a model backend."
     )
@@ -67,8 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     backendtool.add_commands(commands)
     trial.add_commands(commands)
     vllm_worker.add_command(commands)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command in ("keygen", "sign"):  # these need no config file
         return keytool.run(args)
     if args.command == "migrate":
@@ -83,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(line if line.startswith(("command line:", args.config)) else
                       f"{args.config}: {line}", file=sys.stderr)
             return EXIT_CONFIG
+    return _with_config(args)
+
+
+def _with_config(args: argparse.Namespace) -> int:
+    """``serve``, ``check`` and ``test``: each reads the config first."""
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
