@@ -41,8 +41,12 @@ ENV PATH=/opt/model-proxy/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
-    MODEL_BACKEND_CONFIG=/etc/model-proxy/model_backend.yaml
+    MODEL_BACKEND_CONFIG=/etc/model-proxy/model_backend.yaml \
+    MODEL_PROXY_STATE_DIR=/var/lib/model-proxy
 COPY --from=build /opt/model-proxy /opt/model-proxy
+# the nonce journal of signed jobs (auth.fxn_signatures): mount a volume here so that a
+# restarted container still refuses a replay
+RUN mkdir -p /var/lib/model-proxy && chown 10001:10001 /var/lib/model-proxy
 USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

@@ -1,6 +1,6 @@
 """Instructions per request of each proxy process, counted by valgrind's callgrind.
 
-    python -m bench.instructions [--requests 600] [--stream | --slow] [--lean] [--aiohttp]
+    python -m bench.instructions [--requests 600] [--stream | --slow] [--lean]
                                  [--only TARGET ...] [--set YAML_LINE ...]
 
 A second figure beside ``bench.overhead``'s CPU time: instruction counts do not move with
@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 from bench.overhead import INBOUND_KEY, config_text, free_port, load, supports_auth, wait_up
-
-AIOHTTP = "upstream_client: aiohttp"
 
 
 def count(cmd: list[str], url: str, health: str, requests: int, stream: bool | str, key: str,
@@ -58,9 +56,9 @@ def count(cmd: list[str], url: str, health: str, requests: int, stream: bool | s
     return int(match.group(1)) / requests
 
 
-#: What can be counted: the bare pass-through (on aiohttp's client, and on the lean one), and
-#: this proxy (on its default client, and on aiohttp's ClientSession, its fallback).
-TARGETS = ("bare", "bare-lean", "ours", "ours-aiohttp")
+#: What can be counted: the bare pass-through (on aiohttp's client, and on the proxy's own
+#: upstream client), and this proxy.
+TARGETS = ("bare", "bare-lean", "ours")
 
 
 def instruction_counts(
@@ -91,8 +89,7 @@ def instruction_counts(
                                      name)
                 continue
             config = work / f"{name}.yaml"
-            lines = [*extra, AIOHTTP] if name == "ours-aiohttp" else extra
-            config.write_text(config_text(upstream, port, auth, lines))
+            config.write_text(config_text(upstream, port, auth, extra))
             counts[name] = count([py, "-m", "proxy", "serve", "-c", str(config)],
                                  f"http://127.0.0.1:{port}{path}",
                                  f"http://127.0.0.1:{port}/healthz", requests, stream,
@@ -112,24 +109,24 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="YAML_LINE")
     parser.add_argument("--lean", action="store_true",
                         help="also the bare pass-through on the lean upstream client")
-    parser.add_argument("--aiohttp", action="store_true",
-                        help="also this proxy on aiohttp's ClientSession (upstream_client: "
-                             "aiohttp)")
     parser.add_argument("--only", action="append", choices=TARGETS, metavar="TARGET",
                         help=f"count only these ({', '.join(TARGETS)}); repeatable")
     args = parser.parse_args()
     if args.only:
         targets = tuple(args.only)
     else:
-        targets = ("bare", *(("bare-lean",) if args.lean else ()), "ours",
-                   *(("ours-aiohttp",) if args.aiohttp else ()))
+        targets = ("bare", *(("bare-lean",) if args.lean else ()), "ours")
     stream: bool | str = "slow" if args.slow else args.stream
     counts, auth = instruction_counts(args.requests, stream, args.set, targets)
     kind = "slow stream" if args.slow else "stream" if args.stream else "non-stream"
     print(f"{kind}: {args.requests} requests; inbound auth {'on' if auth else 'off'}")
-    print(f"{'proxy':<14}{'instructions/req':>18}{'÷ bare':>9}")
+    lean = "bare-lean" in counts
+    print(f"{'proxy':<14}{'instructions/req':>18}{'÷ bare':>9}"
+          + (f"{'÷ bare-lean':>13}" if lean else ""))
     for name, value in counts.items():
         ratio = f"{value / counts['bare']:>9.3f}" if "bare" in counts else ""
+        if lean:
+            ratio += f"{value / counts['bare-lean']:>13.3f}"
         print(f"{name:<14}{value:>18,.0f}{ratio}")
 
 

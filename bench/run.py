@@ -1,6 +1,6 @@
 """The benchmark users would run: this proxy against a bare pass-through, direct, and LiteLLM.
 
-    python -m bench [--repeats 3] [--duration 10] [--litellm] [--lean] [--aiohttp]
+    python -m bench [--repeats 3] [--duration 10] [--litellm] [--lean]
                     [--instructions] [--markdown FILE] [--smoke]
 
 Starts a fast fake OpenAI upstream (``bench.servers fast``), the bare aiohttp pass-through
@@ -39,7 +39,6 @@ from typing import cast
 
 import httptools
 
-from bench.instructions import AIOHTTP
 from bench.targets import (
     INBOUND_KEY,
     PATH,
@@ -299,12 +298,10 @@ def ratio(top: list[float] | None, bottom: list[float] | None) -> str:
 
 
 def table(results: Results, names: list[str]) -> list[list[str]]:
-    litellm, lean, aio = "litellm" in names, "bare-lean" in names, "ours-aiohttp" in names
+    litellm, lean = "litellm" in names, "bare-lean" in names
     head = ["test", "metric", *names, "ours÷bare", "ours÷direct", "bare÷direct"]
     if lean:
-        head.append("bare-lean÷bare")
-    if aio:
-        head.append("ours-aiohttp÷bare")
+        head += ["bare-lean÷bare", "ours÷bare-lean"]
     if litellm:
         head.append("litellm÷ours")
     rows = [head]
@@ -315,8 +312,7 @@ def table(results: Results, names: list[str]) -> list[list[str]]:
                ratio(by_target.get("bare"), by_target.get("direct"))]
         if lean:
             row.append(ratio(by_target.get("bare-lean"), by_target.get("bare")))
-        if aio:
-            row.append(ratio(by_target.get("ours-aiohttp"), by_target.get("bare")))
+            row.append(ratio(by_target.get("ours"), by_target.get("bare-lean")))
         if litellm:
             row.append(ratio(by_target.get("litellm"), by_target.get("ours")))
         rows.append(row)
@@ -350,9 +346,6 @@ def main() -> None:
                         help="also LiteLLM's proxy (requirements/litellm.txt, into .bench/)")
     parser.add_argument("--lean", action="store_true",
                         help="also the bare pass-through on the lean upstream client")
-    parser.add_argument("--aiohttp", action="store_true",
-                        help="also this proxy on aiohttp's ClientSession (upstream_client: "
-                             "aiohttp), its fallback upstream client")
     parser.add_argument("--instructions", action="store_true",
                         help="add bench.instructions's callgrind counts (needs valgrind)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
@@ -402,8 +395,6 @@ def main() -> None:
 
         auth = supports_auth()
         ours = [("ours", args.set)]
-        if args.aiohttp:
-            ours.append(("ours-aiohttp", [*args.set, AIOHTTP]))
         for name, lines in ours:
             ours_port = free_port()
             config = work / f"{name}.yaml"

@@ -22,8 +22,7 @@ import aiohttp
 
 from proxy.adapters import BUILTINS, registry
 from proxy.adapters.base import Adapter
-from proxy.config import build_config
-from proxy.configfile import default_path, load_config, parse_yaml
+from proxy.config import build_config, default_path, load_config, parse_yaml
 from proxy.errors import ConfigError
 
 _BLOCK_KEY = re.compile(r"^plugins:[ \t]*(#.*)?$", re.M)

@@ -13,18 +13,25 @@ import yaml
 from pydantic import SecretStr, ValidationError
 
 from proxy import __version__, backendtool, trial
-from proxy.adapters import load_adapter_class
 from proxy.adapters.vllm import worker as vllm_worker
 from proxy.auth import keytool
-from proxy.auth.inbound import check_exposure
-from proxy.config import PER_MODEL, BaseConfig, ModelSetConfig, ProxyConfig, ServerSection
-from proxy.configfile import default_path, load_config
+from proxy.config import (
+    PER_MODEL,
+    BaseConfig,
+    ModelSetConfig,
+    ProxyConfig,
+    ServerSection,
+    default_path,
+    load_config,
+)
 from proxy.errors import ConfigError
+from proxy.server.preflight import check_servable
 
 EXIT_CONFIG = 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: ``serve``, ``check``, ``migrate`` and the tools' own commands."""
     parser = argparse.ArgumentParser(
         prog="model-proxy", description="Reverse proxy in front of a model backend."
     )
@@ -61,8 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     backendtool.add_commands(commands)
     trial.add_commands(commands)
     vllm_worker.add_command(commands)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command in ("keygen", "sign"):  # these need no config file
         return keytool.run(args)
     if args.command == "migrate":
@@ -77,22 +87,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(line if line.startswith(("command line:", args.config)) else
                       f"{args.config}: {line}", file=sys.stderr)
             return EXIT_CONFIG
+    return _with_config(args)
+
+
+def _with_config(args: argparse.Namespace) -> int:
+    """``serve``, ``check`` and ``test``: each reads the config first."""
     path = Path(args.config) if args.config else default_path()
     try:
         config = load_config(path)
-        for i, entry in enumerate(config.entries):
-            try:
-                load_adapter_class(entry)
-            except ConfigError as exc:
-                key = f"models[{i}]." if entry is not config else ""
-                raise ConfigError([f"{path}: {key}{line}" for line in exc.problems]) from None
         if args.command == "serve" and (args.host or args.port is not None):
             config = _override_server(config, args.host, args.port)
-        try:
-            exposure = check_exposure(config)  # refused here, before logging or binding
-        except ConfigError as exc:
-            where = "command line: --host" if args.command == "serve" and args.host else path
-            raise ConfigError([f"{where}: {line}" for line in exc.problems]) from None
+        # refused here, before logging or binding; a reload runs the same checks
+        exposure = check_servable(
+            config, path,
+            host_from="command line: --host" if args.command == "serve" and args.host else None,
+        )
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -140,7 +149,7 @@ def _compat_warnings(config: BaseConfig, node_backend: str | None) -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    from proxy.configfile import parse_yaml
+    from proxy.config import parse_yaml
 
     try:
         text = path.read_text(encoding="utf-8")

@@ -10,9 +10,9 @@ upstream that compresses anyway is relayed decodable).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 #: The ``Server`` header of every answer: no product versions for a scanner to match.
 SERVER = "model-backend-proxy"
@@ -60,14 +60,22 @@ def request_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream headers relayed to the client."""
-    hop = _connection_tokens(upstream) if "Connection" in upstream else frozenset()
+_DROPPED = frozenset(name.encode() for name in DROPPED_RESPONSE_HEADERS)
+
+
+def relayed_headers(upstream: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The upstream headers (as the HTTP client parsed them) relayed to the client."""
     out: CIMultiDict[str] = CIMultiDict()
-    for key, value in upstream.items():
-        lower = key.lower()
-        if lower not in DROPPED_RESPONSE_HEADERS and lower not in hop:
-            out.add(key, value)
+    hop: list[bytes] = []
+    for name, value in upstream:
+        lower = name.lower()
+        if lower in _DROPPED:
+            if lower == b"connection":
+                hop.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+            continue
+        out.add(name.decode("latin-1"), value.decode("latin-1"))
+    for token in hop:
+        out.popall(token.decode("latin-1"), None)
     return out
 
 

@@ -280,6 +280,9 @@ class NodeMetrics:
             "model_proxy_node_registry_failures",
             "Failed reads of the chain's gateway registry (the last good list stays).",
             ["reason"], registry=r)
+        self._registry_skipped = Counter(
+            "model_proxy_node_registry_entries_skipped",
+            "Gateway registry entries skipped: their id names no signer address.", registry=r)
         self._gateways = Gauge(
             "model_proxy_node_gateways", "Gateways allowed by the last good registry read.",
             registry=r)
@@ -297,6 +300,9 @@ class NodeMetrics:
 
     def count_registry_failure(self, reason: str) -> None:
         self._registry_failures.labels(reason).inc()
+
+    def count_registry_skipped(self, entries: int) -> None:
+        self._registry_skipped.inc(entries)
 
     def count_challenge(self, kind: str, outcome: str) -> None:
         self._challenges.labels(kind, outcome).inc()

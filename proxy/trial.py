@@ -22,6 +22,7 @@ from proxy.adapters.base import Job
 from proxy.config import BaseConfig
 from proxy.errors import ConfigError, ProxyError
 from proxy.metrics import Metrics
+from proxy.upstream.exchange import Exchange
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
 from proxy.upstream.routing import Served
@@ -92,8 +93,10 @@ async def trial(
                                    "messages": [{"role": "user", "content": prompt}]}
         if stream:
             payload["stream_options"] = {"include_usage": True}
-        job = Job("chat", "POST", "/v1/chat/completions", "", orjson.dumps(payload), payload,
-                  asked, upstream_model, stream, {"Content-Type": "application/json"}, "")
+        job = Job(endpoint="chat", method="POST", path="/v1/chat/completions",
+                  body=orjson.dumps(payload), payload=payload, model=asked,
+                  upstream_model=upstream_model, stream=stream,
+                  headers={"Content-Type": "application/json"}, request_id="")
         adapters = backend.adapters()
         try:
             for adapter in adapters:
@@ -108,7 +111,7 @@ async def trial(
 
 async def _ask(pipeline: Pipeline, backend: Any, job: Job) -> Outcome:
     start = time.perf_counter()
-    response = await pipeline.call(backend, job)
+    response = await pipeline.call(backend, job, Exchange(job.request_id))
     first: float | None = None
     parts: list[str] = []
     usage: dict[str, Any] = {}

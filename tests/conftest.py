@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import build_config
 from proxy.server.app import create_app
+from proxy.upstream.clock import SYSTEM, Clock
 from tests.fakes.openai_upstream import FakeOpenAI
 
 StartProxy = Callable[..., Awaitable[TestClient]]
@@ -67,8 +68,10 @@ def start_proxy(aiohttp_client: Any) -> StartProxy:
     Each call builds a fresh app with its own metrics registry.
     """
 
-    async def start(config: dict[str, Any], **client_kwargs: Any) -> TestClient:
-        return await aiohttp_client(create_app(build_config(config)), **client_kwargs)
+    async def start(config: dict[str, Any], *, clock: Clock = SYSTEM,
+                    **client_kwargs: Any) -> TestClient:
+        return await aiohttp_client(create_app(build_config(config), clock=clock),
+                                    **client_kwargs)
 
     return start
 

@@ -1,8 +1,10 @@
 """The package layout is the architecture: imports point one way, with no cycles.
 
 ``server`` → ``upstream`` → ``adapters`` → ``wire``; ``auth`` and ``node`` know no app; only
-``server`` speaks ``aiohttp.web``. The flat modules (config, errors, metrics, headers, ...) are
-leaves any package may use. Read from the source, so a new import that breaks a rule fails here.
+``server`` speaks ``aiohttp.web``. The flat leaf modules (errors, metrics, headers) import no
+package of the proxy: any package may use them. No cycles, counting the imports made for type
+annotations only (``if TYPE_CHECKING:``) as well. Read from the source, so a new import that
+breaks a rule fails here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import ast
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "proxy"
@@ -24,6 +28,8 @@ FORBIDDEN = {
 }
 #: Where aiohttp's server side may be imported.
 WEB_ALLOWED = {"server"}
+#: Flat modules that import no package of the proxy (entry points such as ``cli`` may).
+LEAVES = {"proxy.errors", "proxy.headers", "proxy.metrics"}
 
 
 def module_name(path: Path) -> str:
@@ -50,13 +56,14 @@ def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
 MODULES = {module_name(p) for p in PACKAGE.rglob("*.py")}
 
 
-def imports() -> dict[str, set[str]]:
-    """module -> the ``proxy`` modules and ``aiohttp.web`` it imports (at any depth)."""
+def imports(typing_too: bool = False) -> dict[str, set[str]]:
+    """module -> the ``proxy`` modules and ``aiohttp.web`` it imports (at any depth); with
+    ``typing_too``, those imported for annotations only as well."""
     graph: dict[str, set[str]] = defaultdict(set)
     for path in PACKAGE.rglob("*.py"):
         name = module_name(path)
         tree = ast.parse(path.read_text(), str(path))
-        for node in runtime_nodes(tree):
+        for node in list(ast.walk(tree)) if typing_too else runtime_nodes(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 base = node.module
                 if node.level:
@@ -82,8 +89,10 @@ def layer(module: str) -> str | None:
     return parts[1]
 
 
-def test_no_import_cycles() -> None:
-    graph = {m: {d for d in deps if d.startswith("proxy")} for m, deps in imports().items()}
+@pytest.mark.parametrize("typing_too", [False, True], ids=["runtime", "with-type-checking"])
+def test_no_import_cycles(typing_too: bool) -> None:
+    graph = {m: {d for d in deps if d.startswith("proxy")}
+             for m, deps in imports(typing_too).items()}
     state: dict[str, int] = {}
     cycle: list[str] = []
 
@@ -106,7 +115,7 @@ def test_no_import_cycles() -> None:
 
 def test_imports_point_one_way() -> None:
     broken = []
-    for module, deps in imports().items():
+    for module, deps in imports(typing_too=True).items():
         own = layer(module)
         for dep in deps:
             target = layer(dep)
@@ -124,9 +133,19 @@ def test_only_the_server_speaks_aiohttp_web() -> None:
     assert speaking == []
 
 
+def test_leaves_import_no_package() -> None:
+    graph = imports(typing_too=True)
+    reaching = sorted(f"{leaf} imports {dep}" for leaf in LEAVES for dep in graph.get(leaf, ())
+                      if layer(dep) is not None)
+    assert reaching == []
+
+
 def test_the_rules_see_the_packages() -> None:
     """Guard against a rule that cannot fail: every named package exists and has imports."""
     graph = imports()
     seen = {layer(m) for m in graph}
     assert set(FORBIDDEN) | WEB_ALLOWED <= seen
+    assert LEAVES <= set(graph) | MODULES
+    typed = imports(typing_too=True)
+    assert any(typed[m] - graph[m] for m in graph)  # TYPE_CHECKING imports are seen
     assert any("proxy.wire.answers" in deps for deps in graph.values())

@@ -13,7 +13,7 @@ import pytest
 from proxy.adapters import registry
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.cli import main
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.errors import ConfigError
 from proxy.server.app import create_app
 from tests.conftest import free_port

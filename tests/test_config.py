@@ -6,10 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
+import proxy.config
 from proxy.cli import main
-from proxy.config import CustomConfig, FxnConfig, OllamaConfig, VllmConfig
-from proxy.configfile import load_config
+from proxy.config import (
+    CustomConfig,
+    FxnConfig,
+    OllamaConfig,
+    VllmConfig,
+    build_config,
+    load_config,
+)
 from proxy.errors import ConfigError
 
 SNAKE = """
@@ -364,36 +373,67 @@ def test_ollama_keep_alive_is_settled_at_load(tmp_path: Path) -> None:
     ]
 
 
-def test_upstream_client_is_chosen_by_name_or_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_retired_upstream_client_key_is_a_note_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
-    plain = write(tmp_path, "backend_provider: custom\nurl: http://h\n")
-    assert load_config(plain).upstream_client == "lean"
-    named = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstreamClient: aiohttp\n",
-                  "n")
-    assert load_config(named).upstream_client == "aiohttp"
-    monkeypatch.setenv("MODEL_PROXY_UPSTREAM_CLIENT", "aiohttp")
-    assert load_config(plain).upstream_client == "aiohttp"
-    assert load_config(write(tmp_path, "backend_provider: custom\nurl: http://h\n"
-                                       "upstream_client: lean\n", "l")).upstream_client == "lean"
-    bad = write(tmp_path, "backend_provider: custom\nurl: http://h\nupstream_client: curl\n", "b")
-    with pytest.raises(ConfigError) as info:
-        load_config(bad)
-    assert len(info.value.problems) == 1
-    assert info.value.problems[0].startswith(f"{bad}: upstream_client: ")
-    assert "'aiohttp' or 'lean'" in info.value.problems[0]
+    """``upstream_client`` chose between two HTTP clients; there is one now. A config that
+    still names it (either spelling, top level or a ``models:`` entry) loads, with one line
+    per place saying the key is no longer read."""
+    plain = load_config(write(tmp_path, "backend_provider: custom\nurl: http://h\n"))
+    with caplog.at_level("WARNING", logger="model_proxy"):
+        named = write(tmp_path, "backend_provider: custom\nurl: http://h\n"
+                                "upstreamClient: aiohttp\n", "n")
+        assert load_config(named) == plain
+        many = write(tmp_path, (
+            "upstream_client: aiohttp\nmodels:\n"
+            "  - {backend_provider: custom, url: 'http://a', model: {name: a}}\n"
+            "  - {backend_provider: custom, url: 'http://b', model: {name: b},"
+            " upstream_client: lean}\n"
+        ), "m")
+        assert len(load_config(many).entries) == 2
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [
+        f"{named}: upstreamClient: no longer read: the proxy has one HTTP client for "
+        "upstreams now; remove the key",
+        f"{many}: upstream_client: no longer read: the proxy has one HTTP client for "
+        "upstreams now; remove the key",
+        f"{many}: models.1.upstream_client: no longer read: the proxy has one HTTP client "
+        "for upstreams now; remove the key",
+    ]
 
 
-def test_models_entries_take_the_top_level_upstream_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("MODEL_PROXY_UPSTREAM_CLIENT", raising=False)
-    path = write(tmp_path, (
-        "upstream_client: aiohttp\nmodels:\n"
-        "  - {backend_provider: custom, url: 'http://a', model: {name: a}}\n"
-        "  - {backend_provider: custom, url: 'http://b', model: {name: b},"
-        " upstream_client: lean}\n"
-    ))
-    config = load_config(path)
-    assert [entry.upstream_client for entry in config.entries] == ["aiohttp", "lean"]
+def test_validation_reads_no_files_and_no_environment(tmp_path: Path) -> None:
+    """Validators are pure: the node's key file and an engine's chat template are read by the
+    load step (which reports them with the rest), and the installed entry points are given to
+    validation, not looked up inside it."""
+    node = {"backend_provider": "mock",
+            "node": {"key_file": str(tmp_path / "absent.json"),
+                     "scheduler_address": "0x" + "ab" * 20}}
+    assert build_config(node).node is not None  # nothing read
+    path = write(tmp_path, yaml.safe_dump(node))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems[-1].startswith(f"{path}: node.key_file: cannot read key file")
+    plugin = {"backend_provider": "acme", "url": "http://h"}
+    assert build_config(plugin, entry_points={"acme": "acme.adapter:Acme"}).backend_provider == (
+        "acme")
+    with pytest.raises(ValidationError, match="unknown provider 'acme'"):
+        build_config(plugin, entry_points={})
+
+
+def test_config_modules_do_no_io() -> None:
+    """Only the load step (and the YAML reader it uses) touches files, the environment or the
+    installed packages' metadata; one function of the provider registry lists entry points."""
+    package = Path(proxy.config.__file__).parent
+    pure = sorted(p.name for p in package.glob("*.py") if p.name not in ("load.py",
+                                                                        "yamlfile.py"))
+    assert "sections.py" in pure and "providers.py" in pure
+    for name in pure:
+        text = (package / name).read_text()
+        for call in ("open(", ".read_text(", ".is_file(", "os.environ", "getenv(",
+                     "from_file("):
+            assert call not in text, f"{name} calls {call}"
+        if name == "providers.py":
+            assert text.count("importlib.metadata.entry_points(") == 1
+        else:
+            assert "importlib.metadata" not in text, name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.configfile import load_config, parse_yaml
+from proxy.config import load_config, parse_yaml
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

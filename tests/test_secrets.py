@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.auth.signing import Signer
 from proxy.cli import main
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.errors import ConfigError
 from proxy.server.app import create_app
 from tests.conftest import upstream_url

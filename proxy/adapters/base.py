@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 
 Endpoint = Literal["chat", "completions", "embeddings", "passthrough"]
 
+#: The sampling parameters of OpenAI's API, which OpenAI-compatible upstreams pass on.
+OPENAI_SAMPLING = ("temperature", "top_p", "max_tokens", "stop", "seed", "frequency_penalty",
+                   "presence_penalty", "logit_bias", "logprobs", "top_logprobs")
+#: ...and those vLLM adds.
+VLLM_SAMPLING = (*OPENAI_SAMPLING, "top_k", "min_p", "repetition_penalty")
+
 JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
 SSE_HEADERS: Mapping[str, str] = {
     "Content-Type": "text/event-stream",
@@ -24,9 +30,10 @@ SSE_HEADERS: Mapping[str, str] = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Job:
-    """One inbound request, authenticated and resolved, ready for an upstream.
+    """One inbound request, authenticated and resolved, ready for an upstream; built once by
+    the route, read (never written) by adapters.
 
     ``body`` is the exact bytes to send for OpenAI-compatible upstreams (``model`` already
     rewritten); ``payload`` is the parsed JSON object (``None`` for pass-through requests that
@@ -35,38 +42,25 @@ class Job:
     that may travel upstream (``proxy.headers.request_headers``, applied where the job is
     built): an adapter can forward it as it is and never leaks the client's credentials.
     ``request_id`` is the request's id (the client's ``X-Request-ID`` when it is fit for logs,
-    else one the proxy made; also in ``headers``). ``upstream_seconds`` adds up the time spent
-    waiting on the upstream (the pipeline's attempts, then the relay's reads), for the proxy's
-    overhead metric.
+    else one the proxy made; also in ``headers``). ``usage_asked``: the proxy asked the
+    upstream for the stream's usage event on its own behalf (``stream_options.include_usage``),
+    so the event is read and not relayed.
 
-    The rest is filled in on the way, for JSON access lines: ``started`` (the
-    ``perf_counter`` when the job was handed on, its body read), ``ttfb`` (seconds from then to
-    a stream's first chunk written; ``-1``: not a stream), ``attempts`` (upstream attempts
-    made), ``upstream`` (the provider of the backend it went to), ``usage`` (the tokens the
-    adapter reported), ``answer`` (the answer's first bytes, only when the operator logs
-    bodies: ``logging.include_bodies``).
+    What the request learns on the way (timings, attempts, usage) is not here but on its
+    :class:`proxy.upstream.exchange.Exchange`.
     """
 
     endpoint: Endpoint
     method: str
     path: str
-    query: str
+    query: str = ""
     body: bytes
-    payload: dict[str, Any] | None
-    model: str | None
-    upstream_model: str | None
-    stream: bool
+    payload: dict[str, Any] | None = None
+    model: str | None = None
+    upstream_model: str | None = None
+    stream: bool = False
     headers: Mapping[str, str]
     request_id: str
-    upstream_seconds: float = 0.0
-    started: float = 0.0
-    ttfb: float = -1.0
-    attempts: int = 0
-    upstream: str = ""
-    usage: Usage | None = None
-    answer: bytearray | None = None
-    #: The proxy asked the upstream for the stream's usage event on its own behalf
-    #: (``stream_options.include_usage``): the event is read and not relayed.
     usage_asked: bool = False
 
 
@@ -211,6 +205,12 @@ class Adapter(ABC):
     asks_usage: ClassVar[bool] = False
     #: Whether ``/v1/*`` paths the proxy does not know are forwarded to this upstream unchanged.
     passthrough: ClassVar[bool] = False
+    #: The sampling parameters the upstream honours (the catalog's
+    #: ``supported_sampling_parameters``).
+    sampling: ClassVar[tuple[str, ...]] = OPENAI_SAMPLING
+    #: The ``top_k`` that turns top-k sampling off, for upstreams whose requests have one
+    #: (``determinism: {enforce: true}`` sends it); ``None``: the upstream takes no ``top_k``.
+    top_k_off: ClassVar[int | None] = None
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         self.config = config

@@ -3,9 +3,8 @@ one place where a failure of the HTTP client becomes a project error.
 
 Every send and every body read of every HTTP adapter goes through :meth:`HTTPUpstream.request`,
 :meth:`~HTTPUpstream.read_all`, :meth:`~HTTPUpstream.read_some` or
-:meth:`~HTTPUpstream.body_chunks`, and each of them hands the HTTP client's exceptions and
-timeouts (the lean pool of :mod:`proxy.adapters.lean`, the default, or aiohttp's
-``ClientSession`` under ``upstream_client: aiohttp``) to :func:`upstream_error`, the single map
+:meth:`~HTTPUpstream.body_chunks`, and each of them hands the client's exceptions and timeouts
+(the keep-alive pool of :mod:`proxy.adapters.lean`) to :func:`upstream_error`, the single map
 (always chained: ``raise mapped from exc``). Before the upstream has started its answer a
 failure is retryable; once it has, the upstream may have done the work, and a retry would do it
 twice.
@@ -14,8 +13,6 @@ twice.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -23,14 +20,14 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.adapters import lean
 from proxy.adapters.base import Adapter, Job, UpstreamResponse
+from proxy.adapters.lean import Answer
 from proxy.config import BaseConfig, TimeoutsSection
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.headers import response_headers
+from proxy.headers import relayed_headers
 from proxy.wire.relayed import Relayed
 
 log = logging.getLogger("model_proxy")
@@ -43,21 +40,20 @@ Stage = Literal["send", "start", "body"]
 
 
 def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) -> UpstreamError:
-    """The project's error for an aiohttp exception or a timeout at ``stage``.
+    """The project's error for a failure of the HTTP client (or a timeout) at ``stage``.
 
     Messages reach clients, so they never name the upstream's address; the adapter's log line
     does (:meth:`HTTPUpstream.error`).
     """
     if stage == "send":
-        if isinstance(exc, aiohttp.ConnectionTimeoutError | lean.ConnectTimeout):
+        if isinstance(exc, lean.ConnectTimeout):
             return UpstreamTimeout(f"the upstream did not accept a connection within "
                                    f"{timeouts.connect:g} s", retryable=True)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"the upstream did not answer within "
                                    f"{timeouts.first_byte:g} s", retryable=True)
-        if isinstance(exc, aiohttp.ClientConnectorError | lean.ConnectError):
-            return UpstreamError(f"the upstream is unreachable: {_reason(exc)}",
-                                 retryable=True)
+        if isinstance(exc, lean.ConnectError):
+            return UpstreamError(f"the upstream is unreachable: {exc.reason}", retryable=True)
         return UpstreamError(f"the upstream failed before answering: {_reason(exc)}",
                              retryable=True)
     if stage == "start":
@@ -66,8 +62,7 @@ def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) 
                                    f"{timeouts.first_byte:g} s", retryable=True)
         return UpstreamError(f"the upstream failed before answering: {_reason(exc)}",
                              retryable=True)
-    # the HTTP client's per-read (idle) timer
-    if isinstance(exc, aiohttp.SocketTimeoutError | lean.IdleTimeout):
+    if isinstance(exc, lean.IdleTimeout):
         return UpstreamTimeout(f"the upstream sent nothing for {timeouts.idle:g} s "
                                "mid-answer")
     if isinstance(exc, TimeoutError):  # an adapter's idle deadline, or the attempt's total
@@ -79,49 +74,8 @@ def upstream_error(exc: BaseException, stage: Stage, timeouts: TimeoutsSection) 
 #: Upstream statuses that are never relayed (see ``HTTPUpstream.refused``).
 REFUSED_STATUSES = frozenset({101, 401, 403})
 
-#: What the map takes: everything the HTTP clients raise for a failed exchange.
-CLIENT_FAILURES = (TimeoutError, aiohttp.ClientError, lean.LeanError)
-#: What a reused keep-alive connection the upstream has closed meanwhile raises on send.
-STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-
-
-class LeanAnswer:
-    """A :class:`~proxy.adapters.lean.LeanResponse` as the few parts of aiohttp's
-    ``ClientResponse`` that adapters use: ``status``, ``headers``, ``content``, ``release``,
-    ``close``."""
-
-    __slots__ = ("content", "headers", "status")
-    #: No aiohttp connection (its per-read timer is aiohttp's; lean arms its own per wait).
-    connection = None
-
-    def __init__(self, response: lean.LeanResponse) -> None:
-        self.content = response
-        self.status = response.status
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in response.headers:
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        self.headers = CIMultiDictProxy(headers)
-
-    @property
-    def content_type(self) -> str:
-        value = self.headers.get("Content-Type")
-        return "application/octet-stream" if value is None else (
-            value.partition(";")[0].strip().lower())
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
-
-    def release(self) -> None:
-        self.content.close()  # a whole body has already put its connection back
-
-    def close(self) -> None:
-        self.content.close()
-
-
-#: An upstream's answer from either HTTP client.
-Answer = aiohttp.ClientResponse | LeanAnswer
+#: What the map takes: everything the HTTP client raises for a failed exchange.
+CLIENT_FAILURES = (TimeoutError, lean.LeanError)
 
 
 class HTTPUpstream(Adapter):
@@ -143,28 +97,22 @@ class HTTPUpstream(Adapter):
             secret.get_secret_value().encode()
             for secret in (config.api_key, config.bearer_token) if secret is not None
         )
-        self._fresh_session: aiohttp.ClientSession | None = None
         # Sent on every request; identity keeps bodies byte-for-byte relayable.
         self.fixed_headers = {**self.auth_headers, "Accept-Encoding": "identity"}
-        t = config.timeouts
-        # aiohttp's per-read timer bounds the wait for the status line (first_byte); once the
-        # headers are in, ``request`` switches the same timer to the gap between reads (idle).
-        # It is cheaper than wrapping each await in asyncio.timeout.
-        self.client_timeout = aiohttp.ClientTimeout(
-            total=t.total, sock_connect=t.connect, sock_read=t.first_byte
+        #: The same, encoded once: the head of every request ends with them.
+        self.fixed_block = b"".join(
+            b"%s: %s\r\n" % (name.encode(), value.encode())
+            for name, value in self.fixed_headers.items()
         )
-        #: The lean client's keep-alive pool (``upstream_client: lean``); else the session.
-        self.pool: lean.LeanPool | None = None
-        if config.upstream_client == "lean":
-            origin = URL(config.url)
-            # the base URL's path prefixes every request path
-            self.base_path = origin.raw_path.rstrip("/")
-            assert origin.host is not None and origin.port is not None  # a checked URL
-            self.pool = lean.LeanPool(
-                origin.host, origin.port, connect_timeout=t.connect,
-                tls=ssl.create_default_context() if origin.scheme == "https" else None,
-            )
-            self.lean_headers = tuple(self.fixed_headers.items())
+        self.fixed_names = frozenset(name.lower() for name in self.fixed_headers)
+        origin = URL(config.url)
+        # the base URL's path prefixes every request path
+        self.base_path = origin.raw_path.rstrip("/")
+        assert origin.host is not None and origin.port is not None  # a checked URL
+        self.pool = lean.LeanPool(
+            origin.host, origin.port, connect_timeout=config.timeouts.connect,
+            tls=ssl.create_default_context() if origin.scheme == "https" else None,
+        )
 
     def error(self, exc: BaseException, stage: Stage) -> UpstreamError:
         mapped = upstream_error(exc, stage, self.timeouts)
@@ -217,87 +165,48 @@ class HTTPUpstream(Adapter):
         """Send one request and wait for the status line, within the first-byte timeout.
 
         Afterwards each read of the body may wait ``read_timeout`` seconds (``timeouts.idle``
-        unless given; ``None`` leaves the body's pace to the caller). An upstream that refuses
+        unless given; ``None`` leaves the body's pace to the caller), and the whole exchange
+        ``timeouts.total``. A reused connection the upstream had closed is noticed and the
+        request sent again on a new one, with its per-send headers made afresh
+        (:meth:`attempt_headers`: a signature is never sent twice). An upstream that refuses
         the node's credentials (401, 403) raises ``upstream_auth_failed``.
         """
-        if self.pool is not None:
-            return await self._lean_request(method, path, body, headers, read_timeout)
-        all_headers = {**headers, **self.fixed_headers} if headers else self.fixed_headers
-        signed = self.attempt_headers(body or b"")
-        if signed:
-            all_headers = {**all_headers, **signed}
-        url = self.base_url + path
+        payload = body or b""
+        sent: list[tuple[str, str]] = []
+        if headers:
+            fixed = self.fixed_names
+            sent = [item for item in headers.items() if item[0].lower() not in fixed]
+        t = self.timeouts
+        idle = t.idle if read_timeout == "idle" else read_timeout
+        target = self.base_path + path
         try:
             try:
-                response = await self.session.request(
-                    method, url, data=body, headers=all_headers, timeout=self.client_timeout,
-                    allow_redirects=False,
+                response = await self.pool.request(
+                    method, target, payload, self._with_signature(sent, payload),
+                    fixed=self.fixed_block, first_byte=t.first_byte, idle=idle, total=t.total,
                 )
-            except STALE_CONNECTION as exc:
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    raise  # no connection at all: the upstream is down
-                # A pooled keep-alive connection the upstream had already closed: once more on
-                # a connection of its own, and not an upstream failure unless that fails too.
-                response = await self._fresh().request(
-                    method, url, data=body, headers=all_headers, timeout=self.client_timeout,
-                    allow_redirects=False,
+            except lean.StaleConnection:
+                response = await self.pool.request(
+                    method, target, payload, self._with_signature(sent, payload),
+                    fixed=self.fixed_block, first_byte=t.first_byte, idle=idle, total=t.total,
+                    fresh=True,
                 )
+        except ValueError as exc:  # a header value HTTP cannot carry
+            raise UpstreamError(f"the request cannot be sent: {exc}") from exc
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "send") from exc
         if response.status in REFUSED_STATUSES:
             raise self.refused(response)
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = (
-                self.timeouts.idle if read_timeout == "idle" else read_timeout
-            )
         return response
 
-    async def _lean_request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: Mapping[str, str] | None,
-        read_timeout: float | Literal["idle"] | None,
-    ) -> LeanAnswer:
-        """:meth:`request` on the lean client (the pool retries a stale connection itself)."""
-        assert self.pool is not None
-        payload = body or b""
-        sent: tuple[tuple[str, str], ...] | list[tuple[str, str]] = self.lean_headers
-        if headers:
-            fixed = self.fixed_headers
-            sent = [item for item in headers.items() if item[0] not in fixed]
-            sent.extend(self.lean_headers)
-        signed = self.attempt_headers(payload)
-        if signed:
-            sent = [*sent, *signed.items()]
-        t = self.timeouts
-        try:
-            raw = await self.pool.request(
-                method, self.base_path + path, payload, sent, first_byte=t.first_byte,
-                idle=t.idle if read_timeout == "idle" else read_timeout, total=t.total,
-            )
-        except CLIENT_FAILURES as exc:
-            raise self.error(exc, "send") from exc
-        response = LeanAnswer(raw)
-        if response.status in REFUSED_STATUSES:
-            raise self.refused(response)
-        return response
-
-    def _fresh(self) -> aiohttp.ClientSession:
-        """A session that opens a new connection for every request (made on first use)."""
-        if self._fresh_session is None:
-            self._fresh_session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True), auto_decompress=False
-            )
-        return self._fresh_session
+    def _with_signature(
+        self, headers: list[tuple[str, str]], body: bytes
+    ) -> list[tuple[str, str]]:
+        signed = self.attempt_headers(body)
+        return [*headers, *signed.items()] if signed else headers
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-        if self._fresh_session is not None:
-            await self._fresh_session.close()
+        await self.pool.close()
         await super().close()
 
     def redact(self, body: bytes) -> bytes:
@@ -322,10 +231,9 @@ class HTTPUpstream(Adapter):
             length = response.content_length
             if length is not None and length > limit:
                 raise self._too_large(f"{length} bytes")
-            content = response.content
             parts = []
             size = 0
-            while chunk := await content.readany():
+            while chunk := await response.readany():
                 size += len(chunk)
                 if size > limit:
                     raise self._too_large(f"more than {limit} bytes")
@@ -348,15 +256,14 @@ class HTTPUpstream(Adapter):
     async def read_some(self, response: Answer, stage: Stage) -> bytes:
         """The next bytes of the body as they arrive (``b""`` at its end)."""
         try:
-            return await response.content.readany()
+            return await response.readany()
         except CLIENT_FAILURES as exc:
             raise self.error(exc, stage) from exc
 
     async def body_chunks(self, response: Answer) -> AsyncIterator[bytes]:
         """Yield the body as it arrives; a silence longer than ``timeouts.idle`` ends it."""
-        content = response.content
         try:
-            while chunk := await content.readany():
+            while chunk := await response.readany():
                 yield chunk
         except CLIENT_FAILURES as exc:
             raise self.error(exc, "body") from exc
@@ -365,9 +272,8 @@ class HTTPUpstream(Adapter):
         self, response: Answer, relayed: Relayed
     ) -> AsyncIterator[bytes]:
         """:meth:`body_chunks` of an OpenAI-compatible stream, renamed and its usage read."""
-        content = response.content
         try:
-            while chunk := await content.readany():
+            while chunk := await response.readany():
                 chunk = relayed.chunk(chunk)
                 if chunk:
                     yield chunk
@@ -386,21 +292,16 @@ class HTTPUpstream(Adapter):
         With ``job`` (an OpenAI-compatible inference request), a successful answer names the
         model the client asked for and its usage is read (``proxy.wire.relayed``).
         """
-        headers = response_headers(response.headers)
+        headers = relayed_headers(response.headers)
         relayed = None
         if job is not None and job.model is not None and response.status < 300:
             relayed = Relayed(job.model, drop_usage=job.usage_asked)
         if response.content_type == "text/event-stream":
-            # The per-read timer still holds the first-byte deadline until the next read
-            # re-arms it; re-arm it now so a stream that stalls right away ends after `idle`.
-            protocol = response.connection.protocol if response.connection else None
-            if protocol is not None and not response.content.at_eof():
-                protocol.start_timeout()
             chunks = (self.body_chunks(response) if relayed is None
                       else self.relayed_chunks(response, relayed))
             out = UpstreamResponse(
                 response.status, headers, chunks, stream=True,
-                release=lambda: release_response(response),
+                release=response.release,
             )
         else:
             body = await self.read_all(response)
@@ -438,12 +339,9 @@ def credential_headers(config: BaseConfig) -> dict[str, str]:
 
 
 def release_response(response: Answer) -> None:
-    # A half-read body must close the connection so the upstream sees the client go away;
-    # a fully read one goes back to the keep-alive pool.
-    if response.content.at_eof():
-        response.release()
-    else:
-        response.close()
+    """Done with ``response``: a half-read body closes the connection, so the upstream sees
+    the client go away; a fully read one has gone back to the keep-alive pool."""
+    response.release()
 
 
 def _safe_origin(url: str) -> str:
@@ -453,18 +351,6 @@ def _safe_origin(url: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        # the errno's own text: strerror may carry the address ("Connect call failed (...)")
-        error = exc.os_error
-        if isinstance(error, socket.gaierror) and error.strerror:
-            return error.strerror  # e.g. "Name or service not known"
-        return os.strerror(error.errno) if error.errno else type(error).__name__
-    if isinstance(exc, lean.ConnectError):
-        return exc.reason
     if isinstance(exc, lean.LeanError):
         return str(exc)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the response body was incomplete"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
-    return type(exc).__name__
+    return "the connection failed"

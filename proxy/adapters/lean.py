@@ -1,195 +1,73 @@
-"""A lean HTTP/1.1 client for one upstream origin: keep-alive connections on asyncio protocols,
-answers parsed by llhttp (``httptools``, the parser uvicorn uses server-side).
+"""The proxy's HTTP/1.1 client for one upstream origin: keep-alive connections on asyncio
+protocols, answers parsed by llhttp (``httptools``, the parser uvicorn uses server-side).
 
-The upstream client behind ``HTTPUpstream`` (``upstream_client: lean``, the default; aiohttp's
-``ClientSession`` under ``upstream_client: aiohttp``); measured by ``python -m bench.lean``. It
-does what the proxy needs of an upstream client and no more: one origin, bodies as bytes, no
-redirects, cookies or compression; answers framed by ``Content-Length``, chunked encoding, or
-the connection's close. A request goes out in one write; the answer's body is buffered per
-response (reading pauses above :data:`HIGH_WATER` bytes unread), so a connection goes back to
-the pool as soon as its answer has arrived whole.
+It is the only client on the request path (``HTTPUpstream`` sends through it); measured by
+``python -m bench.lean``. It does what the proxy needs of an upstream client and no more: one
+origin, bodies as bytes, no redirects, cookies or compression; answers framed by
+``Content-Length``, chunked encoding, or the connection's close. A request goes out in one
+write; the answer's body is buffered per answer (reading pauses above :data:`HIGH_WATER`
+bytes unread), so a connection goes back to the pool as soon as its answer has arrived whole.
+
+What it refuses (as ``LeanError``, never a traceback): what llhttp refuses in strict mode
+(duplicate or invalid ``Content-Length``, ``Content-Length`` beside ``Transfer-Encoding``, bad
+chunk sizes, bare LF, obs-fold: RFC 9112 lets a recipient reject each, and a proxy that cannot
+be sure how the next hop frames a message must), transfer codings other than chunked (the
+body could only be relayed still encoded), status codes outside 100-599, heads over
+:data:`MAX_HEAD_BYTES` or :data:`MAX_FIELDS` (interim answers and trailers counted with them),
+more than :data:`MAX_INTERIM` interim answers, and a protocol switch (101: the connection is
+closed, the status returned for the caller to refuse). Bytes after a complete answer close the
+connection: they are never read as the next request's answer.
 
 Failures are ``TimeoutError`` (:class:`ConnectTimeout`, first byte, :class:`IdleTimeout`
-between body reads, the ``total`` deadline) or
+between body reads, the ``total`` deadline, enforced also while data keeps arriving) or
 :class:`LeanError` with the stage it happened in (``send``: nothing of an answer arrived;
-``body``: the answer broke off). A pooled connection the upstream closed is noticed when the
-close arrives; one that closes as a request is written, before any byte of an answer, is
-retried once on a new connection (as browsers and urllib3 do for idempotent reuse races).
+``body``: the answer broke off). A reused connection that closes before any byte of its answer
+raises :class:`StaleConnection`: the caller sends the request again with ``fresh=True`` (on a
+connection opened for it, never another pooled one), rebuilding what must change per send.
+Pooled connections unused for ``keep_idle`` seconds are closed by a sweep (one timer per pool).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
-import os
+import re
 import socket
 import ssl as ssl_module
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Literal, cast
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import httptools
 
+from proxy.adapters.answer import (
+    Answer,
+    ConnectError,
+    ConnectTimeout,
+    IdleTimeout,
+    LeanError,
+    Stage,
+    StaleConnection,
+)
+
+__all__ = ["Answer", "ConnectError", "ConnectTimeout", "IdleTimeout", "LeanError", "LeanPool",
+           "StaleConnection"]
+
 #: Unread body bytes of one answer above which its connection stops reading.
 HIGH_WATER = 256 * 1024
-Stage = Literal["send", "body"]
+#: Bytes of header fields (names, values, 4 per line) one answer may send, interim answers and
+#: trailers included; and how many fields. aiohttp's client allows 8 KiB per line and 32,768
+#: fields; an upstream has no reason to send more than a few dozen.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_FIELDS = 256
+#: Interim answers (100 Continue, 103 Early Hints) skipped before the real one.
+MAX_INTERIM = 8
+#: What a reason phrase must not hold: control characters but HTAB.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-class LeanError(ConnectionError):
-    """The upstream connection failed; ``stage`` says whether any of the answer had arrived."""
-
-    def __init__(self, message: str, stage: Stage) -> None:
-        super().__init__(message)
-        self.stage = stage
-
-
-class ConnectError(LeanError):
-    """No connection could be made; ``reason`` says why, in the system's words (no address)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"cannot connect: {reason}", "send")
-        self.reason = reason
-
-    @classmethod
-    def of(cls, exc: OSError) -> ConnectError:
-        if isinstance(exc, socket.gaierror):  # a failed lookup: its errno is the resolver's
-            return cls(exc.strerror or "the host name could not be resolved")
-        return cls(os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__))
-
-
-class ConnectTimeout(TimeoutError):
-    """The upstream did not accept a connection within ``connect_timeout``."""
-
-
-class IdleTimeout(TimeoutError):
-    """Nothing of the body arrived within ``idle`` seconds of the last bytes."""
-
-
-class _Stale(Exception):
-    """A reused connection closed before any byte of the answer: safe to send again."""
-
-
-class LeanResponse:
-    """One answer: status and headers once :meth:`LeanPool.request` returns, then the body."""
-
-    __slots__ = ("_chunks", "_conn", "_done", "_error", "_idle", "_loop", "_size", "_started",
-                 "_waiter", "deadline", "framed", "head", "headers", "keep_alive", "status")
-
-    def __init__(self, conn: _Conn, idle: float | None, deadline: float | None = None,
-                 head: bool = False) -> None:
-        self._conn: _Conn | None = conn
-        self._idle = idle
-        # the connection's loop, kept (``_conn`` goes at the answer's end):
-        # asyncio.get_running_loop() costs a getpid() system call on Python 3.11, and a stream
-        # waits once per chunk
-        self._loop = conn.loop
-        #: The answer to a HEAD request: it has no body, whatever its headers say.
-        self.head = head
-        #: ``loop.time()`` by which the whole answer must have arrived (``None``: no bound).
-        self.deadline = deadline
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.framed = False  # Content-Length or chunked; otherwise the body ends at close
-        self.keep_alive = False
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._started = False  # a byte of the answer arrived
-        self._done = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first header called ``name`` (any case)."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
-    @property
-    def reading_paused(self) -> bool:
-        """Whether the connection stopped reading because this body is unread."""
-        return self._conn is not None and self._conn.paused
-
-    # -- the connection's side
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._error is None and not self._done:
-            self._error = exc
-        self._wake()
-
-    # -- the reader's side
-    async def _wait(self, seconds: float | None) -> None:
-        """Wait for the connection's next event; at most ``seconds`` (and never past
-        :attr:`deadline`), else a timeout and the connection is dropped."""
-        loop = self._loop
-        waiter = self._waiter = loop.create_future()
-        conn = self._conn
-        if conn is not None:
-            until, timeout = self.deadline, TimeoutError
-            if seconds is not None:
-                bound = loop.time() + seconds
-                if until is None or bound < until:
-                    until, timeout = bound, IdleTimeout if self.status else TimeoutError
-            if until is not None:
-                conn.watch(until, timeout)
-        await waiter
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: whatever is buffered at each step, joined."""
-        while True:
-            if self._chunks:
-                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-                self._chunks.clear()
-                self._size = 0
-                if self._conn is not None:
-                    self._conn.resume()
-                yield data
-                continue
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return
-            await self._wait(self._idle)
-
-    async def readany(self) -> bytes:
-        """The bytes buffered now, or the next to arrive; ``b""`` at the body's end."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-                chunks.clear()
-                self._size = 0
-                if self._conn is not None:
-                    self._conn.resume()
-                return data
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
-            await self._wait(self._idle)
-
-    def at_eof(self) -> bool:
-        """Whether the whole body has arrived and been read."""
-        return self._done and not self._chunks
-
-    async def read(self) -> bytes:
-        """The whole body."""
-        parts = [chunk async for chunk in self.chunks()]
-        return b"".join(parts)
-
-    def close(self) -> None:
-        """Give up on the rest of the body; the connection is closed unless it had all of it."""
-        if not self._done and self._conn is not None:
-            self._conn.abort()
-        self._chunks.clear()
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing an answer the client refuses."""
 
 
 class _Conn(asyncio.Protocol):
@@ -212,36 +90,63 @@ class _Conn(asyncio.Protocol):
         self.timeout: type[TimeoutError] = TimeoutError
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.response: LeanResponse | None = None
+        self.response: Answer | None = None
         self.closed = False
         self.paused = False
         #: The message being parsed is an interim answer (100 Continue, 103 Early Hints).
         self.interim = False
+        self.interims = 0
+        #: Header bytes and fields of the answer being parsed (interim and trailers included).
+        self.head_bytes = 0
+        self.fields = 0
+        #: An answer completed in the read being parsed: pooled once the read is done.
+        self.completed = False
         self.used = 0
         self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
-    def send(self, response: LeanResponse, data: bytes) -> None:
+    def send(self, response: Answer, data: bytes) -> None:
         assert self.transport is not None
         self.response = response
         self.used += 1
+        self.interims = self.head_bytes = self.fields = 0
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:  # nothing was asked: a confused upstream
+        response = self.response
+        if response is None:  # nothing was asked (late bytes of an earlier answer)
             self.abort()
             return
-        self.response._started = True
+        response._started = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            response = self.response
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: the status is in; the connection is no longer HTTP
             self.abort()
-            if response is not None:
-                stage: Stage = "body" if response.status else "send"
-                response._fail(LeanError(f"malformed answer: {exc}", stage))
+            if not response.status:
+                response._fail(LeanError("malformed answer: a protocol switch", "send"))
+            response._wake()
+            return
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            message = str(refused) if isinstance(refused, _Refused) else str(exc)
+            self.abort()
+            stage: Stage = "body" if response.status else "send"
+            response._fail(LeanError(f"malformed answer: {message}", stage))
+            return
+        if self.completed:
+            self.completed = False
+            self.response = None
+            if response.keep_alive and not self.closed:
+                self.resume()
+                self.pool._release(self)
+            else:
+                self.closed = True
+                if self.transport is not None:
+                    self.transport.close()
+            response._wake()
 
     def watch(self, until: float, timeout: type[TimeoutError]) -> None:
         """Bound the wait that begins now to ``until`` (loop time), then ``timeout``."""
@@ -275,17 +180,19 @@ class _Conn(asyncio.Protocol):
         response, self.response = self.response, None
         if response is None or response._done:
             return
-        if response.status and not response.framed and exc is None:
+        if response.status and not response.framed and exc is None and not response._error:
             response._done = True  # close-delimited body: the close is its end
             response._wake()
         elif not response._started:
-            response._fail(_Stale())
+            response._fail(StaleConnection() if self.used > 1 else
+                           LeanError("the upstream closed the connection before answering",
+                                     "send"))
+        elif response.status:
+            message = "the response body was incomplete (the connection closed)"
+            response._fail(LeanError(message, "body"))
         else:
-            if response.status:
-                message = "the response body was incomplete (the connection closed)"
-                response._fail(LeanError(message, "body"))
-            else:
-                response._fail(LeanError("the server closed the connection", "send"))
+            response._fail(LeanError("the upstream closed the connection before answering",
+                                     "send"))
 
     def abort(self) -> None:
         self.closed = True
@@ -297,21 +204,49 @@ class _Conn(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
-    # -- llhttp callbacks
+    # -- llhttp callbacks (a callback that raises stops the parser: data_received handles it)
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response._done:
+            raise _Refused("bytes after the end of the answer")
+
+    def on_status(self, reason: bytes) -> None:
+        # never relayed, but a control character there is no HTTP (RFC 9112 4): as h11 does
+        if _CONTROL.search(reason) is not None:
+            raise _Refused("a control character in the status line")
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
+        response = self.response
+        assert response is not None
+        self.fields += 1
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES or self.fields > MAX_FIELDS:
+            raise _Refused(f"more than {MAX_FIELDS} header fields or {MAX_HEAD_BYTES} bytes "
+                           "of them")
+        if response.status:
+            return  # a trailer: counted, not kept
         lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding"
-                                            and b"chunked" in value.lower()):
-            self.response.framed = True
-        self.response.headers.append((name, value))
+        if lowered == b"content-length":
+            response.framed = True
+        elif lowered == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                # its body could only be relayed still encoded, and the header is dropped
+                raise _Refused("a transfer coding other than chunked")
+            response.framed = True
+        # OWS around a value is not part of it (RFC 9110 5.5); llhttp keeps what trails
+        response.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Refused(f"status {status} is outside 100-599")
         if 100 <= status < 200 and status != 101:
             # an interim answer (as aiohttp's client does, skipped): the real one follows
+            self.interims += 1
+            if self.interims > MAX_INTERIM:
+                raise _Refused(f"more than {MAX_INTERIM} interim answers")
             self.interim = True
             response.headers.clear()
             response.framed = False
@@ -325,15 +260,16 @@ class _Conn(asyncio.Protocol):
             self.abort()
         response._wake()
 
-    def _finish(self, response: LeanResponse) -> None:
+    def _finish(self, response: Answer) -> None:
         """``response`` has arrived whole: it and this connection part."""
         response._done = True
         response._conn = None
-        self.response = None
 
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None
+        if response._done:
+            return  # the body of an answer to HEAD: there is none
         response._chunks.append(body)
         response._size += len(body)
         if response._size > HIGH_WATER and not self.paused and self.transport is not None:
@@ -349,14 +285,7 @@ class _Conn(asyncio.Protocol):
         assert response is not None
         response.keep_alive = self.parser.should_keep_alive()
         self._finish(response)
-        if response.keep_alive and not self.closed:
-            self.resume()
-            self.pool._release(self)
-        else:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
-        response._wake()
+        self.completed = True  # pooled by data_received once nothing follows in this read
 
 
 def _is_ip(host: str) -> bool:
@@ -368,18 +297,24 @@ def _is_ip(host: str) -> bool:
 
 
 class LeanPool:
-    """Keep-alive HTTP/1.1 connections to one origin (``http://`` or ``https://``)."""
+    """Keep-alive HTTP/1.1 connections to one origin (``http://`` or ``https://``).
+
+    ``clock`` (``time.monotonic`` unless given) times the keep-alive and the name cache; the
+    sweep of idle connections runs on the loop's timer and closes what :meth:`sweep` finds
+    expired by ``clock``.
+    """
 
     def __init__(self, host: str, port: int, *, tls: ssl_module.SSLContext | None = None,
                  connect_timeout: float = 5.0, keep_idle: float = 30.0,
-                 dns_ttl: float = 300.0) -> None:
+                 dns_ttl: float = 300.0, clock: Callable[[], float] | None = None) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.connect_timeout = connect_timeout
-        #: Seconds an unused connection is kept before it is closed instead of reused.
+        #: Seconds an unused connection is kept before it is closed.
         self.keep_idle = keep_idle
         #: Seconds a host name's addresses are reused for new connections (as aiohttp's
         #: ``ttl_dns_cache``); forgotten at once when none of them takes a connection.
         self.dns_ttl = dns_ttl
+        self.clock = clock or time.monotonic
         #: The host name's addresses, looked up at ``_resolved_at`` (empty: look up again).
         self._addresses: list[tuple[str, int]] = []
         self._resolved_at = 0.0
@@ -390,55 +325,64 @@ class LeanPool:
         self.host_header = (named if port == default_port else f"{named}:{port}").encode()
         self._idle: list[_Conn] = []
         self._all: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.opened = 0  # connections made, for tests and benchmarks
 
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: Iterable[tuple[str, str]] = (), *,
-                      first_byte: float | None = None,
-                      idle: float | None = None,
-                      total: float | None = None) -> LeanResponse:
-        """Send one request; return once the status line and headers are in.
-
-        ``first_byte`` bounds the wait for them; ``idle`` each later wait for body bytes;
-        ``total`` the whole exchange from here to the body's last byte.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None if total is None else loop.time() + total
-        head = [b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
-                % (method.encode(), path.encode(), self.host_header, len(body))]
+    def head(self, method: str, path: str, length: int,
+             headers: Iterable[tuple[str, str]] = (), fixed: bytes = b"") -> bytes:
+        """The request head: ``headers`` as given (values as the client sent their bytes)
+        and ``fixed``, header lines already encoded."""
+        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
+                 % (method.encode(), path.encode(), self.host_header, length)]
         for name, value in headers:
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
                 raise ValueError(f"header {name!r} has a character HTTP does not allow there")
-            head.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
-        head.append(b"\r\n")
-        data = b"".join(head) + body
-        for attempt in range(2):
-            conn = await self._acquire(loop)
-            reused = conn.used > 0
-            response = LeanResponse(conn, idle, deadline, method == "HEAD")
-            conn.send(response, data)
-            try:
-                while not response.status:
-                    if response._error is not None:
-                        raise response._error
-                    await response._wait(first_byte)
-                return response
-            except _Stale:
-                if reused and attempt == 0:
-                    continue
-                raise LeanError("connection closed before any answer", "send") from None
-            except BaseException:
-                conn.abort()  # given up on (cancelled, timed out): the upstream sees it go
-                raise
-        raise AssertionError("unreachable")
+            # the server read the client's bytes as UTF-8 with surrogateescape: this gives
+            # back exactly the bytes it sent, obs-text included
+            parts.append(b"%s: %s\r\n" % (name.encode(), value.encode("utf-8",
+                                                                         "surrogateescape")))
+        parts.append(fixed)
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Conn:
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keep_idle:
-                return conn
-            conn.abort()
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: Iterable[tuple[str, str]] = (), *,
+                      fixed: bytes = b"",
+                      first_byte: float | None = None,
+                      idle: float | None = None,
+                      total: float | None = None,
+                      fresh: bool = False) -> Answer:
+        """Send one request; return once the status line and headers are in.
+
+        ``first_byte`` bounds the wait for them; ``idle`` each later wait for body bytes;
+        ``total`` the whole exchange from here to the body's last byte. ``fresh`` sends on a
+        new connection. Raises :class:`StaleConnection` when a reused connection turns out
+        closed before any byte of the answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if total is None else loop.time() + total
+        data = self.head(method, path, len(body), headers, fixed) + body
+        conn = await self._acquire(loop, fresh)
+        response = Answer(conn, idle, deadline, method == "HEAD")
+        conn.send(response, data)
+        try:
+            while not response.status:
+                if response._error is not None:
+                    raise response._error
+                await response._wait(first_byte)
+            return response
+        except BaseException:
+            conn.abort()  # given up on (cancelled, timed out): the upstream sees it go
+            raise
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, fresh: bool) -> _Conn:
+        if not fresh:
+            expired = self.clock() - self.keep_idle
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and conn.idle_since > expired:
+                    return conn
+                conn.abort()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 conn = await self._connect(loop)
@@ -468,7 +412,7 @@ class LeanPool:
         raise error
 
     async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[str, int]]:
-        now = time.monotonic()
+        now = self.clock()
         if self._addresses and now - self._resolved_at < self.dns_ttl:
             return self._addresses
         self.lookups += 1
@@ -480,8 +424,29 @@ class LeanPool:
         return addresses
 
     def _release(self, conn: _Conn) -> None:
-        conn.idle_since = time.monotonic()
+        conn.idle_since = self.clock()
         self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = conn.loop.call_later(self.keep_idle, self._sweep_now)
+
+    def _sweep_now(self) -> None:
+        self._sweeper = None
+        self.sweep()
+        if self._idle:
+            oldest = min(conn.idle_since for conn in self._idle)
+            wait = max(oldest + self.keep_idle - self.clock(), 0.0) + 0.01
+            self._sweeper = self._idle[0].loop.call_later(wait, self._sweep_now)
+
+    def sweep(self) -> int:
+        """Close the pooled connections unused for ``keep_idle`` seconds; how many."""
+        expired = self.clock() - self.keep_idle
+        stale = [conn for conn in self._idle if conn.idle_since <= expired or conn.closed]
+        if stale:
+            self._idle = [conn for conn in self._idle if conn not in stale]
+            for conn in stale:
+                if conn.transport is not None:
+                    conn.transport.close()
+        return len(stale)
 
     def _forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
@@ -492,7 +457,15 @@ class LeanPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    @property
+    def open(self) -> int:
+        """Connections open now, pooled or carrying a request."""
+        return len(self._all)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             if conn.transport is not None:
                 conn.transport.close()

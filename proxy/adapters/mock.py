@@ -29,6 +29,7 @@ DEFAULT_DIMENSIONS = 16
 
 class MockAdapter(Adapter):
     name = "mock"
+    sampling = ("max_tokens",)
 
     async def send(self, job: Job) -> UpstreamResponse:
         payload = job.payload or {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.adapters.base import Job, UpstreamResponse
+from proxy.adapters.base import VLLM_SAMPLING, Job, UpstreamResponse
 from proxy.adapters.http import HTTPUpstream, release_response
 from proxy.errors import UpstreamError
 
@@ -46,6 +46,8 @@ class VllmServerAdapter(OpenAIAdapter):
 
     name = "vllm"
     ready_path = "/health"
+    sampling = VLLM_SAMPLING
+    top_k_off = -1
 
     async def check_ready(self) -> None:
         await super().check_ready()

@@ -5,7 +5,7 @@ kept only as SHA-256 digests and every configured key is compared in constant ti
 neither timing nor an early exit tells which key (or how much of one) was right.
 ``auth.fxn_signatures`` checks the network's request signatures (``proxy.auth.signing``).
 ``auth.mode`` says whether either kind suffices (``any``) or every configured kind is needed
-(``all``). Probes and scrapes (:data:`PUBLIC_PATHS`) pass without credentials.
+(``all``). The server decides which paths need none (``Runtime.public_paths``).
 
 Every refusal is ``Unauthorized`` whose ``code`` is a reason from a fixed set, counted in
 ``model_proxy_auth_failures{reason}``; messages never echo what the client sent.
@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from multidict import CIMultiDictProxy
 
+from proxy.auth.journal import JournaledNonces
 from proxy.auth.nonces import NonceCache
 from proxy.auth.shared_nonces import RedisNonces
 from proxy.auth.signing import (
@@ -31,15 +32,11 @@ from proxy.auth.signing import (
     Verifier,
 )
 from proxy.auth.signing import REASONS as SIGNATURE_REASONS
-from proxy.config import AuthSection, BaseConfig
+from proxy.config import AuthSection, BaseConfig, FxnSignaturesSection
 from proxy.errors import ConfigError, Unauthorized
 
 log = logging.getLogger("model_proxy")
 
-#: Liveness, readiness and metrics stay reachable for orchestrators and Prometheus; in node
-#: mode the node's ``/health`` too, and ``/challenge``, which checks the scheduler's signature
-#: itself (``proxy.server.node``). Without node mode both are 404s.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/challenge"})
 #: Every reason a refusal can carry (the ``reason`` label of the failure counter).
 REASONS = SIGNATURE_REASONS | {"missing_credentials", "missing_api_key", "bad_api_key"}
 
@@ -220,6 +217,8 @@ class AuthState:
         self.configure(config)
 
     def configure(self, config: BaseConfig) -> None:
+        """Adopt ``config.auth``. At start-up (the first call), ``ConfigError`` if the nonce
+        journal cannot be opened; later (a reload), such a journal is replaced by memory."""
         section = config.auth
         if section is self._section or section == self._section:
             return
@@ -228,11 +227,13 @@ class AuthState:
             signatures = section.fxn_signatures
             shared = self._shared_store(section)
             if self._nonces is None and signatures is not None:
-                self._nonces = NonceCache(signatures.window_seconds, signatures.nonce_cache_size)
+                self._nonces = self._new_cache(signatures)
             if self._nonces is not None:
-                # A shared store remembers across restarts; the memory cache starts empty, so
-                # what may have been signed before this process started is refused.
-                self._nonces.not_before = float("-inf") if shared else self._started
+                # A shared store or a journal remembers across restarts; a memory-only cache
+                # starts empty, so what may have been signed before this process started is
+                # refused.
+                lasting = shared is not None or isinstance(self._nonces, JournaledNonces)
+                self._nonces.not_before = float("-inf") if lasting else self._started
             auth = Authenticator(
                 section, nonces=self._nonces, shared=shared,
                 clock=self._clock, allowed=self._allowed,
@@ -243,10 +244,21 @@ class AuthState:
         self.enabled = auth is not None
         self.needs_body = auth is not None and auth.verifier is not None
 
+    def _new_cache(self, signatures: FxnSignaturesSection) -> NonceCache:
+        window, size = signatures.window_seconds, signatures.nonce_cache_size
+        if not (signatures.journaled and signatures.state_dir):
+            return NonceCache(window, size)  # memory, or Redis (checked first), or no file
+        try:
+            return JournaledNonces.open(signatures.state_dir, window, size, now=self._clock())
+        except ConfigError as exc:
+            if self._section is None:  # at start-up: refused, as serve refuses a bad config
+                raise
+            log.error("%s; nonces are kept in memory until a restart", exc.problems[0])
+            return NonceCache(window, size)
+
     def _shared_store(self, section: AuthSection) -> RedisNonces | None:
         signatures = section.fxn_signatures
-        store = signatures.nonce_store if signatures is not None else None
-        url = store.get_secret_value() if store is not None else None
+        url = signatures.redis_url if signatures is not None else None
         if url != self._shared_url:
             if self._shared is not None:
                 self._retired.append(self._shared)
@@ -259,6 +271,8 @@ class AuthState:
         stores, self._retired = [*self._retired, self._shared], []
         self._shared = None
         self._shared_url = None
+        if isinstance(self._nonces, JournaledNonces):
+            self._nonces.close()
         for store in stores:
             if store is not None:
                 await store.close()

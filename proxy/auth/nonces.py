@@ -18,9 +18,10 @@ class NonceCache:
     Entries are kept by signed timestamp rather than by expiry so that ``window`` and
     ``max_entries`` can change (a reloaded config) without forgetting what was seen.
 
-    Kept in memory only: a restarted process has forgotten every nonce. ``not_before`` (the
-    process's start, as the proxy builds it) closes that hole: a message signed at or before
-    it may have been accepted by the previous process, so it is refused (``before_start``).
+    Kept in memory: a restarted process has forgotten every nonce, unless a journal kept them
+    (``proxy.auth.journal``, the default store). Without one, ``not_before`` (the process's
+    start, as the proxy builds it) closes that hole: a message signed at or before it may have
+    been accepted by the previous process, so it is refused (``before_start``).
     """
 
     __slots__ = ("_heap", "_seen", "horizon", "max_entries", "not_before", "window")

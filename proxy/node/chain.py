@@ -9,11 +9,16 @@ contracts, from the network's published ABIs)::
 
 Every failure (transport, timeout, a JSON-RPC error, an answer that does not decode) is a
 ``ChainError`` whose message names what failed and never quotes more than a bounded excerpt.
+A large answer is decoded off the event loop: ABI offsets may alias one entry many times, so
+a few megabytes can hold a hundred thousand entries, seconds of pure-Python decoding.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import orjson
@@ -24,6 +29,10 @@ ACTIVE_GATEWAYS_SELECTOR = bytes.fromhex("7404af6a")  # getActiveGatewaysLive()
 GATEWAY_TUPLE = "(address,bytes,uint256,string,bool)[]"
 #: A registry answer larger than this is refused rather than decoded.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: Answers larger than this are parsed and decoded in a worker thread.
+OFF_LOOP_BYTES = 64 * 1024
+_ADDRESS_TEXT = re.compile(r"0[xX][0-9a-fA-F]{40}")
+T = TypeVar("T")
 
 
 class ChainError(Exception):
@@ -77,7 +86,7 @@ class Chain:
             raise ChainError(message, reason="unreachable") from exc
         if raw is None:
             raise ChainError("JSON-RPC answer is too large", reason="malformed")
-        return _result(raw)
+        return await _off_loop(_result, raw, len(raw))
 
     async def gateway_registry(self, router: str) -> str:
         """The GatewayRegistry address the Router points to."""
@@ -91,16 +100,27 @@ class Chain:
         return str(address)
 
     async def active_gateways(self, registry: str) -> list[Gateway]:
-        from eth_abi.abi import decode
-
         data = await self.call(registry, ACTIVE_GATEWAYS_SELECTOR)
-        try:
-            (rows,) = decode([GATEWAY_TUPLE], data)
-            return [Gateway(str(o), bytes(i), int(r), str(m), bool(p)) for o, i, r, m, p in rows]
-        except Exception as exc:
-            raise ChainError(
-                "GatewayRegistry.getActiveGatewaysLive() did not decode", reason="malformed"
-            ) from exc
+        return await _off_loop(_decode_gateways, data, len(data))
+
+
+def _decode_gateways(data: bytes) -> list[Gateway]:
+    from eth_abi.abi import decode
+
+    try:
+        (rows,) = decode([GATEWAY_TUPLE], data)
+        return [Gateway(str(o), bytes(i), int(r), str(m), bool(p)) for o, i, r, m, p in rows]
+    except Exception as exc:
+        raise ChainError(
+            "GatewayRegistry.getActiveGatewaysLive() did not decode", reason="malformed"
+        ) from exc
+
+
+async def _off_loop(work: Callable[[bytes], T], data: bytes, size: int) -> T:
+    """``work(data)``, in a worker thread when ``size`` is large enough to stall the loop."""
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(work, data)
+    return work(data)
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
@@ -151,10 +171,7 @@ def gateway_address(gateway: Gateway) -> str | None:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
             return None
-        if text[:2] in ("0x", "0X"):
-            try:
-                bytes.fromhex(text[2:])
-            except ValueError:
-                return None
+        # exactly 0x and 40 hex digits (bytes.fromhex would let whitespace through)
+        if _ADDRESS_TEXT.fullmatch(text):
             return text
     return None

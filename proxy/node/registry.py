@@ -12,6 +12,8 @@ the set lookup it always did.
 an error answer, data that does not decode) keeps the last good list, counts
 ``model_proxy_node_registry_failures{reason}`` and logs one line; nothing here can fail a
 request. Until the first good read only the scheduler (and the static addresses) may sign.
+An entry whose id names no signer address is skipped and counted
+(``model_proxy_node_registry_entries_skipped``); the rest of the read applies.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from proxy.auth.signing import AllowList
 from proxy.config import NodeSection
 from proxy.metrics import NodeMetrics
-from proxy.node.chain import Chain, ChainError, gateway_address
+from proxy.node.chain import Chain, ChainError, Gateway, gateway_address
 
 log = logging.getLogger("model_proxy")
 
@@ -44,6 +46,8 @@ class Registry:
         self.gateways: frozenset[str] = frozenset()
         self.last_good: float | None = None
         self._failing = False
+        #: Entries skipped at the last good read (logged when it changes).
+        self._skipped = 0
         metrics.watch_registry(
             gateways=lambda: len(self.gateways),
             age=lambda: -1.0 if self.last_good is None else time.monotonic() - self.last_good,
@@ -63,7 +67,7 @@ class Registry:
             log.warning("node: gateway registry read failed (%s): %s; %s", exc.reason, exc, kept)
             self._failing = True
             return False
-        addresses = {a for a in map(gateway_address, entries) if a is not None}
+        addresses = self._signers(entries)
         self.gateways = frozenset(a.lower() for a in addresses)
         self.inference.replace([self.section.scheduler_address, *addresses])
         self.last_good = time.monotonic()
@@ -71,6 +75,27 @@ class Registry:
             log.info("node: gateway registry read again: %d active gateways", len(addresses))
         self._failing = False
         return True
+
+    def _signers(self, entries: list[Gateway]) -> set[str]:
+        """The signer addresses of ``entries``; an entry whose id names no address is skipped
+        and counted, never a reason to keep the last list (which may hold a removed gateway)."""
+        addresses: set[str] = set()
+        skipped = 0
+        for entry in entries:
+            if entry.paused:  # vouches for no one, on purpose
+                continue
+            address = gateway_address(entry)
+            if address is None:
+                skipped += 1
+            else:
+                addresses.add(address)
+        if skipped:
+            self._metrics.count_registry_skipped(skipped)
+        if skipped != self._skipped:  # one line when the number changes, not every refresh
+            log.warning("node: %d gateway registry entries skipped: their id is not a signer "
+                        "address; the other %d entries apply", skipped, len(addresses))
+            self._skipped = skipped
+        return addresses
 
     async def run(self, chain: Chain | None) -> None:
         """Refresh now, then every ``node.chain.refresh`` seconds, until cancelled."""

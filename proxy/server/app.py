@@ -21,6 +21,7 @@ from proxy.server.health import Readiness, probing
 from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
 from proxy.server.tasks import running
+from proxy.upstream.clock import SYSTEM, Clock
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
 from proxy.upstream.routing import Served
@@ -36,15 +37,17 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     config_path: str | None = None,
+    clock: Clock = SYSTEM,
 ) -> web.Application:
     """Build the proxy for ``config``; the adapter starts and stops with the application.
 
     Call it with an event loop running (the upstream connection pool belongs to it). Raises
-    ``ConfigError`` if the configured adapter cannot be imported.
+    ``ConfigError`` if the configured adapter cannot be imported. ``clock`` times the
+    breakers, the limiter's queue, retries and cool-downs (tests pass one they move).
     """
     metrics = Metrics(registry)
-    limiter = Limiter(config.limits)
-    pipeline = Pipeline(metrics, limiter)
+    limiter = Limiter(config.limits, clock)
+    pipeline = Pipeline(metrics, limiter, clock)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     try:
@@ -63,7 +66,7 @@ def create_app(
                 refused=metrics.count_auth_failure,
                 allowed=node.registry.inference if node is not None else None,
             ),
-            readiness=Readiness(config),
+            readiness=Readiness(config, metrics),
             catalog=Catalog(),
             session=session,
             served=Served([pipeline.build(entry, session) for entry in config.entries]),
@@ -87,7 +90,7 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_probing)
     app.cleanup_ctx.append(reloading)
-    app.cleanup_ctx.append(cataloguing)
+    app.cleanup_ctx.append(lambda app: cataloguing(runtime.catalog, runtime))
     app.on_shutdown.append(_drain_requests)
     router = app.router
     for path, endpoint in routes.ENDPOINTS.items():
@@ -100,6 +103,7 @@ def create_app(
                           ("/metrics", routes.metrics)):
         router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
     if node is not None:
+        runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
         node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
     router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
     return app
@@ -126,7 +130,8 @@ def _adapters(runtime: Runtime) -> list[Adapter]:
 
 async def _probing(app: web.Application) -> AsyncIterator[None]:
     """The background readiness probe (``model_proxy_upstream_up``), while the app runs."""
-    async with running(probing(app[RUNTIME]), "readiness-probe"):
+    runtime = app[RUNTIME]
+    async with running(probing(runtime.readiness, lambda: runtime.served), "readiness-probe"):
         yield
 
 

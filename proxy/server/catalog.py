@@ -19,32 +19,37 @@ import asyncio
 import datetime
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
-
-from aiohttp import web
+from typing import Any, Protocol
 
 from proxy.config import BaseConfig
 from proxy.errors import NotFound, ProxyError
-from proxy.server.runtime import RUNTIME, Runtime
+from proxy.server.health import Readiness
 from proxy.server.tasks import running
 from proxy.upstream.breaker import State
-from proxy.upstream.pipeline import Backend
+from proxy.upstream.pipeline import Backend, Pipeline
+from proxy.upstream.routing import Served
 
 log = logging.getLogger("model_proxy")
 
 #: Seconds between two background refreshes of the upstreams' facts.
 REFRESH_SECONDS = 300.0
-#: Sampling parameters each provider passes on (the ``supported_sampling_parameters`` field).
-_OPENAI_SAMPLING = ("temperature", "top_p", "max_tokens", "stop", "seed", "frequency_penalty",
-                    "presence_penalty", "logit_bias", "logprobs", "top_logprobs")
-SAMPLING: dict[str, tuple[str, ...]] = {
-    "custom": _OPENAI_SAMPLING,
-    "fxn": _OPENAI_SAMPLING,
-    "vllm": (*_OPENAI_SAMPLING, "top_k", "min_p", "repetition_penalty"),
-    "ollama": ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
-               "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs"),
-    "mock": ("max_tokens",),
-}
+class Serving(Protocol):
+    """What the catalog reads of the running proxy (``proxy.server.runtime.Runtime``)."""
+
+    @property
+    def served(self) -> Served: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def readiness(self) -> Readiness: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    @property
+    def pipeline(self) -> Pipeline: ...
 
 
 class Catalog:
@@ -65,7 +70,7 @@ class Catalog:
             return {}, []
         return cached[1], cached[2]
 
-    async def refresh(self, runtime: Runtime) -> None:
+    async def refresh(self, runtime: Serving) -> None:
         """Ask every backend's upstream what it knows; a failure keeps what was known."""
         backends = runtime.served.backends
         results = await asyncio.gather(*(_gather(b) for b in backends))
@@ -77,7 +82,7 @@ class Catalog:
             fresh[id(backend)] = (backend, *result)
         self.cache = fresh
 
-    async def run(self, runtime: Runtime) -> None:
+    async def run(self, runtime: Serving) -> None:
         """Background task: refresh now, on :attr:`wake` (a reload), and periodically."""
         while True:
             for backend in runtime.served.backends:
@@ -110,14 +115,13 @@ async def _gather(backend: Backend) -> tuple[dict[str, Any], list[dict[str, Any]
     return facts, [dict(m) for m in listed]
 
 
-async def cataloguing(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx`` entry: the catalog's refresh task runs while the application does."""
-    runtime = app[RUNTIME]
-    async with running(runtime.catalog.run(runtime), "catalog-refresh"):
+async def cataloguing(catalog: Catalog, runtime: Serving) -> AsyncIterator[None]:
+    """The catalog's refresh task, running while the application does (``cleanup_ctx``)."""
+    async with running(catalog.run(runtime), "catalog-refresh"):
         yield
 
 
-async def listing(runtime: Runtime, catalog: Catalog) -> list[dict[str, Any]]:
+async def listing(runtime: Serving, catalog: Catalog) -> list[dict[str, Any]]:
     """Every model the catalog lists now, in the YAML's order."""
     today = datetime.date.today()
     items: list[dict[str, Any]] = []
@@ -129,7 +133,7 @@ async def listing(runtime: Runtime, catalog: Catalog) -> list[dict[str, Any]]:
     return items
 
 
-async def one(runtime: Runtime, catalog: Catalog, model_id: str) -> dict[str, Any]:
+async def one(runtime: Serving, catalog: Catalog, model_id: str) -> dict[str, Any]:
     """The catalog entry of ``model_id`` (a public name or alias, deprecated ones too)."""
     served = runtime.served
     backend = served.routes.get(model_id)
@@ -144,12 +148,12 @@ async def one(runtime: Runtime, catalog: Catalog, model_id: str) -> dict[str, An
 
 
 async def _entries(
-    runtime: Runtime, catalog: Catalog, backend: Backend, shown_as: str | None = None
+    runtime: Serving, catalog: Catalog, backend: Backend, shown_as: str | None = None
 ) -> list[dict[str, Any]]:
     config = backend.config
     facts, listed = catalog.facts(backend)
     warm, can_accept = await _live(runtime, backend)
-    base = _enriched(runtime, config, facts)
+    base = _enriched(runtime, config, facts, backend.adapter.sampling)
     base["metadata"] = {
         "backend_provider": config.backend_provider,
         "fxn_id": config.fxn_id,
@@ -176,14 +180,14 @@ async def _entries(
              "metadata": {**m.get("metadata", {}), **base["metadata"]}} for m in items]
 
 
-def _enriched(runtime: Runtime, config: BaseConfig, facts: dict[str, Any]) -> dict[str, Any]:
+def _enriched(runtime: Serving, config: BaseConfig, facts: dict[str, Any],
+              sampling: tuple[str, ...]) -> dict[str, Any]:
     model = config.model
     features = list(model.supported_features) or facts.get("supported_features", [])
     out: dict[str, Any] = {
         "context_length": model.context_length or facts.get("context_length"),
         "max_output_length": model.max_output_length or facts.get("max_output_length"),
-        "supported_sampling_parameters": list(SAMPLING.get(config.backend_provider,
-                                                           _OPENAI_SAMPLING)),
+        "supported_sampling_parameters": list(sampling),
         "supported_features": features,
         "input_modalities": facts.get("input_modalities", ["text"]),
         "output_modalities": ["text"],
@@ -193,12 +197,12 @@ def _enriched(runtime: Runtime, config: BaseConfig, facts: dict[str, Any]) -> di
     return out
 
 
-async def _live(runtime: Runtime, backend: Backend) -> tuple[bool, bool]:
+async def _live(runtime: Serving, backend: Backend) -> tuple[bool, bool]:
     """``warm``: the upstream is ready and its circuit closed; ``can_accept``: also a
     concurrency slot or a queue place is free and the proxy is not shutting down."""
     if runtime.shutting_down:
         return False, False
-    warm = await runtime.readiness.backend_reason(runtime, backend) is None
+    warm = await runtime.readiness.backend_reason(backend) is None
     if backend.breaker.state is not State.CLOSED:
         warm = False
     limiter = runtime.pipeline.limiter

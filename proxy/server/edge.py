@@ -24,16 +24,18 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.auth.inbound import PUBLIC_PATHS
-from proxy.config import LimitsSection
+from proxy.config import BaseConfig, LimitsSection
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
 from proxy.server.runtime import BODY, Runtime
+from proxy.upstream.exchange import Exchange
 
 log = logging.getLogger("model_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RuntimeHandler = Callable[[web.Request, Runtime], Awaitable[web.StreamResponse]]
+#: A handler as routes write it: the request, the application's runtime, the request's own
+#: exchange (``proxy.upstream.exchange``).
+RuntimeHandler = Callable[[web.Request, Runtime, Exchange], Awaitable[web.StreamResponse]]
 
 _HEADER_OVERHEAD = 4  # ": " and CRLF per line, as on the wire
 
@@ -68,6 +70,7 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         request_id = ids.of(request.headers.get(HEADER))
         # no reset: the next request handled in this task sets its own first
         CURRENT.set(request_id)
+        exchange = Exchange(request_id)
         label = endpoint
         if label is None:
             label = "passthrough" if request.path.startswith("/v1/") else "other"
@@ -75,40 +78,17 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         status = 500
         try:
             try:
-                raw = request.raw_path
-                # Near-free for ordinary paths: only a path that could hide a dot segment or
-                # an encoded separator is looked at closely.
-                if "%" in raw or "/." in raw or "//" in raw or "\\" in raw:
-                    check_path(request)
-                config = backend.config
-                check_headers(request, config.limits)
-                auth = runtime.auth
-                if auth.enabled and request.path not in PUBLIC_PATHS:
-                    if auth.needs_body:
-                        limit = config.limits.max_body_bytes
-                        await auth.verify(request.headers, partial(
-                            read_body, request, limit, config.server.body_timeout))
-                    else:
-                        auth.check_keys(request.headers)
-                response = await handler(request, runtime)
+                checking = guard(request, runtime, backend.config)
+                if checking is not None:
+                    await checking
+                response = await handler(request, runtime, exchange)
                 # a relayed stream has sent it with its headers already; setting it again then
                 # costs less than asking whether it was prepared
                 response.headers[HEADER] = request_id
-            except ProxyError as exc:
-                response = error_response(exc, request_id)
-                if exc.status == 408:
-                    response.force_close()  # what is left of the body is not waited for
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = error_response(_from_http(request, exc), request_id)
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
-            except Exception:
-                log.exception("unhandled error on %s %s", request.method, request.path[:200])
-                response = error_response(
-                    ProxyError("internal error; the proxy's log has the details"), request_id
-                )
+            except Exception as exc:
+                response = failed(request, exc, request_id)
             status = response.status
             if not response.prepared:  # a stream has set its own as it started
                 response.headers["Server"] = SERVER
@@ -125,18 +105,50 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         finally:
             if label:
                 seconds = time.perf_counter() - start
-                model = runtime.routed_label
-                if model:
-                    runtime.routed_label = ""
-                else:
-                    model = backend.model_label
-                metrics.observe_request(label, model, status, seconds)
-                upstream = runtime.upstream_seconds
+                metrics.observe_request(label, exchange.model_label or backend.model_label,
+                                        status, seconds)
+                upstream = exchange.upstream_seconds
                 if upstream >= 0.0:
-                    runtime.upstream_seconds = -1.0
                     metrics.observe_overhead(label, seconds - upstream)
 
     return handle
+
+
+def guard(request: web.Request, runtime: Runtime, config: BaseConfig) -> Awaitable[None] | None:
+    """Refuse a request before its handler runs: a path another server could read otherwise,
+    oversized headers, missing or wrong credentials. Returns the signature check to await
+    when the credentials are signatures over the body."""
+    raw = request.raw_path
+    # Near-free for ordinary paths: only a path that could hide a dot segment or an encoded
+    # separator is looked at closely.
+    if "%" in raw or "/." in raw or "//" in raw or "\\" in raw:
+        check_path(request)
+    check_headers(request, config.limits)
+    auth = runtime.auth
+    if auth.enabled and request.path not in runtime.public_paths:
+        if auth.needs_body:
+            return auth.verify(request.headers, partial(
+                read_body, request, config.limits.max_body_bytes, config.server.body_timeout))
+        auth.check_keys(request.headers)
+    return None
+
+
+def failed(request: web.Request, exc: Exception, request_id: str) -> web.Response:
+    """The answer for what a handler raised: a ``ProxyError`` as its OpenAI-shaped body,
+    aiohttp's HTTP errors likewise (its redirects are raised on), anything else as a bare
+    500 whose details go to the log only."""
+    if isinstance(exc, ProxyError):
+        response = error_response(exc, request_id)
+        if exc.status == 408:
+            response.force_close()  # what is left of the body is not waited for
+        return response
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return error_response(_from_http(request, exc), request_id)
+    log.error("unhandled error on %s %s", request.method, request.path[:200], exc_info=exc)
+    return error_response(ProxyError("internal error; the proxy's log has the details"),
+                          request_id)
 
 
 def client_gone(request: web.BaseRequest) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -16,8 +17,9 @@ from proxy.errors import ProxyError
 from proxy.upstream.breaker import State
 
 if TYPE_CHECKING:
-    from proxy.server.runtime import Runtime
+    from proxy.metrics import Metrics
     from proxy.upstream.pipeline import Backend
+    from proxy.upstream.routing import Served
 
 log = logging.getLogger("model_proxy")
 #: How long an upstream readiness answer is reused, so probes cannot hammer the upstream.
@@ -31,9 +33,12 @@ class Readiness:
     """``/readyz``'s answer: shutting down, the circuit, then the upstream's own check, whose
     result is cached for :data:`READY_CACHE_SECONDS` per backend."""
 
-    __slots__ = ("cache", "grace", "probe_every")
+    __slots__ = ("cache", "grace", "metrics", "probe_every", "stopping")
 
-    def __init__(self, config: BaseConfig) -> None:
+    def __init__(self, config: BaseConfig, metrics: Metrics) -> None:
+        self.metrics = metrics
+        #: Set when the proxy shuts down: from then on it is not ready.
+        self.stopping = False
         #: id(backend) -> (backend, when, reason): the last answer of each backend's check
         self.cache: dict[int, tuple[Backend, float, str | None]] = {}
         self.grace = 5.0
@@ -45,19 +50,18 @@ class Readiness:
         self.grace = config.timeouts.connect + 5
         self.cache = {}
 
-    async def reason(self, runtime: Runtime) -> str | None:
+    async def reason(self, served: Served) -> str | None:
         """``None`` when the proxy can serve every model, else why not."""
-        if runtime.shutting_down:
+        if self.stopping:
             return "shutting down"
-        served = runtime.served
         if served.only is not None:
-            return await self.backend_reason(runtime, served.only)
-        reasons = await asyncio.gather(*(self.backend_reason(runtime, b) for b in served.backends))
+            return await self.backend_reason(served.only)
+        reasons = await asyncio.gather(*(self.backend_reason(b) for b in served.backends))
         problems = [f"model {name}: {reason}" for name, reason in zip(served.names, reasons,
                                                                        strict=True) if reason]
         return "; ".join(problems) or None
 
-    async def backend_reason(self, runtime: Runtime, backend: Backend) -> str | None:
+    async def backend_reason(self, backend: Backend) -> str | None:
         """``None`` when ``backend`` can serve, else why not (checked at most once a second)."""
         circuit = backend.breaker.reason()
         if circuit is not None:
@@ -83,21 +87,20 @@ class Readiness:
             reason = None
             break
         self.cache[id(backend)] = (backend, now, reason)
-        runtime.metrics.set_upstream_up(reason is None)
+        self.metrics.set_upstream_up(reason is None)
         return reason
 
 
-async def probing(runtime: Runtime) -> None:
-    """Check the upstream every ``readiness.probe_every`` seconds (the first time after one
-    interval: traffic tells sooner), for as long as it runs (the app's lifecycle starts and
-    cancels it)."""
-    readiness = runtime.readiness
+async def probing(readiness: Readiness, served: Callable[[], Served]) -> None:
+    """Check the upstreams (``served()``: the set in force) every ``readiness.probe_every``
+    seconds (the first time after one interval: traffic tells sooner), for as long as it runs
+    (the app's lifecycle starts and cancels it)."""
     while True:
         await asyncio.sleep(readiness.probe_every)
-        if runtime.shutting_down:
+        if readiness.stopping:
             return
         try:
-            await readiness.reason(runtime)
+            await readiness.reason(served())
         except Exception:  # a bug must not end the probing for good
             log.exception("the readiness probe failed")
 

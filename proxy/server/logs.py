@@ -23,10 +23,10 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy.adapters.base import Job
 from proxy.config import LoggingSection
 from proxy.server.requestid import CURRENT
-from proxy.server.runtime import JOB
+from proxy.server.runtime import EXCHANGE
+from proxy.upstream.exchange import Exchange
 
 log = logging.getLogger("model_proxy")
 
@@ -185,7 +185,7 @@ class AccessLines:
         self._append(line)
 
     def add_job(self, method: str, path: str, status: int, seconds: float, request_id: str,
-                job: Job) -> None:
+                exchange: Exchange) -> None:
         """A forwarded request's JSON line: besides :meth:`add`'s fields its ``model`` (as
         the client named it), ``upstream`` (the backend provider) and ``upstream_model``,
         ``attempts``, ``ttfb_ms`` (a stream's, from its body read to its first chunk written;
@@ -193,22 +193,24 @@ class AccessLines:
         ``tokens_in``/``tokens_out`` (as the upstream reported them; ``null`` when it did
         not); with ``include_bodies``, ``request_body`` and ``response_body`` (each at most
         64 KiB, as text). Durations in whole milliseconds."""
-        usage = job.usage
+        job = exchange.job
+        assert job is not None  # set before the exchange is kept for the log
+        usage = exchange.usage
         model = job.model
         duration = round(seconds * 1000)
         entry: dict[str, Any] = {
             "ts": _millis(time.time()), "level": "info", "logger": "model_proxy.access",
             "request_id": request_id, "method": method, "path": path, "status": status,
             "duration_ms": duration,
-            "model": model[:200] if model else model, "upstream": job.upstream,
-            "upstream_model": job.upstream_model, "attempts": job.attempts,
-            "ttfb_ms": round(job.ttfb * 1000) if job.ttfb >= 0 else duration,
-            "upstream_ms": round(job.upstream_seconds * 1000),
+            "model": model[:200] if model else model, "upstream": exchange.provider,
+            "upstream_model": job.upstream_model, "attempts": exchange.attempts,
+            "ttfb_ms": round(exchange.ttfb * 1000) if exchange.ttfb >= 0 else duration,
+            "upstream_ms": round(exchange.upstream_seconds * 1000),
             "tokens_in": usage.prompt_tokens if usage else None,
             "tokens_out": usage.completion_tokens if usage else None,
         }
         if self.bodies:
-            answer = job.answer or b""
+            answer = exchange.answer or b""
             entry["request_body"] = job.body[:BODY_LOG_BYTES].decode(errors="replace")
             entry["response_body"] = bytes(answer).decode(errors="replace")
         self._append(orjson.dumps(entry).decode())
@@ -242,11 +244,11 @@ class AccessLogger(AbstractAccessLogger):
         # aiohttp logs in the request's own task, so the edge's context variable is still set
         # there ("": a request aiohttp refused before any handler ran)
         request_id = CURRENT.get() or "-"
-        job = request.get(JOB) if lines.json else None
-        if job is None:
+        exchange = request.get(EXCHANGE) if lines.json else None
+        if exchange is None:
             lines.add(request.method, path, response.status, seconds, request_id)
         else:
-            lines.add_job(request.method, path, response.status, seconds, request_id, job)
+            lines.add_job(request.method, path, response.status, seconds, request_id, exchange)
 
     @property
     def enabled(self) -> bool:

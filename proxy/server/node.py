@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,15 +31,15 @@ from proxy.node.chain import Chain
 from proxy.node.challenge import TYPES, Challenges
 from proxy.node.identity import Identity
 from proxy.node.registry import Registry
-from proxy.server.edge import read_body
+from proxy.server.edge import Handler, RuntimeHandler, read_body
 from proxy.server.runtime import Runtime
 from proxy.server.tasks import running
+from proxy.upstream.exchange import Exchange
 
 log = logging.getLogger("model_proxy")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RuntimeHandler = Callable[[web.Request, Runtime], Awaitable[web.StreamResponse]]
 
-#: Paths the general auth layer lets through: /challenge authenticates on its own.
+#: Paths the general auth layer lets through: the node's liveness answer, and /challenge,
+#: which checks the scheduler's signature on its own.
 NODE_PATHS = frozenset({"/challenge", "/health"})
 
 
@@ -106,7 +106,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
-async def challenge(request: web.Request, runtime: Runtime) -> web.Response:
+async def challenge(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     node = request.app[NODE]
     try:
         node.verifier.precheck(request.headers)
@@ -131,7 +133,9 @@ async def challenge(request: web.Request, runtime: Runtime) -> web.Response:
     return web.Response(body=orjson.dumps(result), content_type="application/json")
 
 
-async def health(request: web.Request, runtime: Runtime) -> web.Response:
+async def health(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     # The node's own liveness answer, which the network's tools expect as it is.
     return web.Response(text="OK", content_type="text/plain")
 

@@ -7,6 +7,12 @@ its last request has left. If anything fails, nothing changes: the old configura
 serving and one log line says why. Both outcomes are counted in
 ``model_proxy_config_reloads{result="ok"|"error"}``.
 
+A reload runs the checks ``serve`` runs at start-up (``proxy.server.preflight``): a config
+that ``serve`` would refuse (no inbound auth on a non-loopback address) is refused. With
+``watch: true`` a changed file is read once it has stayed unchanged for ``settle`` seconds,
+and a file written to while it was read is not applied; writing the new file beside the old
+one and renaming it over it is the atomic way, and the one to use.
+
 Some settings cannot change in a running process (the bound address, the header size limit,
 logging); a change to them is reported and the running value kept.
 """
@@ -16,14 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from proxy.adapters.base import Adapter
-from proxy.config import BaseConfig
-from proxy.configfile import load_config
+from proxy.config import BaseConfig, load_config
 from proxy.errors import ConfigError, ProxyError
+from proxy.server.preflight import check_servable
 from proxy.server.runtime import Runtime
 from proxy.server.tasks import running
 from proxy.upstream.pipeline import Backend
@@ -33,6 +40,8 @@ log = logging.getLogger("model_proxy")
 
 #: How often a watched file's modification time is looked at, in seconds.
 WATCH_INTERVAL = 1.0
+#: A file's modification time (ns), size and inode: what tells that it changed.
+FileStamp = tuple[int, int, int]
 #: How often retired backends are looked at to see whether their last request has left.
 RETIRE_INTERVAL = 0.5
 
@@ -40,9 +49,16 @@ RETIRE_INTERVAL = 0.5
 class Reloader:
     """Reloads the application's configuration; one per application under ``RELOADER``."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self, runtime: Runtime, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.runtime = runtime
         self.watch_interval = WATCH_INTERVAL
+        #: Seconds a changed watched file must stay unchanged before it is read.
+        self.settle = WATCH_INTERVAL
+        self.clock = clock
+        #: The watched file's stamp when a change was first seen, and when that was.
+        self._changed: tuple[FileStamp | None, float] | None = None
         #: Backends replaced by a reload that still have requests in flight.
         self.retired: list[Backend] = []
         self._lock = asyncio.Lock()
@@ -76,6 +92,15 @@ class Reloader:
         try:
             # Off the event loop: a large or hostile file must not stall requests meanwhile.
             config = self._keep_fixed(await asyncio.to_thread(load_config, path))
+            if self._file_stamp() != self._stamp:  # written to while it was read
+                log.warning("config reload skipped: %s changed while it was read; it is read "
+                            "again once it stays unchanged", path)
+                self._stamp = None  # so that a watcher looks at it again
+                return False
+            # exactly what serve checks at start-up, on the address it is bound to
+            exposure = check_servable(config, path)
+            if exposure:
+                log.warning(exposure)
             backends = [runtime.pipeline.build(entry, runtime.session) for entry in config.entries]
             previous = {b.config.public_name: b for b in runtime.served.backends}
             for backend in backends:
@@ -159,9 +184,25 @@ class Reloader:
             if self._requested:
                 self._requested = False
                 await self.reload()
-            elif watching and self._file_stamp() != self._stamp:
-                await self.reload()
+            elif watching:
+                await self.poll()
             await self._close_idle()
+
+    async def poll(self) -> bool:
+        """One look at the watched file: reload it if it has changed and then stayed as it is
+        (size, modification time, inode) for ``settle`` seconds of ``clock``, so that a file
+        caught half-written is not applied; whether it was reloaded."""
+        stamp, now = self._file_stamp(), self.clock()
+        if stamp == self._stamp:
+            self._changed = None
+            return False
+        if self._changed is None or self._changed[0] != stamp:
+            self._changed = (stamp, now)  # changed since the last look: wait for it to settle
+            return False
+        if now - self._changed[1] < self.settle:
+            return False
+        self._changed = None
+        return await self.reload()
 
     async def _close_idle(self) -> None:
         for backend in [b for b in self.retired if b.active == 0]:
@@ -176,7 +217,7 @@ class Reloader:
             for adapter in backend.adapters():
                 await _close_quietly(adapter)
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> FileStamp | None:
         path = self.runtime.config_path
         if path is None:
             return None
@@ -184,7 +225,8 @@ class Reloader:
             st = os.stat(path)
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        # the inode too: a file renamed over the old one may keep its size and time
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 async def _close_quietly(adapter: Adapter) -> None:

@@ -16,9 +16,9 @@ from proxy.metrics import CONTENT_TYPE
 from proxy.server import catalog
 from proxy.server.edge import method_not_allowed, read_body
 from proxy.server.relay import relay
-from proxy.server.requestid import CURRENT
-from proxy.server.runtime import JOB, Runtime
+from proxy.server.runtime import EXCHANGE, Runtime
 from proxy.upstream import determinism
+from proxy.upstream.exchange import Exchange
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import UNROUTED
 from proxy.wire.checks import check_request, parse_object
@@ -35,20 +35,22 @@ STAMPED = frozenset({"chat", "completions"})
 KNOWN_PATHS = frozenset({*ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics"})
 
 
-async def inference(request: web.Request, runtime: Runtime) -> web.StreamResponse:
+async def inference(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.StreamResponse:
     served = runtime.served
     limits = runtime.config.limits
     endpoint = ENDPOINTS[request.path]
     body = await read_body(request, limits.max_body_bytes, runtime.config.server.body_timeout)
     payload = parse_object(body)
     model, stream = check_request(endpoint, payload, body, limits)
-    backend = served.only or routed(runtime, model)
+    backend = served.only or routed(runtime, exchange, model)
     config = backend.config
     upstream_model = resolve_model(config, model)
     renamed = upstream_model != model
     forced = config.determinism.enforce and endpoint != "embeddings"
     if forced:
-        determinism.force(payload, config.determinism, config.backend_provider)
+        determinism.force(payload, config.determinism, backend.adapter.top_k_off)
     if renamed or forced:
         payload["model"] = upstream_model
     # a pass-through upstream's tokens are read from its usage event, asked for if need be
@@ -56,15 +58,18 @@ async def inference(request: web.Request, runtime: Runtime) -> web.StreamRespons
     asked = asks and ask_usage(payload)
     if renamed or forced or asked:
         body = orjson.dumps(payload)
-    request_id = CURRENT.get()
+    request_id = exchange.request_id
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
-    job = Job(endpoint, "POST", request.path, "", body, payload, model, upstream_model, stream,
-              headers, request_id, usage_asked=asked)
-    return await forward(request, runtime, backend, job)
+    job = Job(endpoint=endpoint, method="POST", path=request.path, body=body, payload=payload,
+              model=model, upstream_model=upstream_model, stream=stream, headers=headers,
+              request_id=request_id, usage_asked=asked)
+    return await forward(request, runtime, backend, job, exchange)
 
 
-async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamResponse:
+async def passthrough(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.StreamResponse:
     backend = runtime.backend
     if request.path in ENDPOINTS or (
         request.path == "/v1/models" or request.path.startswith("/v1/models/")
@@ -78,54 +83,56 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
     config = backend.config
     body = await read_body(request, config.limits.max_body_bytes, config.server.body_timeout)
-    request_id = CURRENT.get()
+    request_id = exchange.request_id
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
     # As sent (still percent-encoded), so the upstream splits path and query as the client did.
     url = request.rel_url
-    job = Job("passthrough", request.method, url.raw_path, url.raw_query_string, body, None,
-              None, None, False, headers, request_id)
-    return await forward(request, runtime, backend, job)
+    job = Job(endpoint="passthrough", method=request.method, path=url.raw_path,
+              query=url.raw_query_string, body=body, headers=headers, request_id=request_id)
+    return await forward(request, runtime, backend, job, exchange)
 
 
 async def forward(
-    request: web.Request, runtime: Runtime, backend: Backend, job: Job
+    request: web.Request, runtime: Runtime, backend: Backend, job: Job, exchange: Exchange
 ) -> web.StreamResponse:
     """Admit ``job``, send it (with retries), relay the answer."""
+    exchange.job = job
+    exchange.model_label = backend.model_label
+    exchange.upstream_seconds = 0.0
     if runtime.access_jobs:  # JSON access lines tell of the job
-        request[JOB] = job
-        job.started = time.perf_counter()
-        job.upstream = backend.config.backend_provider
+        request[EXCHANGE] = exchange
+        exchange.handed_on = time.perf_counter()
+        exchange.provider = backend.config.backend_provider
         if backend.config.logging.include_bodies:
-            job.answer = bytearray()
+            exchange.answer = bytearray()
     pipeline = runtime.pipeline
-    try:
-        async with pipeline.admitted(backend):
-            upstream = await pipeline.call(backend, job)
-            if backend.config.determinism.enforce and job.endpoint in STAMPED:
-                determinism.stamp(upstream)
-            response = await relay(request, upstream, job, runtime.metrics, runtime.drain)
-    finally:
-        runtime.routed_label = backend.model_label  # read by the edge as this returns
-    runtime.upstream_seconds = job.upstream_seconds  # likewise
-    return response
+    async with pipeline.admitted(backend):
+        upstream = await pipeline.call(backend, job, exchange)
+        if backend.config.determinism.enforce and job.endpoint in STAMPED:
+            determinism.stamp(upstream)
+        return await relay(request, upstream, exchange, runtime.metrics, runtime.drain)
 
 
-def routed(runtime: Runtime, model: str) -> Backend:
+def routed(runtime: Runtime, exchange: Exchange, model: str) -> Backend:
     """The backend serving ``model`` in a set of several; 404 (labelled as unrouted) else."""
     try:
         return runtime.served.route(model)
     except NotFound:
-        runtime.routed_label = UNROUTED  # read by the edge as the error passes
+        exchange.model_label = UNROUTED
         raise
 
 
-async def models(request: web.Request, runtime: Runtime) -> web.Response:
+async def models(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     items = await catalog.listing(runtime, runtime.catalog)
     return _json({"object": "list", "data": items})
 
 
-async def model(request: web.Request, runtime: Runtime) -> web.Response:
+async def model(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     entry = await catalog.one(runtime, runtime.catalog, request.match_info["id"])
     return _json(entry)
 
@@ -134,24 +141,32 @@ def _json(obj: Any) -> web.Response:
     return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
-async def healthz(request: web.Request, runtime: Runtime) -> web.Response:
+async def healthz(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request, runtime: Runtime) -> web.Response:
-    reason = await runtime.readiness.reason(runtime)
+async def readyz(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
+    reason = await runtime.readiness.reason(runtime.served)
     if reason is None:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "unavailable", "reason": reason}, status=503)
 
 
-async def metrics(request: web.Request, runtime: Runtime) -> web.Response:
+async def metrics(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     if not runtime.config.metrics.enabled:
         raise NotFound("metrics are disabled", code="unknown_path")
     return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def not_found(request: web.Request, runtime: Runtime) -> web.Response:
+async def not_found(
+    request: web.Request, runtime: Runtime, exchange: Exchange
+) -> web.Response:
     """Every path no route serves; a known path with another method is a 405."""
     if request.path in KNOWN_PATHS:
         raise method_not_allowed(request)

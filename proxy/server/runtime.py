@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from proxy.adapters.base import Job
 from proxy.server.requestid import RequestIds
+from proxy.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from proxy.auth.inbound import AuthState
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from proxy.server.health import Readiness
     from proxy.upstream.pipeline import Backend, Pipeline
     from proxy.upstream.routing import Served
+
+
+#: Liveness, readiness and metrics: reachable without credentials.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @dataclass(slots=True, eq=False)
@@ -44,15 +48,9 @@ class Runtime:
     #: The first backend of ``served`` (the only one of a single-model config).
     backend: Backend = field(init=False)
     config_path: str | None = None
-    shutting_down: bool = False
-    #: Handed from a forwarded request's handler to the edge as it returns: the seconds that
-    #: request spent waiting on the upstream (``-1``: none), so that the rest of its time is
-    #: the proxy's own (``model_proxy_overhead_seconds``). Set and read with no ``await``
-    #: between them, so no other request can come in between.
-    upstream_seconds: float = -1.0
-    #: Handed from a routed request's handler to the edge the same way: the ``model`` label
-    #: of the backend it went to (``""``: the edge uses ``backend``'s).
-    routed_label: str = ""
+    #: Paths that need no inbound credentials: liveness, readiness and metrics, for
+    #: orchestrators and Prometheus; in node mode the node's own (``proxy.server.node``).
+    public_paths: frozenset[str] = PROBE_PATHS
     #: Whether the access log wants each forwarded request's job (JSON lines; set by ``serve``).
     access_jobs: bool = False
     started_at: float = field(default_factory=time.time)
@@ -60,6 +58,15 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.backend = self.served.backends[0]
+
+    @property
+    def shutting_down(self) -> bool:
+        """Set once the proxy stops taking new work (``/readyz`` says so from then on)."""
+        return self.readiness.stopping
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self.readiness.stopping = value
 
     def current(self) -> Backend:
         return self.backend
@@ -78,5 +85,5 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 #: The request body once read (within the body limit), so auth and the handler share one read.
 BODY = web.RequestKey("body", bytes)
-#: The request's job once a route has made it, for the access line (``proxy.server.logs``).
-JOB = web.RequestKey("job", Job)
+#: A forwarded request's exchange, for its JSON access line (``proxy.server.logs``).
+EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -9,11 +9,11 @@ on failure. A probe that ends without an outcome (the client left) frees the pro
 
 from __future__ import annotations
 
-import time
 from enum import IntEnum
 
 from proxy.config import CircuitSection
 from proxy.errors import Unavailable
+from proxy.upstream.clock import SYSTEM, Clock
 
 
 class State(IntEnum):
@@ -27,9 +27,11 @@ class State(IntEnum):
 class Breaker:
     """One upstream's circuit; the pipeline calls ``admit`` per request and records attempts."""
 
-    __slots__ = ("cooldown", "failures", "opened_until", "probing", "state", "threshold")
+    __slots__ = ("clock", "cooldown", "failures", "opened_until", "probing", "state",
+                 "threshold")
 
-    def __init__(self, settings: CircuitSection) -> None:
+    def __init__(self, settings: CircuitSection, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.threshold = settings.failures
         self.cooldown = settings.cooldown
         self.state = State.CLOSED
@@ -41,7 +43,7 @@ class Breaker:
         """Let a request through or raise ``Unavailable``; ``True`` means it is the probe."""
         if self.state is State.CLOSED:
             return False
-        now = time.monotonic()
+        now = self.clock.now()
         if self.state is State.OPEN and now >= self.opened_until:
             self.state = State.HALF_OPEN
         if self.state is State.HALF_OPEN and not self.probing:
@@ -70,7 +72,7 @@ class Breaker:
         self.failures += 1
         if self.state is State.HALF_OPEN or self.failures >= self.threshold:
             self.state = State.OPEN
-            self.opened_until = time.monotonic() + self.cooldown
+            self.opened_until = self.clock.now() + self.cooldown
             self.probing = False
 
     def abandon(self) -> None:
@@ -84,6 +86,6 @@ class Breaker:
             return None
         if self.state is State.HALF_OPEN:
             return "upstream circuit half-open: probing whether the upstream has recovered"
-        left = max(self.opened_until - time.monotonic(), 0.0)
+        left = max(self.opened_until - self.clock.now(), 0.0)
         return (f"upstream circuit open after {self.failures} consecutive failures; "
                 f"next probe in {left:.0f} s")

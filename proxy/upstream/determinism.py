@@ -23,16 +23,15 @@ from proxy.adapters.base import UpstreamResponse
 from proxy.config import DeterminismSection
 
 HEADER = "X-Output-SHA256"
-#: Providers whose requests have a ``top_k``, and the value that turns it off.
-TOP_K_OFF = {"vllm": -1, "ollama": 0}
 
 
-def force(payload: dict[str, Any], settings: DeterminismSection, provider: str) -> None:
-    """Overwrite ``payload``'s sampling parameters in place."""
+def force(payload: dict[str, Any], settings: DeterminismSection, top_k_off: int | None) -> None:
+    """Overwrite ``payload``'s sampling parameters in place; ``top_k_off`` is the upstream's
+    value that turns top-k off (``Adapter.top_k_off``; ``None``: it takes no ``top_k``)."""
     payload["temperature"] = 0
     payload["top_p"] = 1
     payload["seed"] = settings.seed
-    off = TOP_K_OFF.get(provider)
+    off = top_k_off
     if off is not None:
         payload["top_k"] = off
     else:

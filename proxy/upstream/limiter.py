@@ -13,9 +13,14 @@ from collections import deque
 
 from proxy.config import LimitsSection
 from proxy.errors import Overloaded
+from proxy.upstream.clock import SYSTEM, Clock
 
 #: ``Retry-After`` for a full queue: slots turn over in seconds, so ask for a short wait.
 RETRY_AFTER_SECONDS = 1.0
+
+
+class _Expired(Exception):
+    """The wait in the queue ran out."""
 
 
 class Limiter:
@@ -25,9 +30,11 @@ class Limiter:
     path pays no gauge updates.
     """
 
-    __slots__ = ("_waiters", "active", "max_active", "max_waiting", "queue_timeout")
+    __slots__ = ("_waiters", "active", "clock", "max_active", "max_waiting", "queue_timeout")
 
-    def __init__(self, limits: LimitsSection) -> None:
+    def __init__(self, limits: LimitsSection, clock: Clock = SYSTEM) -> None:
+        #: Its ``sleep`` times the wait in the queue.
+        self.clock = clock
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.max_active = limits.max_concurrency
@@ -62,14 +69,20 @@ class Limiter:
                 f"{self.max_waiting} waiting; try again shortly",
                 retry_after=RETRY_AFTER_SECONDS,
             )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
+        # only a request that queues pays for a timer task
+        timer = asyncio.ensure_future(self.clock.sleep(self.queue_timeout))
+
+        def expire(_: object) -> None:
+            if not waiter.done():
+                waiter.set_exception(_Expired())
+
+        timer.add_done_callback(expire)
         try:
-            async with asyncio.timeout(self.queue_timeout):
-                await waiter
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled():
-                return  # the slot arrived as the timer fired: keep it
+            await waiter
+        except _Expired:
             raise Overloaded(
                 f"waited {self.queue_timeout:g} s for an upstream slot; try again shortly",
                 retry_after=RETRY_AFTER_SECONDS,
@@ -79,6 +92,7 @@ class Limiter:
                 self.release()  # handed over, but nobody will use it
             raise
         finally:
+            timer.cancel()
             if not waiter.done():
                 waiter.cancel()
             try:

@@ -11,7 +11,6 @@ never retried.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,19 +24,72 @@ from proxy.config import BaseConfig, CircuitSection
 from proxy.errors import RETRYABLE_STATUSES, Unavailable, UpstreamError
 from proxy.metrics import Metrics
 from proxy.upstream.breaker import Breaker, State
+from proxy.upstream.clock import SYSTEM, Clock
+from proxy.upstream.exchange import Exchange
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.retry import RetryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one attempt's outcome means: the one table every attempt is judged by."""
+
+    #: It counts against the upstream's circuit breaker (and cools a URL of a list down).
+    failed: bool
+    #: The next URL of a list may be tried (nothing of the answer has reached the client).
+    fail_over: bool
+    #: What the ``model_proxy_upstream_up`` gauge says after it.
+    up: bool
+
+
+#: An answer to relay.
+ANSWERED = Verdict(failed=False, fail_over=False, up=True)
+#: 429 and 5xx but the three below: the upstream is up but cannot serve this now.
+BUSY = Verdict(failed=False, fail_over=True, up=True)
+#: 502/503/504, or an error before any answer that a retry may fix.
+DOWN = Verdict(failed=True, fail_over=True, up=False)
+#: An error that another attempt would repeat (the answer broke off, too large).
+BROKEN = Verdict(failed=True, fail_over=False, up=False)
 
 #: Answers that count against the circuit breaker (as do raised ``UpstreamError``s).
 FAILED_STATUSES = frozenset({502, 503, 504})
 
 
+def judge(status: int) -> Verdict:
+    """The verdict on an answer with ``status``."""
+    if status in FAILED_STATUSES:
+        return DOWN
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        return BUSY
+    return ANSWERED
+
+
+def judge_error(exc: UpstreamError) -> Verdict:
+    return DOWN if exc.retryable else BROKEN
+
+
+@dataclass(slots=True, eq=False)
+class Upstream:
+    """One URL of a model: its adapter, its breaker, its cool-down."""
+
+    #: Metric label: the URL's position in the YAML's ``url`` list.
+    label: str
+    adapter: Adapter
+    breaker: Breaker
+    #: Attempts in flight on it now (streams until their end), for ``routing: least_busy``.
+    active: int = 0
+    #: A failed attempt keeps it out of turn until then (``Clock.now``).
+    cool_until: float = 0.0
+
+
 @dataclass(slots=True, eq=False)
 class Backend:
-    """One configuration and the adapter built from it; replaced whole on reload.
+    """One configuration and the adapters built from it; replaced whole on reload.
 
     A request keeps the backend it started on to the end, so after a reload the old one
     serves its in-flight requests (counted in ``active``) and is closed when that reaches 0.
+    ``upstreams`` has one entry per URL (one URL: one entry, whose breaker is the backend's,
+    admitted at the door); ``adapter`` is the first one's.
     """
 
     config: BaseConfig
@@ -46,48 +98,39 @@ class Backend:
     model_label: str
     breaker: Breaker
     retry: RetryPolicy
+    upstreams: tuple[Upstream, ...]
     #: Requests admitted on this backend and not yet left.
     active: int = 0
-    #: With several ``url``s, one per URL (the adapter above is the first one's); else empty,
-    #: and attempts go to ``adapter`` with no choosing.
-    upstreams: tuple[Upstream, ...] = ()
     #: The next upstream's turn, for ``routing: round_robin``.
     turn: int = 0
 
+    @property
+    def spread(self) -> bool:
+        """Whether attempts are spread over several URLs (each with its own breaker)."""
+        return len(self.upstreams) > 1
+
     def adapters(self) -> tuple[Adapter, ...]:
         """Every adapter this backend holds (to start and close them)."""
-        return tuple(u.adapter for u in self.upstreams) or (self.adapter,)
-
-
-@dataclass(slots=True, eq=False)
-class Upstream:
-    """One of a model's several upstreams: its adapter, its own breaker, its cool-down."""
-
-    #: Metric label: the URL's position in the YAML's ``url`` list.
-    label: str
-    adapter: Adapter
-    breaker: Breaker
-    #: Attempts in flight on it now (streams until their end), for ``routing: least_busy``.
-    active: int = 0
-    #: A failed attempt keeps it out of turn until then (``time.monotonic``).
-    cool_until: float = 0.0
+        return tuple(u.adapter for u in self.upstreams)
 
 
 class Pipeline:
     """Admission, attempts and retries for every upstream request of one application."""
 
-    def __init__(self, metrics: Metrics, limiter: Limiter) -> None:
+    def __init__(self, metrics: Metrics, limiter: Limiter, clock: Clock = SYSTEM) -> None:
         self.metrics = metrics
         self.limiter = limiter
+        self.clock = clock
 
     def configure(self, config: BaseConfig) -> None:
         self.limiter.configure(config.limits)
 
     def backend(self, config: BaseConfig, adapter: Adapter) -> Backend:
-        """A backend for ``adapter``, with its own breaker and retry policy."""
-        breaker = Breaker(config.circuit)
-        policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics)
-        return Backend(config, adapter, model_label(config), breaker, policy)
+        """A backend for one ``adapter``, with its own breaker and retry policy."""
+        breaker = Breaker(config.circuit, self.clock)
+        policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics, self.clock)
+        return Backend(config, adapter, model_label(config), breaker, policy,
+                       (Upstream("0", adapter, breaker),))
 
     def build(self, config: BaseConfig, session: aiohttp.ClientSession) -> Backend:
         """The backend for one model's config: its adapter, or one adapter per ``url``.
@@ -99,26 +142,28 @@ class Pipeline:
         if len(urls) < 2:
             return self.backend(config, cls(config, session))
         upstreams = tuple(
-            Upstream(str(i), cls(config.for_url(url), session), Breaker(config.circuit))
+            Upstream(str(i), cls(config.for_url(url), session),
+                     Breaker(config.circuit, self.clock))
             for i, url in enumerate(urls)
         )
         # each upstream has its own breaker; the model's own never opens, so a request is
-        # refused only when every upstream is out (``_spread``)
-        breaker = Breaker(CircuitSection(failures=0))
-        policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics)
+        # refused only when every upstream is out (see ``_attempt``)
+        breaker = Breaker(CircuitSection(failures=0), self.clock)
+        policy = RetryPolicy(config.retries, config.timeouts, breaker, self.metrics, self.clock)
         return Backend(config, upstreams[0].adapter, model_label(config), breaker, policy,
-                       upstreams=upstreams)
+                       upstreams)
 
     def admitted(self, backend: Backend) -> Admission:
         """``async with`` it around a request's upstream work: raises ``Unavailable`` while
         the circuit is open and ``Overloaded`` when the queue is full."""
         return Admission(self.limiter, backend)
 
-    async def call(self, backend: Backend, job: Job) -> UpstreamResponse:
+    async def call(self, backend: Backend, job: Job, exchange: Exchange) -> UpstreamResponse:
         """The upstream's answer to ``job`` after any retries; raises the last error."""
-        start = time.perf_counter()
+        now = self.clock.now
+        start = now()
         try:
-            response = await self._attempt(backend, job, start)
+            response = await self._attempt(backend, job, exchange)
         except UpstreamError as exc:
             if not exc.retryable:
                 raise
@@ -129,101 +174,88 @@ class Pipeline:
             first = response
 
         async def again() -> UpstreamResponse:
-            return await self._attempt(backend, job, time.perf_counter())
+            return await self._attempt(backend, job, exchange)
 
-        return await backend.retry.run(first, again, time.perf_counter() - start)
+        return await backend.retry.run(first, again, now() - start)
 
-    async def _attempt(self, backend: Backend, job: Job, start: float) -> UpstreamResponse:
-        if backend.upstreams:
-            return await self._spread(backend, job, start)
-        breaker = backend.breaker
-        job.attempts += 1
-        try:
-            response = await backend.adapter.send(job)
-            if not response.stream and response.body is None:
-                await response.buffer()
-        except UpstreamError as exc:
-            job.upstream_seconds += time.perf_counter() - start
-            metrics = self.metrics
-            metrics.count_upstream_error(exc.code or "upstream_error")
-            metrics.set_upstream_up(False)
-            breaker.failure()
-            raise
-        elapsed = time.perf_counter() - start
-        job.upstream_seconds += elapsed
-        metrics = self.metrics
-        if response.status in FAILED_STATUSES:
-            breaker.failure()
-            metrics.set_upstream_up(False)
-        else:
-            if breaker.failures or breaker.state is not State.CLOSED:
-                breaker.success()
-            metrics.set_upstream_up(True)
-        metrics.observe_upstream(job.endpoint, elapsed)
-        return response
-
-
-    async def _spread(self, backend: Backend, job: Job, start: float) -> UpstreamResponse:
-        """One attempt over a model's upstreams: the chosen one first, then on to the next
-        while an attempt fails before the client has seen a byte (refused, timed out, 429 or
-        a 5xx answer). The last one's outcome is the attempt's."""
-        now = time.monotonic()
-        order = _order(backend, now)
+    async def _attempt(self, backend: Backend, job: Job, exchange: Exchange) -> UpstreamResponse:
+        """One attempt: the first URL in turn, then on to the next while an attempt fails
+        before the client has seen a byte (:class:`Verdict`). The last one's outcome is the
+        attempt's. One URL is a list of one."""
+        spread = backend.spread
+        order = _order(backend, self.clock.now()) if spread else backend.upstreams
         last = len(order) - 1
-        metrics = self.metrics
-        model = backend.model_label
-        cooldown = backend.config.circuit.cooldown
         for i, upstream in enumerate(order):
             breaker = upstream.breaker
-            try:
-                probe = breaker.admit()
-            except Unavailable:
-                if i == last:
-                    raise
-                continue
-            upstream.active += 1
-            held = False
-            try:
+            probe = False
+            if spread:  # one URL's breaker was admitted at the door (``Admission``)
                 try:
-                    response = await upstream.adapter.send(job)
-                    if not response.stream and response.body is None:
-                        await response.buffer()
-                except UpstreamError as exc:
-                    job.upstream_seconds += time.perf_counter() - start
-                    start = time.perf_counter()
-                    metrics.count_upstream_error(exc.code or "upstream_error")
-                    metrics.count_attempt(model, upstream.label, "failed")
-                    breaker.failure()
-                    upstream.cool_until = time.monotonic() + cooldown
-                    if i == last or not exc.retryable:
+                    probe = breaker.admit()
+                except Unavailable:
+                    if i == last:
                         raise
                     continue
-                elapsed = time.perf_counter() - start
-                job.upstream_seconds += elapsed
-                if response.status in FAILED_STATUSES:
-                    breaker.failure()
-                elif breaker.failures or breaker.state is not State.CLOSED:
-                    breaker.success()
-                if (response.status >= 500 or response.status in RETRYABLE_STATUSES) and (
-                    i < last
-                ):
-                    metrics.count_attempt(model, upstream.label, "failed")
-                    upstream.cool_until = time.monotonic() + cooldown
-                    await response.release()
-                    start = time.perf_counter()
+                upstream.active += 1
+            held = False
+            try:
+                response, verdict = await self._send(backend, upstream, job, exchange)
+                if response is None or (verdict.fail_over and i < last):
+                    if response is not None:
+                        await response.release()
                     continue
-                metrics.count_attempt(model, upstream.label, "ok")
-                metrics.observe_upstream(job.endpoint, elapsed)
-                if response.stream:
+                self.metrics.set_upstream_up(verdict.up)
+                if spread and response.stream:
                     _hold(response, upstream)
                     held = True
                 return response
+            except UpstreamError as exc:
+                if i == last or not exc.retryable:
+                    self.metrics.set_upstream_up(False)
+                    raise
             finally:
-                if not held:
+                if spread and not held:
                     upstream.active -= 1
                 if probe:
                     breaker.abandon()
         raise AssertionError("unreachable: the last upstream returns or raises")  # pragma: no cover
+
+    async def _send(
+        self, backend: Backend, upstream: Upstream, job: Job, exchange: Exchange
+    ) -> tuple[UpstreamResponse | None, Verdict]:
+        """Send ``job`` to one upstream and judge the outcome; raises its error."""
+        now = self.clock.now
+        start = now()
+        exchange.attempts += 1
+        metrics = self.metrics
+        try:
+            response = await upstream.adapter.send(job)
+            if not response.stream and response.body is None:
+                await response.buffer()
+        except UpstreamError as exc:
+            exchange.upstream_seconds += now() - start
+            metrics.count_upstream_error(exc.code or "upstream_error")
+            self._record(backend, upstream, judge_error(exc))
+            raise
+        elapsed = now() - start
+        exchange.upstream_seconds += elapsed
+        verdict = judge(response.status)
+        self._record(backend, upstream, verdict)
+        metrics.observe_upstream(job.endpoint, elapsed)
+        return response, verdict
+
+    def _record(self, backend: Backend, upstream: Upstream, verdict: Verdict) -> None:
+        """What a verdict does to the upstream's breaker, cool-down and metrics."""
+        breaker = upstream.breaker
+        if verdict.failed:
+            breaker.failure()
+        elif breaker.failures or breaker.state is not State.CLOSED:
+            breaker.success()
+        if backend.spread:
+            bad = verdict.failed or verdict.fail_over
+            if bad:
+                upstream.cool_until = self.clock.now() + backend.config.circuit.cooldown
+            self.metrics.count_attempt(backend.model_label, upstream.label,
+                                       "failed" if bad else "ok")
 
 
 def _order(backend: Backend, now: float) -> list[Upstream]:

@@ -34,6 +34,7 @@ from proxy.config import RetriesSection, TimeoutsSection
 from proxy.errors import RETRYABLE_STATUSES, UpstreamError, UpstreamTimeout
 from proxy.metrics import Metrics
 from proxy.upstream.breaker import Breaker
+from proxy.upstream.clock import SYSTEM, Clock
 
 Attempt = Callable[[], Awaitable[UpstreamResponse]]
 
@@ -43,8 +44,9 @@ class RetryPolicy:
 
     def __init__(
         self, retries: RetriesSection, timeouts: TimeoutsSection, breaker: Breaker,
-        metrics: Metrics,
+        metrics: Metrics, clock: Clock = SYSTEM,
     ) -> None:
+        self.clock = clock
         self.cap = retries.retry_after_cap
         self.attempts = retries.attempts
         self.budget = min(retries.total, timeouts.total)
@@ -61,11 +63,12 @@ class RetryPolicy:
 
         ``again`` makes one more attempt. Returns the answer to relay; raises the last error.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() - elapsed + self.budget
+        clock = self.clock
+        deadline = clock.now() - elapsed + self.budget
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts) | _PastDeadline(loop, deadline),
+            sleep=clock.sleep,
+            stop=stop_after_attempt(self.attempts) | _PastDeadline(clock, deadline),
             wait=self._wait,
             retry=self._should_retry,
             before_sleep=_discard,
@@ -92,7 +95,7 @@ class RetryPolicy:
     async def _again(self, again: Attempt, deadline: float) -> UpstreamResponse:
         self.metrics.count_retry()
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(deadline - self.clock.now()):
                 return await again()
         except TimeoutError as exc:
             raise UpstreamTimeout(
@@ -136,14 +139,14 @@ def _error_retry_after(exc: UpstreamError) -> float | None:
 
 
 class _PastDeadline(stop_base):
-    """Stop when the coming wait would end past this run's deadline (loop time)."""
+    """Stop when the coming wait would end past this run's deadline (``clock`` time)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        self.loop = loop
+    def __init__(self, clock: Clock, deadline: float) -> None:
+        self.clock = clock
         self.deadline = deadline
 
     def __call__(self, state: RetryCallState) -> bool:
-        return self.loop.time() + state.upcoming_sleep >= self.deadline
+        return self.clock.now() + state.upcoming_sleep >= self.deadline
 
 
 async def _discard(state: RetryCallState) -> None:

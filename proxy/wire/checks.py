@@ -9,7 +9,10 @@ further on. Adapters keep only their "this backend cannot honour X" refusals.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -70,6 +73,7 @@ def check_request(
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", param="stream")
     check_payload(endpoint, payload, body, limits)
+    check_members_once(body)
     return model, stream
 
 
@@ -88,6 +92,94 @@ def check_payload(
         _check_tokens_or_text(payload.get("prompt"), "prompt")
     elif endpoint == "embeddings":
         _check_tokens_or_text(payload.get("input"), "input")
+
+
+#: Members that decide where a request goes and how it is answered and counted; named twice,
+#: they could be read one way here (orjson keeps the last) and another way upstream (some
+#: servers keep the first): routed to one model's upstream, on its credential, while the
+#: bytes forwarded ask for another model.
+GUARDED = frozenset({"model", "stream", "stream_options"})
+#: A lower-case letter or ``_`` written as an escape: the one way a member name can be spelt
+#: twice without the same bytes twice (honest encoders escape only quotes, control characters
+#: and, at most, non-ASCII or HTML characters).
+_LETTER_ESCAPE = re.compile(rb"\\u00(?:5[fF]|6[1-9a-fA-F]|7[0-9aA])")
+_SPACE = re.compile(r"[ \t\n\r]*")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+_DECODER = json.JSONDecoder()
+
+
+def check_members_once(body: bytes) -> None:
+    """``BadRequest`` (``duplicate_member``) for a body that names a member of
+    :data:`GUARDED` twice at its top level, or a member of ``stream_options`` twice.
+    ``body`` has been parsed already (``parse_object``) and found shallow enough.
+
+    An ordinary body costs two byte counts and one search: the walk below runs only when a
+    guarded name's bytes occur twice anywhere, or a letter is written as an escape."""
+    if not _suspect(body):
+        return
+    try:
+        _walk_members(body.decode("utf-8"))
+    except RecursionError:  # deeper than the C scanner goes: only with a huge max_json_depth
+        raise BadRequest("JSON is nested too deeply", code="json_too_deep") from None
+
+
+def _suspect(body: bytes) -> bool:
+    if body.count(b'"model"') > 1:
+        return True
+    # one count for "stream" and "stream_options" alike; a body with both counts each
+    if body.count(b'"stream') > 1 and (
+        body.count(b'"stream"') > 1
+        or body.count(b'"stream_options"') > 1
+        or body.count(b'"include_usage"') > 1
+    ):
+        return True
+    return _LETTER_ESCAPE.search(body) is not None
+
+
+def _walk_members(text: str) -> None:
+    seen: set[str] = set()
+    for name, start in _members(text):
+        if name in seen and name in GUARDED:
+            raise _duplicate(name)
+        seen.add(name)
+        if name == "stream_options" and text[start] == "{":
+            options: set[str] = set()
+            for inner, _ in _members(text, start):
+                if inner in options:
+                    shown = inner if _PLAIN_NAME.fullmatch(inner) else "a member"
+                    raise _duplicate(f"stream_options.{shown}")
+                options.add(inner)
+
+
+def _members(text: str, at: int = 0) -> Iterator[tuple[str, int]]:
+    """``(name, where its value starts)`` for each member of the JSON object at ``at``, in
+    order, duplicates included; ``text`` is known to be valid JSON."""
+    index = _skip(text, _skip(text, at) + 1)  # past "{"
+    if text[index] == "}":
+        return
+    while True:
+        name, index = _DECODER.raw_decode(text, index)  # the name: a JSON string
+        start = _skip(text, _skip(text, index) + 1)  # past ":"
+        _, end = _DECODER.raw_decode(text, start)  # the value, skipped at C speed
+        yield name, start
+        index = _skip(text, end)
+        if text[index] == "}":
+            return
+        index = _skip(text, index + 1)  # past ","
+
+
+def _skip(text: str, index: int) -> int:
+    """The index of the first non-space character at or after ``index``."""
+    match = _SPACE.match(text, index)
+    return index if match is None else match.end()
+
+
+def _duplicate(name: str) -> BadRequest:
+    return BadRequest(
+        f"the request body names the member {name!r} more than once; send each member once",
+        param=name,
+        code="duplicate_member",
+    )
 
 
 def _check_field(name: str, value: Any) -> None:

@@ -14,8 +14,7 @@ from aiohttp.test_utils import TestServer
 from proxy.adapters.base import Job
 from proxy.adapters.fxn import FxnAdapter
 from proxy.auth.signing import Signer, generate_key_file
-from proxy.config import FxnConfig, build_config
-from proxy.configfile import load_config
+from proxy.config import FxnConfig, build_config, load_config
 from proxy.errors import ConfigError
 from proxy.server.app import create_app
 from tests.conftest import StartProxy, upstream_url
@@ -95,8 +94,8 @@ async def test_each_attempt_is_signed_afresh(aiohttp_server: Any) -> None:
     config = build_config(fxn(server))
     assert isinstance(config, FxnConfig)
     body = json.dumps(CHAT).encode()
-    job = Job("chat", "POST", "/v1/chat/completions", "", body, None, FXN_ID, FXN_ID, False,
-              {}, "req-1")
+    job = Job(endpoint="chat", method="POST", path="/v1/chat/completions", body=body,
+              model=FXN_ID, upstream_model=FXN_ID, headers={}, request_id="req-1")
     async with aiohttp.ClientSession() as session:
         adapter = FxnAdapter(config, session)
         statuses = []

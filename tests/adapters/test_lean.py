@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.adapters.lean import HIGH_WATER, ConnectError, LeanError, LeanPool
+from proxy.adapters.lean import HIGH_WATER, ConnectError, LeanError, LeanPool, StaleConnection
 from tests.conftest import StartProxy, upstream_url
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -204,8 +204,8 @@ async def test_stale_idle_connection_is_dropped(raw_server: Any, pools: list[Lea
     assert await (await pool.request("POST", "/", b"x")).read() == b"conn 1"
 
 
-async def test_reused_connection_closed_at_send_is_retried_once(raw_server: Any,
-                                                                pools: list[LeanPool]) -> None:
+async def test_reused_connection_closed_at_send_is_stale_then_sent_fresh(
+        raw_server: Any, pools: list[LeanPool]) -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> None:
         await read_request(reader)
         if i == 0:
@@ -217,7 +217,10 @@ async def test_reused_connection_closed_at_send_is_retried_once(raw_server: Any,
     raw = await raw_server(script)
     pool = pool_for(raw.port, pools)
     assert await (await pool.request("POST", "/", b"x")).read() == b"first"
-    assert await (await pool.request("POST", "/", b"y")).read() == b"fresh"
+    with pytest.raises(StaleConnection) as caught:  # the caller decides to send it again
+        await pool.request("POST", "/", b"y")
+    assert caught.value.stage == "send"
+    assert await (await pool.request("POST", "/", b"y", fresh=True)).read() == b"fresh"
     assert pool.opened == 2
 
 
@@ -463,7 +466,7 @@ async def test_tls_upstream(aiohttp_server: Any, pools: list[LeanPool],
         await untrusting.request("POST", "/", b"hello")
 
 
-# -- behind HTTPUpstream: the proxy with ``upstream_client: lean``
+# -- behind HTTPUpstream: the proxy's requests
 
 async def test_the_proxy_sends_through_the_lean_pool(
     start_proxy: StartProxy, openai_upstream: TestServer, fake_openai: FakeOpenAI,
@@ -472,7 +475,7 @@ async def test_the_proxy_sends_through_the_lean_pool(
     client's (no aiohttp User-Agent), with the credential and identity encoding."""
     config = {"backend_provider": "custom", "url": upstream_url(openai_upstream) + "/",
               "api_key": "sk-lean", "api_key_header": "Authorization",
-              "model": {"name": "public"}, "upstream_client": "lean"}
+              "model": {"name": "public"}}
     client = await start_proxy(config)
     chat = {"model": "public", "messages": [{"role": "user", "content": "hi"}]}
     resp = await client.post("/v1/chat/completions", json=chat)

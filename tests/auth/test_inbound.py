@@ -313,7 +313,7 @@ def test_check_and_serve_refuse_public_address_without_auth(
 def test_bad_auth_config(tmp_path: Path, auth: dict[str, Any], message: str) -> None:
     import yaml
 
-    from proxy.configfile import load_config
+    from proxy.config import load_config
 
     path = tmp_path / "model_backend.yaml"
     path.write_text(yaml.safe_dump({"backend_provider": "mock", "auth": auth}))

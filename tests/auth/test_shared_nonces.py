@@ -25,7 +25,7 @@ import pytest
 import redis.asyncio
 
 from proxy.auth.shared_nonces import KEY_PREFIX
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.errors import ConfigError
 from tests.conftest import StartProxy, free_port, wait_healthy
 from tests.fakes.fxn_node import gateway_headers
@@ -238,12 +238,16 @@ def test_a_store_that_is_not_redis_is_one_line_without_the_url(
         load_config(path)
     assert len(info.value.problems) == 1
     problem = info.value.problems[0]
-    assert problem.startswith(f"{path}: auth.fxn_signatures.nonce_store: must be memory or")
+    assert problem.startswith(
+        f"{path}: auth.fxn_signatures.nonce_store: must be journal, memory or")
     assert "secret-pw" not in problem
 
 
-def test_memory_is_the_default_store(tmp_path: Path) -> None:
+def test_a_journal_is_the_default_store_and_memory_a_choice(tmp_path: Path) -> None:
     path = tmp_path / "model_backend.yaml"
-    path.write_text(config_text("memory"))
-    signatures = load_config(path).auth.fxn_signatures
-    assert signatures is not None and signatures.nonce_store is None
+    for store in ("journal", "memory"):
+        path.write_text(config_text(store))
+        signatures = load_config(path).auth.fxn_signatures
+        assert signatures is not None and signatures.redis_url is None
+        assert signatures.journaled is (store == "journal")
+        assert signatures.state_dir == str(tmp_path)  # beside the config file

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.configfile import load_config
+from proxy.config import load_config
 from tests.deploy.dockerfile import parse
 from tests.deploy.files import COMPOSE_SCHEMA, DEPLOY, INSTALL_HINT, PROMETHEUS_CONFIG, ROOT
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.configfile import load_config
+from proxy.config import load_config
 from tests.deploy.dockerfile import parse
 from tests.deploy.files import ALERTS, DEPLOY, INSTALL_HINT, ROOT
 
@@ -99,6 +99,16 @@ def test_security_context_matches_the_image() -> None:
     # a read-only root needs somewhere to write: the image's HOME
     tmp = parse(ROOT / "Dockerfile")[-1].env["HOME"]
     assert tmp in {m["mountPath"] for m in container()["volumeMounts"]}
+
+
+def test_the_state_dir_is_a_writable_volume() -> None:
+    # the nonce journal lives there; the root file system is read-only
+    state = parse(ROOT / "Dockerfile")[-1].env["MODEL_PROXY_STATE_DIR"]
+    mounts = {m["mountPath"]: m for m in container()["volumeMounts"]}
+    assert state in mounts and not mounts[state].get("readOnly", False)
+    compose = yaml.safe_load((ROOT / "deploy/compose/docker-compose.yml").read_text())
+    volumes = compose["services"]["proxy"]["volumes"]
+    assert any(v.split(":")[1] == state and not v.endswith(":ro") for v in volumes)
 
 
 def mounted(tmp_path: Path) -> tuple[Path, Any]:

@@ -79,7 +79,9 @@ class FakeChain:
     ``mode`` breaks it on purpose: ``ok``, ``http_error`` (503), ``rpc_error`` (a JSON-RPC
     error object), ``bad_hex``, ``bad_abi`` (a result that does not decode), ``not_json``.
     ``live_filters_paused`` mirrors the contract's ``...Live`` reading (paused ones left out);
-    off, paused entries are returned with ``paused: true``.
+    off, paused entries are returned with ``paused: true``. ``registry_answer``, when set, is
+    the registry's return data as it is (``aliased_gateways`` builds a hostile one);
+    ``registry_answers`` counts the registry reads answered.
     """
 
     router: str = "0x7C8e239F9A26D7fd081Db72A2A23F4E9CA35E16b"
@@ -88,6 +90,8 @@ class FakeChain:
     mode: str = "ok"
     live_filters_paused: bool = True
     calls: list[tuple[str, str]] = field(default_factory=list)
+    registry_answer: bytes | None = None
+    registry_answers: int = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -118,10 +122,29 @@ class FakeChain:
         if to == self.router.lower() and data == selector("gatewayRegistry()"):
             return "0x" + encode(["address"], [self.registry]).hex()
         if to == self.registry.lower() and data == selector("getActiveGatewaysLive()"):
+            self.registry_answers += 1
+            if self.registry_answer is not None:
+                return "0x" + self.registry_answer.hex()
             rows = [
                 (g.owner, g.id, g.registered_at, g.metadata, g.paused)
                 for g in self.gateways
                 if not (self.live_filters_paused and g.paused)
             ]
-            return "0x" + encode(["(address,bytes,uint256,string,bool)[]"], [rows]).hex()
+            return "0x" + encode([GATEWAY_TUPLE], [rows]).hex()
         return "0x"  # no such function: empty return data, as a node answers it
+
+
+def aliased_gateways(count: int, entry: Entry) -> bytes:
+    """``getActiveGatewaysLive()`` return data listing ``entry`` ``count`` times, each element
+    offset pointing at the one encoding of it: megabytes that decode as ``count`` entries."""
+    one = encode([GATEWAY_TUPLE[:-2]],
+                 [(entry.owner, entry.id, entry.registered_at, entry.metadata, entry.paused)])
+    tail = one[32:]  # the tuple without its own top-level offset
+
+    def word(value: int) -> bytes:
+        return value.to_bytes(32, "big")
+
+    return word(32) + word(count) + word(count * 32) * count + tail
+
+
+GATEWAY_TUPLE = "(address,bytes,uint256,string,bool)[]"

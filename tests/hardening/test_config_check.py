@@ -70,7 +70,7 @@ async def test_trailing_newline_of_a_secret_is_stripped(tmp_path: Path, value: s
     path.write_text(BASE + f"api_key: {value}\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c",
-        "import sys; from proxy.configfile import load_config; "
+        "import sys; from proxy.config import load_config; "
         "print(repr(load_config(sys.argv[1]).api_key.get_secret_value()))", str(path),
         stdout=asyncio.subprocess.PIPE, env={"KEY": "secret-1\n", "PATH": "/usr/bin"},
     )

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import FxnConfig, build_config
-from proxy.configfile import load_config, parse_yaml
+from proxy.config import FxnConfig, build_config, load_config, parse_yaml
 from proxy.errors import ConfigError
 from proxy.node.compat import go_duration, translate, warnings
 from tests.node.conftest import FIXTURES, SCHEDULER

@@ -326,7 +326,7 @@ async def test_reload_keeps_node_mode_and_the_chain_list(
 
     import yaml
 
-    from proxy.configfile import load_config
+    from proxy.config import load_config
     from proxy.server.app import create_app
     from proxy.server.reload import RELOADER
     from tests.conftest import upstream_url

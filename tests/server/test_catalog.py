@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from aiohttp.test_utils import TestClient
 
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.server.app import create_app
 from proxy.server.reload import RELOADER
 from proxy.server.runtime import RUNTIME

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.configfile import load_config
+from proxy.config import load_config
 from proxy.server.app import create_app
 from proxy.server.reload import RELOADER
 from proxy.server.runtime import RUNTIME
@@ -152,6 +152,7 @@ async def test_watched_file_is_reloaded_when_it_changes(
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "one"}})
     client = await start(aiohttp_client, path)
     client.app[RELOADER].watch_interval = 0.05
+    client.app[RELOADER].settle = 0.0  # a second look suffices (tests/server/test_reload_checks)
     await asyncio.sleep(1.1)  # the first wait began with the default interval
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "two"}})
     for _ in range(40):

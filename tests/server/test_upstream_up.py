@@ -8,12 +8,15 @@ import re
 import time
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import build_config
+from proxy.errors import UpstreamError
 from proxy.server.app import create_app
 from proxy.server.runtime import RUNTIME
-from tests.conftest import StartProxy, upstream_url
+from proxy.upstream.pipeline import ANSWERED, BUSY, DOWN, Verdict, judge, judge_error
+from tests.conftest import StartProxy, free_port, upstream_url
 from tests.fakes.openai_upstream import FakeOpenAI
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -75,3 +78,35 @@ async def test_an_open_circuit_reads_0(
     # the upstream's own readiness path answers fine meanwhile; the circuit decides
     assert (await client.get("/readyz")).status == 503
     assert await up(client) == 0
+
+
+async def test_a_url_list_sets_it_by_the_same_rule(
+    start_proxy: StartProxy, openai_upstream: TestServer
+) -> None:
+    """One URL is a list of one: the same attempt loop, the same table of outcomes. A list
+    whose first URL is down and second answers is up; one whose every URL fails is down."""
+    down = f"http://127.0.0.1:{free_port()}"
+    good = upstream_url(openai_upstream)
+    client = await start_proxy({"backend_provider": "custom", "url": [down, good],
+                                "retries": {"attempts": 1}, "routing": "round_robin"})
+    for _ in range(2):  # each URL first once
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+        assert await up(client) == 1
+    await openai_upstream.close()
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 502
+    assert await up(client) == 0
+
+
+@pytest.mark.parametrize(("status", "verdict"), [
+    (200, ANSWERED), (201, ANSWERED), (400, ANSWERED), (404, ANSWERED), (422, ANSWERED),
+    (429, BUSY), (500, BUSY), (501, BUSY), (502, DOWN), (503, DOWN), (504, DOWN),
+])
+def test_the_table_of_outcomes(status: int, verdict: Verdict) -> None:
+    assert judge(status) is verdict
+
+
+def test_errors_are_judged_by_whether_a_retry_could_help() -> None:
+    assert judge_error(UpstreamError("refused", retryable=True)) is DOWN
+    assert DOWN.failed and DOWN.fail_over and not DOWN.up
+    broke = judge_error(UpstreamError("broke off mid-answer"))
+    assert broke.failed and not broke.fail_over and not broke.up

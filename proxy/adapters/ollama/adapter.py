@@ -21,7 +21,8 @@ import aiohttp
 import orjson
 
 from proxy.adapters.base import Job, UpstreamResponse, Usage
-from proxy.adapters.http import Answer, HTTPUpstream, Stage
+from proxy.adapters.http import HTTPUpstream, Stage
+from proxy.adapters.lean import Answer
 from proxy.adapters.ollama import replies
 from proxy.adapters.ollama import requests as wire
 from proxy.adapters.ollama.replies import NDJSONLines, StreamTranslator, parse_line
@@ -49,6 +50,9 @@ class OllamaAdapter(HTTPUpstream):
     """
 
     name = "ollama"
+    sampling = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
+                "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
+    top_k_off = 0
 
     def __init__(self, config: BaseConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config, session)
@@ -171,15 +175,15 @@ class OllamaAdapter(HTTPUpstream):
     ) -> Answer:
         """Send and wait for the status; a non-200 answer is read, released and raised."""
         # Ollama may stay silent while it loads a model: this adapter keeps its own read
-        # deadlines (first_byte for the first line, idle after), so aiohttp's per-read timer
-        # is switched off once the headers are in.
+        # deadlines (first_byte for the first line, idle after), so the client's own bound
+        # between reads is switched off once the headers are in.
         resp = await self.request(
             "POST", path, body=orjson.dumps(body), headers=_JSON, read_timeout=None
         )
         if resp.status == 200:
             return resp
         raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
-        raise _status_error(resp.status, raw, resp.headers, model, tag)
+        raise _status_error(resp.status, raw, resp.fields, model, tag)
 
     async def _read_json(self, resp: Answer, until: float) -> dict[str, Any]:
         return _json_object(await self._read_all(resp, until), "its answer")

@@ -22,7 +22,7 @@ import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.adapters.base import Adapter, Job, UpstreamResponse
+from proxy.adapters.base import VLLM_SAMPLING, Adapter, Job, UpstreamResponse
 from proxy.adapters.vllm.runtime import Engine
 from proxy.config import EngineSection, VllmConfig
 from proxy.errors import NotFound, Unavailable, UpstreamError
@@ -35,6 +35,8 @@ class VllmEngineAdapter(Adapter):
     """Serves chat, completions and embeddings from an in-process vLLM engine."""
 
     name = "vllm"
+    sampling = VLLM_SAMPLING
+    top_k_off = -1
 
     def __init__(self, config: Any, session: Any) -> None:
         super().__init__(config, session)

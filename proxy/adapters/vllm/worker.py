@@ -16,8 +16,7 @@ import argparse
 from pathlib import Path
 
 from proxy.adapters.vllm.runtime import serve_args
-from proxy.config import VllmConfig
-from proxy.configfile import load_config
+from proxy.config import VllmConfig, load_config
 from proxy.errors import ConfigError
 
 

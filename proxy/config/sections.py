@@ -1,0 +1,227 @@
+"""The sections every config may have: server, model, timeouts, retries, circuit, limits,
+passthrough, metrics, logging, determinism, Ollama's options; and the base of them all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+_API_KEY = re.compile(r"[\x21-\x7e]{1,512}")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+_PLAIN_PATH = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+
+class ServerSection(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Seconds in-flight requests get to finish after SIGTERM before they are ended.
+    shutdown_grace: float = Field(30.0, ge=0)
+    #: Seconds a connection may wait for its next request head, idle or trickling one in: after
+    #: it opened, and after each answer. Bounds both idle keep-alive and slow headers.
+    keepalive_timeout: PositiveSeconds = 15.0
+    #: Seconds a client has to send a request body once its headers are in.
+    body_timeout: PositiveSeconds = 30.0
+    #: Client connections open at once; over it idle keep-alive connections are closed first,
+    #: then new connections refused. Lowered at start to what the open-file limit allows.
+    max_connections: int = Field(10_000, ge=1)
+
+
+class ModelSection(Section):
+    """The public face of the served model.
+
+    With ``name`` set, only ``name`` and ``aliases`` are served (anything else is 404) and
+    ``/v1/models`` lists ``name``; without it, any model a client names is passed on.
+    """
+
+    name: str | None = Field(None, min_length=1)
+    aliases: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    context_length: int | None = Field(None, gt=0)
+    #: Most tokens one answer may have (``max_output_length`` in the catalog).
+    max_output_length: int | None = Field(None, gt=0)
+    supported_features: tuple[str, ...] = ()
+    #: Prices shown in the catalog, as OpenRouter writes them (USD per token, as strings).
+    pricing: PricingSection | None = None
+    #: From this day on the model leaves ``/v1/models``; it is served until removed.
+    deprecation_date: datetime.date | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The public name and its aliases (empty when no name is fixed)."""
+        return (self.name, *self.aliases) if self.name is not None else ()
+
+
+class PricingSection(Section):
+    """OpenRouter's ``pricing`` object; numbers are written out as strings."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    request: str | None = None
+    image: str | None = None
+
+    @field_validator("prompt", "completion", "request", "image", mode="before")
+    @classmethod
+    def _price(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a price (a number), not a boolean")
+        if isinstance(value, int | float):
+            value = format(Decimal(repr(value)), "f")  # 2e-07 -> 0.0000002, exactly
+        if isinstance(value, str):
+            try:
+                if float(value) < 0:
+                    raise ValueError("must not be negative")
+            except ValueError as exc:
+                raise ValueError(str(exc) if "negative" in str(exc) else
+                                 "must be a number (USD per token)") from None
+        return value
+
+
+class DeterminismSection(Section):
+    """Answers a quorum can compare: with ``enforce``, every request is sent with
+    temperature 0, top_p 1, top_k off (where the backend has it) and ``seed``, whatever the
+    client asked; each answer carries the SHA-256 of its text (``X-Output-SHA256``)."""
+
+    enforce: bool = False
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class TimeoutsSection(Section):
+    connect: PositiveSeconds = 5.0
+    first_byte: PositiveSeconds = 120.0
+    #: Longest silence allowed between two chunks of a streamed answer.
+    idle: PositiveSeconds = 60.0
+    total: PositiveSeconds = 900.0
+
+
+class RetriesSection(Section):
+    """Retries of upstream errors and 429/502/503/504 answers, before the client sees a byte."""
+
+    #: Attempts in all, the first included; 1 turns retries off.
+    attempts: int = Field(3, ge=1, le=20)
+    #: Backoff window before the first retry; it doubles each retry (full jitter), up to the max.
+    backoff_initial: float = Field(0.2, ge=0)
+    backoff_max: float = Field(5.0, ge=0)
+    #: Budget for all attempts of one request, waits included.
+    total: PositiveSeconds = 60.0
+    #: Longest ``Retry-After`` the proxy honours before giving up instead.
+    retry_after_cap: float = Field(10.0, ge=0)
+
+
+class CircuitSection(Section):
+    """The circuit breaker in front of the upstream.
+
+    A failed attempt is an upstream error (refused, reset, timeout) or a 502/503/504 answer;
+    any other answer counts as a success and resets the count.
+    """
+
+    #: Consecutive failed attempts that open the circuit; 0 turns the breaker off.
+    failures: int = Field(default=5, ge=0)
+    #: Seconds an open circuit answers 503 at once before it lets one probe request through.
+    cooldown: PositiveSeconds = 10.0
+
+
+class LimitsSection(Section):
+    #: Upstream requests in flight at once; more wait in a queue of ``max_queue``, then 429.
+    max_concurrency: int = Field(64, ge=1)
+    max_queue: int = Field(256, ge=0)
+    #: Longest wait in the queue before the request is answered 429.
+    queue_timeout: PositiveSeconds = 30.0
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=2)
+    max_messages: int = Field(4096, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    #: Largest non-streamed upstream answer the proxy holds in memory; over it, 502.
+    max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+class PassthroughSection(Section):
+    """Forwarding of ``/v1/*`` paths the proxy has no route for (adapters that allow it)."""
+
+    enabled: bool = True
+    #: Path prefixes that may be forwarded, each under ``/v1/``; empty: every ``/v1/`` path.
+    prefixes: tuple[str, ...] = ()
+
+    @field_validator("prefixes")
+    @classmethod
+    def _under_v1(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, prefix in enumerate(value):
+            if not prefix.startswith("/v1/") or not _PLAIN_PATH.fullmatch(prefix):
+                raise ValueError(
+                    f"[{i}] must be a path under /v1/ without dot segments, %, ? or #"
+                )
+        return value
+
+
+class MetricsSection(Section):
+    enabled: bool = True
+
+
+class LoggingSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``auto``: text when stderr is a terminal, JSON lines otherwise (``proxy.server.logs``).
+    format: Literal["auto", "text", "json"] = "auto"
+    access_log: bool = True
+    #: Put the request body (the prompt) and the answer, up to 64 KiB each, in JSON access
+    #: lines. Off by default: prompts and answers are the network's users' data.
+    include_bodies: bool = False
+
+
+#: A Go duration, as Ollama parses ``keep_alive`` strings (``time.ParseDuration``).
+_GO_DURATION = re.compile(r"[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h))+)")
+
+
+class OllamaSection(Section):
+    #: Ollama model options (``num_ctx``, …) sent with every request under the request's own.
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: Seconds (a number) or a Go duration (``"10m"``, ``"1h30m"``); negative: stay loaded.
+    keep_alive: str | int | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | int | None) -> str | int | None:
+        # Ollama refuses a bare number in a string ("30": no unit) on every request, so it is
+        # settled here: seconds, as a bare number means; anything else must parse as Ollama
+        # parses it.
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if re.fullmatch(r"[-+]?\d+", text):
+            return int(text)
+        if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)", text):
+            return f"{text}s"
+        if not _GO_DURATION.fullmatch(text):
+            raise ValueError(
+                f"{value!r} is not a duration: give seconds (300) or a duration such as "
+                '"5m" or "1h30m" (negative keeps the model loaded)'
+            )
+        return text
