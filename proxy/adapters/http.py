@@ -389,7 +389,8 @@ class HTTPUpstream(Adapter):
         headers = response_headers(response.headers)
         relayed = None
         if job is not None and job.model is not None and response.status < 300:
-            relayed = Relayed(job.model, drop_usage=job.usage_asked)
+            relayed = Relayed(job.model, drop_usage=job.usage_asked,
+                              max_event=self.max_response_bytes)
         if response.content_type == "text/event-stream":
             # The per-read timer still holds the first-byte deadline until the next read
             # re-arms it; re-arm it now so a stream that stalls right away ends after `idle`.

@@ -1,31 +1,49 @@
 """Answers of OpenAI-compatible upstreams (``custom``, a vLLM server, Function Network), read
-and rewritten on bytes as they are relayed: they name the model the client asked for, and
-the tokens they report are read for the metrics.
+and rewritten as they are relayed: they name the model the client asked for, and the tokens
+they report are read for the metrics.
 
-Why a bytes search finds the right ``model``: in OpenAI's answer shapes (completion, stream
-chunk, embeddings list) the only object with a ``model`` member is the top-level one, and
-inside JSON strings every quote is escaped, so the bytes ``"model":`` occur only as that
-member: once per body, once per SSE event. The same holds for ``"usage":``.
+The fast path works on bytes, and only where the bytes prove it right. An answer (or an
+event's JSON) is spliced when its ``model`` member is the compact ``"model":"<name>"`` at the
+top level (the object's first ``{`` and no ``{`` or ``[`` before the member), its value holds
+no escape, and nothing else could name a model: no other ``"model"`` in the bytes (a
+pretty-printed ``"model" :`` is one) and no ``\\u`` escape (which could spell the key). Inside
+a JSON string every quote is escaped, so ``"model"`` occurs in valid JSON only as a key or as
+the whole string ``model``. A stream learns the upstream's spelling from its first event, and
+each later read whose every ``"model"`` is that spelling, and whose every ``"usage"`` is
+``"usage":null``, is renamed with one ``replace``. Anything else (another spelling, a usage
+event, an escaped key) is parsed and serialised again, event by event: the client always gets
+JSON naming its model, read once.
 
-A stream is never parsed as a whole: each chunk is searched (a few C-level calls), and only
-the event that carries a non-null ``usage`` (the last one) is parsed. When the proxy asked the
-upstream for that event (``stream_options.include_usage``) and the client did not, the event
-is dropped, so the client sees exactly the stream it asked for.
+A stream is cut into whole events as it arrives (``proxy.wire.events``): an event is relayed
+once its blank line is in, and one that never ends fails the stream at
+``limits.max_response_bytes``. When the proxy asked the upstream for the usage event
+(``stream_options.include_usage``) and the client did not, every usage the stream carries is
+read and removed, so the client sees exactly the stream it asked for.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import orjson
 
+from proxy.wire.events import HeldBack, split
+from proxy.wire.tokens import counts
+
 MODEL = b'"model":'
+MODEL_KEY = b'"model"'
 USAGE = b'"usage":'
+USAGE_KEY = b'"usage"'
+NO_USAGE = b'"usage":null'
+ESCAPE = b"\\u"
 _QUOTE = 34  # '"'
-_SPACE = 32
+_MEMBER_BEFORE = (44, 123)  # ',' '{': what precedes a member's key in compact JSON
 #: How many closing braces are tried when cutting a ``usage`` object out of a body.
 _MAX_BRACES = 8
+#: The largest stream event held back by default (``limits.max_response_bytes``'s default).
+MAX_EVENT = 16 * 1024 * 1024
 
 
 def ask_usage(payload: dict[str, Any]) -> bool:
@@ -42,21 +60,22 @@ def ask_usage(payload: dict[str, Any]) -> bool:
 
 
 class Relayed:
-    """One answer on its way back: renames its ``model`` to ``model`` (the name the client
-    asked for) and reads its ``usage``; ``drop_usage``: the usage event is the proxy's own
-    request, not the client's, and is removed from the stream."""
+    """One answer on its way back: names ``model`` (the name the client asked for) and reads
+    its ``usage``; ``drop_usage``: the usage is the proxy's own request, not the client's, and
+    is removed from the stream; ``max_event``: the largest stream event held back."""
 
-    __slots__ = ("complete", "drop_usage", "first", "member", "seen", "tail", "usage",
-                 "usage_at")
+    __slots__ = ("complete", "drop_usage", "events", "first", "member", "model", "seen",
+                 "usage", "usage_at")
 
-    def __init__(self, model: str, *, drop_usage: bool = False) -> None:
+    def __init__(self, model: str, *, drop_usage: bool = False,
+                 max_event: int = MAX_EVENT) -> None:
+        self.model = model
         self.member = MODEL + orjson.dumps(model)
-        #: The member as the upstream spelled it in its first event (an upstream names its
-        #: model the same way throughout a stream), replaced in one call from then on.
+        #: The member as the upstream spelled it in its first event, proven top-level.
         self.seen: bytes | None = None
         self.drop_usage = drop_usage
         self.usage: dict[str, Any] | None = None
-        self.tail = b""  # an incomplete event held back until the rest arrives
+        self.events = HeldBack(max_event)
         self.first = 0.0
         self.usage_at = 0.0
         #: The whole answer went by (a stream to its end), so a missing usage is missing.
@@ -64,136 +83,179 @@ class Relayed:
 
     def body(self, body: bytes) -> bytes:
         """A whole (non-streamed) answer, renamed; its usage read."""
-        body = self._splice(body)
-        at = body.rfind(USAGE)
-        if at >= 0:
-            found = _object_at(body, at + len(USAGE))
-            if found is not None:
-                self.usage = found
+        out = self._spliced_body(body)
+        if out is None:
+            out = self._parsed_body(body)
         self.complete = True
-        return body
+        return out
 
     def chunk(self, chunk: bytes) -> bytes:
         """The part of a stream to send now: whole events only, renamed; ``b""`` if none yet.
 
-        Called per chunk, so the usual case costs three C-level calls: a chunk of whole events
-        (``endswith``), the upstream's ``model`` member replaced as it spelled it in the first
-        event (``replace``; nothing when it already says the client's name), and a search for
-        ``usage``.
+        Called per read, so the usual case is a few C-level calls: a read of whole events
+        (``endswith``), the checks that the bytes hold only the spelling learnt (``count``),
+        and one ``replace`` (nothing when it already says the client's name).
         """
-        if self.tail or not chunk.endswith(b"\n\n"):
-            chunk = self._whole_events(chunk)
+        if self.events.held or not chunk.endswith(b"\n\n"):
+            chunk = self.events.feed(chunk)
             if not chunk:
                 return chunk
-        seen = self.seen
-        if seen is None:  # the first event: learn how the upstream names its model
-            if not self.first:
-                self.first = time.perf_counter()
-            chunk = self._splice(chunk)
-        elif seen is not self.member:
-            chunk = chunk.replace(seen, self.member)
-        if USAGE in chunk:
-            chunk = self._read_usage(chunk)
-        return chunk
-
-    def _whole_events(self, chunk: bytes) -> bytes:
-        """``chunk`` after what was held back, up to its last complete event; the rest is held
-        back until its blank line arrives."""
-        if self.tail:
-            chunk = self.tail + chunk
-            self.tail = b""
-        if chunk.endswith(b"\n\n"):
-            return chunk
-        lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-        self.tail = chunk[cut:]
-        return chunk[:cut]
+        return self._events(chunk)
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
-        tail, self.tail = self.tail, b""
-        return self.rename(tail) if tail else tail
+        rest = self.events.rest()
+        return self._parsed_events(rest) if rest else rest
 
-    def tokens(self) -> tuple[int | None, int | None, dict[str, float]]:
-        """Prompt and completion tokens as reported, and the generation speed of a stream
-        (completion tokens over the time from the first chunk to the usage event)."""
-        usage = self.usage or {}
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        prompt = prompt if isinstance(prompt, int) else None
-        completion = completion if isinstance(completion, int) else None
+    def rename(self, data: bytes) -> bytes:
+        """A whole answer or whole events (``data:``), renamed; their usage read."""
+        return self._events(data) if data.startswith(b"data:") else self.body(data)
+
+    def tokens(self) -> tuple[int | None, int | None, dict[str, float], bool]:
+        """Prompt and completion tokens as reported (``None`` where not a count, see
+        ``proxy.wire.tokens``), the generation speed of a stream (completion tokens over the
+        time from the first chunk to the usage event), and whether a count was not one."""
+        (prompt, completion), invalid = counts(self.usage or {},
+                                               ("prompt_tokens", "completion_tokens"))
         extra: dict[str, float] = {}
         if completion and self.usage_at > self.first > 0:
             extra["tokens_per_second"] = completion / (self.usage_at - self.first)
-        return prompt, completion, extra
+        return prompt, completion, extra, invalid
 
-    def rename(self, data: bytes) -> bytes:
+    # --- streams ---------------------------------------------------------------------------
+
+    def _events(self, chunk: bytes) -> bytes:
+        """Whole events, renamed on bytes where that is proven right, else parsed."""
+        if not self.first:
+            self.first = time.perf_counter()
         seen = self.seen
         if seen is None:
-            return self._splice(data)
-        return data if seen is self.member else data.replace(seen, self.member)
+            seen = self.seen = self._learn(chunk)
+            if seen is None:
+                return self._parsed_events(chunk)
+        if (ESCAPE in chunk or chunk.count(MODEL_KEY) != chunk.count(seen)
+                or (USAGE_KEY in chunk and chunk.count(USAGE_KEY) != chunk.count(NO_USAGE))):
+            return self._parsed_events(chunk)
+        return chunk if seen is self.member else chunk.replace(seen, self.member)
 
-    def _splice(self, data: bytes) -> bytes:
-        """``data`` with its first ``model`` member's value replaced, however the upstream
-        spelled it; the rest (more events of a stream) replaced by that spelling, in one call.
-        """
-        at = data.find(MODEL)
-        size = len(data)
-        while at >= 0:
-            value = at + len(MODEL)
-            while value < size and data[value] == _SPACE:
-                value += 1
-            if value < size and data[value] == _QUOTE:
-                close = data.find(b'"', value + 1)
-                if close < 0:
-                    return data
-                member = self.member
-                seen = data[at:close + 1]
-                if seen == member:  # it says the client's name already: nothing to replace
-                    self.seen = member
-                    return data
-                self.seen = seen
-                return data.replace(seen, member)  # this event's and any further ones
-            at = data.find(MODEL, value)  # "model": null, or no value yet
-        return data
+    def _learn(self, chunk: bytes) -> bytes | None:
+        """The first event's ``model`` member, when its bytes prove it the top-level one."""
+        at = chunk.find(MODEL)
+        begin = chunk.rfind(b"data:", 0, at) if at >= 0 else -1
+        if begin < 0:
+            return None
+        start = begin + 6 if chunk[begin + 5:begin + 6] == b" " else begin + 5
+        seen = _proven(chunk, start, at)
+        return self.member if seen == self.member else seen
 
-    def _read_usage(self, chunk: bytes) -> bytes:
-        at = chunk.find(USAGE)
-        while at >= 0:
-            value = at + len(USAGE)
-            while chunk[value:value + 1] == b" ":
-                value += 1
-            if chunk[value:value + 1] == b"{":
-                begin = chunk.rfind(b"data:", 0, at)
-                end = chunk.find(b"\n", value)
-                if begin >= 0 and end >= 0:
-                    return self._usage_event(chunk, begin, end)
-            at = chunk.find(USAGE, value)
-        return chunk
+    def _parsed_events(self, chunk: bytes) -> bytes:
+        return b"".join(self._parsed_event(raw, lines) for raw, lines in split(chunk))
 
-    def _usage_event(self, chunk: bytes, begin: int, end: int) -> bytes:
+    def _parsed_event(self, raw: bytes, lines: list[bytes]) -> bytes:
+        """One event, its JSON renamed and its usage read (and removed when the client did not
+        ask for it); an event that carried only that usage is dropped."""
+        data = [line[6:] if line[5:6] == b" " else line[5:]
+                for line in lines if line.startswith(b"data:")]
+        event = _object(b"\n".join(data)) if data else None
+        if event is None:
+            return raw
+        changed = self._rename(event)
+        usage = event.get("usage")
+        if usage is not None:
+            if isinstance(usage, dict):
+                self.usage = usage
+                self.usage_at = time.perf_counter()
+            if self.drop_usage:
+                if not event.get("choices"):
+                    return b""
+                del event["usage"]
+                changed = True
+        if not changed:
+            return raw
+        others = b"".join(line + b"\n" for line in lines if line and not line.startswith(
+            b"data:"))
+        return others + b"data: " + _dumps(event) + b"\n\n"
+
+    def _rename(self, answer: dict[str, Any]) -> bool:
+        if answer.get("model") is None or answer["model"] == self.model:
+            return False
+        answer["model"] = self.model
+        return True
+
+    # --- whole answers ---------------------------------------------------------------------
+
+    def _spliced_body(self, body: bytes) -> bytes | None:
+        """``body`` renamed on bytes and its usage cut out, or ``None`` where the bytes do not
+        prove that right."""
+        seen = _proven(body, 0, body.find(MODEL))
+        if (seen is None or ESCAPE in body or body.count(MODEL_KEY) != 1
+                or body.count(USAGE_KEY) > 1):
+            return None
+        at = body.find(USAGE_KEY)
+        if at >= 0:
+            if body.find(USAGE, at) != at:
+                return None
+            found = _object_at(body, at + len(USAGE))
+            if found is None and body[at + len(USAGE):at + len(NO_USAGE)] != b"null":
+                return None
+            self.usage = found
+        return body if seen == self.member else body.replace(seen, self.member)
+
+    def _parsed_body(self, body: bytes) -> bytes:
+        answer = _object(body)
+        if answer is None:
+            return body
+        usage = answer.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        return _dumps(answer) if self._rename(answer) else body
+
+
+def _proven(data: bytes, start: int, at: int) -> bytes | None:
+    """The member at ``at`` (``"model":"..."``), when the compact bytes of the object that
+    opens at ``start`` prove it a top-level member with a plain string value."""
+    if at <= start or data[start:start + 1] != b"{" or data[at - 1] not in _MEMBER_BEFORE:
+        return None
+    for opener in (b"{", b"[", b"\n", b"\r"):
+        if data.find(opener, start + 1, at) >= 0:
+            return None
+    value = at + len(MODEL)
+    if data[value:value + 1] != b'"':
+        return None
+    close = data.find(b'"', value + 1)
+    if close < 0 or data.find(b"\\", value + 1, close) >= 0:
+        return None
+    return data[at:close + 1]
+
+
+def _object(text: bytes) -> dict[str, Any] | None:
+    """``text`` as a JSON object, or ``None``. Integers orjson cannot hold (over 64 bits) are
+    read by the standard library, so such an answer is renamed too."""
+    if not text.lstrip().startswith(b"{"):
+        return None
+    try:
+        found = orjson.loads(text)
+    except orjson.JSONDecodeError:
         try:
-            event = orjson.loads(chunk[begin + 5:end])
-        except orjson.JSONDecodeError:
-            return chunk
-        usage = event.get("usage") if isinstance(event, dict) else None
-        if not isinstance(usage, dict):
-            return chunk
-        self.usage = usage
-        self.usage_at = time.perf_counter()
-        if not self.drop_usage:
-            return chunk
-        while chunk[end + 1:end + 2] in (b"\n", b"\r"):  # the blank line that ends the event
-            end += 1
-        if event.get("choices"):  # usage on a chunk that carries content: keep the content
-            del event["usage"]
-            return chunk[:begin] + b"data: " + orjson.dumps(event) + b"\n\n" + chunk[end + 1:]
-        return chunk[:begin] + chunk[end + 1:]
+            found = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None
+    return found if isinstance(found, dict) else None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _dumps(answer: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(answer)
+    except TypeError:  # an integer over 64 bits, read by the standard library
+        return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _object_at(body: bytes, start: int) -> dict[str, Any] | None:
-    """The JSON object that begins at ``start`` (after spaces), parsed alone."""
-    while body[start:start + 1] == b" ":
-        start += 1
+    """The JSON object that begins at ``start``, parsed alone."""
     if body[start:start + 1] != b"{":
         return None
     end = body.find(b"}", start)

@@ -299,8 +299,7 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _fill_usage(usage: Usage, final: Mapping[str, Any]) -> None:
-    usage.prompt_tokens = final.get("prompt_eval_count")
-    usage.completion_tokens = final.get("eval_count")
+    usage.prompt_tokens, usage.completion_tokens, usage.invalid = replies.token_counts(final)
     usage.extra = replies.timings(final)
 
 
