@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import aiohttp
-import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -31,6 +30,7 @@ from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig, TimeoutsSection
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.headers import response_headers
+from proxy.wire.models import parse
 from proxy.wire.relayed import Relayed
 
 log = logging.getLogger("model_proxy")
@@ -421,7 +421,7 @@ class HTTPUpstream(Adapter):
         if response.status >= 400:
             raise UpstreamError(f"the upstream answered {path} with {response.status}")
         try:
-            return orjson.loads(body)
+            return await parse(body)  # off the event loop when large
         except ValueError as exc:
             raise UpstreamError(f"the upstream sent a bad answer to {path}") from exc
 
