@@ -24,13 +24,14 @@ read and removed, so the client sees exactly the stream it asked for.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 import orjson
 
 from proxy.wire.events import HeldBack, split
-from proxy.wire.tokens import counts
+from proxy.wire.tokens import token_count
 
 MODEL = b'"model":'
 MODEL_KEY = b'"model"'
@@ -38,8 +39,9 @@ USAGE = b'"usage":'
 USAGE_KEY = b'"usage"'
 NO_USAGE = b'"usage":null'
 ESCAPE = b"\\u"
-_QUOTE = 34  # '"'
-_MEMBER_BEFORE = (44, 123)  # ',' '{': what precedes a member's key in compact JSON
+#: A compact object's members up to its ``model`` member: keys and string values without
+#: escapes, scalars (numbers, true, false, null) that hold no quote, bracket or comma.
+_COMPACT = re.compile(rb'\{(?:"[^"\\]*":(?:"[^"\\]*"|[^"{}\[\],\\]*),)*("model":"[^"\\]*")')
 #: How many closing braces are tried when cutting a ``usage`` object out of a body.
 _MAX_BRACES = 8
 #: The largest stream event held back by default (``limits.max_response_bytes``'s default).
@@ -115,8 +117,11 @@ class Relayed:
         """Prompt and completion tokens as reported (``None`` where not a count, see
         ``proxy.wire.tokens``), the generation speed of a stream (completion tokens over the
         time from the first chunk to the usage event), and whether a count was not one."""
-        (prompt, completion), invalid = counts(self.usage or {},
-                                               ("prompt_tokens", "completion_tokens"))
+        usage = self.usage or {}
+        given = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt, completion = token_count(given[0]), token_count(given[1])
+        invalid = (prompt is None and given[0] is not None) or (
+            completion is None and given[1] is not None)
         extra: dict[str, float] = {}
         if completion and self.usage_at > self.first > 0:
             extra["tokens_per_second"] = completion / (self.usage_at - self.first)
@@ -140,12 +145,10 @@ class Relayed:
 
     def _learn(self, chunk: bytes) -> bytes | None:
         """The first event's ``model`` member, when its bytes prove it the top-level one."""
-        at = chunk.find(MODEL)
-        begin = chunk.rfind(b"data:", 0, at) if at >= 0 else -1
+        begin = chunk.find(b"data:")
         if begin < 0:
             return None
-        start = begin + 6 if chunk[begin + 5:begin + 6] == b" " else begin + 5
-        seen = _proven(chunk, start, at)
+        seen = _proven(chunk, begin + 6 if chunk[begin + 5:begin + 6] == b" " else begin + 5)
         return self.member if seen == self.member else seen
 
     def _parsed_events(self, chunk: bytes) -> bytes:
@@ -187,16 +190,16 @@ class Relayed:
     def _spliced_body(self, body: bytes) -> bytes | None:
         """``body`` renamed on bytes and its usage cut out, or ``None`` where the bytes do not
         prove that right."""
-        seen = _proven(body, 0, body.find(MODEL))
-        if (seen is None or ESCAPE in body or body.count(MODEL_KEY) != 1
-                or body.count(USAGE_KEY) > 1):
+        seen = _proven(body, 0)
+        if seen is None or ESCAPE in body or body.count(MODEL_KEY) != 1:
             return None
-        at = body.find(USAGE_KEY)
+        # The usage is read, not relayed differently: the last member of that name is taken.
+        at = body.rfind(USAGE_KEY)
         if at >= 0:
-            if body.find(USAGE, at) != at:
+            if not body.startswith(USAGE, at):
                 return None
             found = _object_at(body, at + len(USAGE))
-            if found is None and body[at + len(USAGE):at + len(NO_USAGE)] != b"null":
+            if found is None and not body.startswith(b"null", at + len(USAGE)):
                 return None
             self.usage = found
         return body if seen == self.member else body.replace(seen, self.member)
@@ -211,21 +214,13 @@ class Relayed:
         return _dumps(answer) if self._rename(answer) else body
 
 
-def _proven(data: bytes, start: int, at: int) -> bytes | None:
-    """The member at ``at`` (``"model":"..."``), when the compact bytes of the object that
-    opens at ``start`` prove it a top-level member with a plain string value."""
-    if at <= start or data[start:start + 1] != b"{" or data[at - 1] not in _MEMBER_BEFORE:
-        return None
-    for opener in (b"{", b"[", b"\n", b"\r"):
-        if data.find(opener, start + 1, at) >= 0:
-            return None
-    value = at + len(MODEL)
-    if data[value:value + 1] != b'"':
-        return None
-    close = data.find(b'"', value + 1)
-    if close < 0 or data.find(b"\\", value + 1, close) >= 0:
-        return None
-    return data[at:close + 1]
+def _proven(data: bytes, start: int) -> bytes | None:
+    """The ``"model":"..."`` member of the JSON object that opens at ``start``, when its
+    compact bytes prove it a top-level member with a plain string value: every member before
+    it has a string or scalar value (no object or array opens before it), and no string up to
+    its value's end holds an escape."""
+    found = _COMPACT.match(data, start)
+    return found.group(1) if found is not None else None
 
 
 def _object(text: bytes) -> dict[str, Any] | None:
