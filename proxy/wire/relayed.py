@@ -24,7 +24,6 @@ read and removed, so the client sees exactly the stream it asked for.
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -39,9 +38,8 @@ USAGE = b'"usage":'
 USAGE_KEY = b'"usage"'
 NO_USAGE = b'"usage":null'
 ESCAPE = b"\\u"
-#: A compact object's members up to its ``model`` member: keys and string values without
-#: escapes, scalars (numbers, true, false, null) that hold no quote, bracket or comma.
-_COMPACT = re.compile(rb'\{(?:"[^"\\]*":(?:"[^"\\]*"|[^"{}\[\],\\]*),)*("model":"[^"\\]*")')
+_BRACE, _BRACKET, _BACKSLASH = 123, 91, 92  # '{' '[' '\\'
+_MEMBER_BEFORE = (44, 123)  # ',' '{': what precedes a key in compact JSON
 #: How many closing braces are tried when cutting a ``usage`` object out of a body.
 _MAX_BRACES = 8
 #: The largest stream event held back by default (``limits.max_response_bytes``'s default).
@@ -66,8 +64,8 @@ class Relayed:
     its ``usage``; ``drop_usage``: the usage is the proxy's own request, not the client's, and
     is removed from the stream; ``max_event``: the largest stream event held back."""
 
-    __slots__ = ("complete", "drop_usage", "events", "first", "member", "model", "seen",
-                 "usage", "usage_at")
+    __slots__ = ("complete", "drop_usage", "events", "first", "max_event", "member", "model",
+                 "seen", "usage", "usage_at")
 
     def __init__(self, model: str, *, drop_usage: bool = False,
                  max_event: int = MAX_EVENT) -> None:
@@ -77,7 +75,9 @@ class Relayed:
         self.seen: bytes | None = None
         self.drop_usage = drop_usage
         self.usage: dict[str, Any] | None = None
-        self.events = HeldBack(max_event)
+        self.max_event = max_event
+        #: The incomplete event held back, made when a read first ends inside an event.
+        self.events: HeldBack | None = None
         self.first = 0.0
         self.usage_at = 0.0
         #: The whole answer went by (a stream to its end), so a missing usage is missing.
@@ -98,15 +98,18 @@ class Relayed:
         (``endswith``), the checks that the bytes hold only the spelling learnt (``count``),
         and one ``replace`` (nothing when it already says the client's name).
         """
-        if self.events.held or not chunk.endswith(b"\n\n"):
-            chunk = self.events.feed(chunk)
+        events = self.events
+        if (events is not None and events.held) or not chunk.endswith(b"\n\n"):
+            if events is None:
+                events = self.events = HeldBack(self.max_event)
+            chunk = events.feed(chunk)
             if not chunk:
                 return chunk
         return self._events(chunk)
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
-        rest = self.events.rest()
+        rest = self.events.rest() if self.events is not None else b""
         return self._parsed_events(rest) if rest else rest
 
     def rename(self, data: bytes) -> bytes:
@@ -118,10 +121,12 @@ class Relayed:
         ``proxy.wire.tokens``), the generation speed of a stream (completion tokens over the
         time from the first chunk to the usage event), and whether a count was not one."""
         usage = self.usage or {}
-        given = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        prompt, completion = token_count(given[0]), token_count(given[1])
-        invalid = (prompt is None and given[0] is not None) or (
-            completion is None and given[1] is not None)
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        invalid = False
+        if prompt is not None and token_count(prompt) is None:
+            prompt, invalid = None, True
+        if completion is not None and token_count(completion) is None:
+            completion, invalid = None, True
         extra: dict[str, float] = {}
         if completion and self.usage_at > self.first > 0:
             extra["tokens_per_second"] = completion / (self.usage_at - self.first)
@@ -138,8 +143,10 @@ class Relayed:
             seen = self.seen = self._learn(chunk)
             if seen is None:
                 return self._parsed_events(chunk)
-        if (ESCAPE in chunk or chunk.count(MODEL_KEY) != chunk.count(seen)
-                or (USAGE_KEY in chunk and chunk.count(USAGE_KEY) != chunk.count(NO_USAGE))):
+        if ((_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0)
+                or chunk.count(MODEL_KEY) != chunk.count(seen)
+                or (chunk.find(USAGE_KEY) >= 0
+                    and chunk.count(USAGE_KEY) != chunk.count(NO_USAGE))):
             return self._parsed_events(chunk)
         return chunk if seen is self.member else chunk.replace(seen, self.member)
 
@@ -191,12 +198,13 @@ class Relayed:
         """``body`` renamed on bytes and its usage cut out, or ``None`` where the bytes do not
         prove that right."""
         seen = _proven(body, 0)
-        if seen is None or ESCAPE in body or body.count(MODEL_KEY) != 1:
+        if (seen is None or (_BACKSLASH in body and body.find(ESCAPE) >= 0)
+                or body.count(MODEL_KEY) != 1):
             return None
         # The usage is read, not relayed differently: the last member of that name is taken.
         at = body.rfind(USAGE_KEY)
         if at >= 0:
-            if not body.startswith(USAGE, at):
+            if body[at + len(USAGE_KEY):at + len(USAGE)] != b":":
                 return None
             found = _object_at(body, at + len(USAGE))
             if found is None and not body.startswith(b"null", at + len(USAGE)):
@@ -215,12 +223,26 @@ class Relayed:
 
 
 def _proven(data: bytes, start: int) -> bytes | None:
-    """The ``"model":"..."`` member of the JSON object that opens at ``start``, when its
-    compact bytes prove it a top-level member with a plain string value: every member before
-    it has a string or scalar value (no object or array opens before it), and no string up to
-    its value's end holds an escape."""
-    found = _COMPACT.match(data, start)
-    return found.group(1) if found is not None else None
+    """The first ``"model"`` after ``start`` as its member ``"model":"..."``, when the bytes
+    prove it a member of the JSON object that opens at ``start`` with a plain string value: no
+    ``{`` or ``[`` lies between them (so no object or array is open), a comma or the brace
+    precedes it (so its quote opens a key, not one inside a string), and its value holds no
+    escape.
+
+    Written for few calls: a bytes method that takes arguments parses them as a tuple, and
+    ``bytes in bytes`` first tries its operand as an integer (an exception made and dropped),
+    while ``int in bytes`` is one ``memchr``."""
+    at = data.find(MODEL_KEY, start)
+    if at <= start or data[start] != _BRACE or data[at - 1] not in _MEMBER_BEFORE:
+        return None
+    value = at + len(MODEL)
+    head = data[start + 1:value + 1]  # up to the value's opening quote
+    if _BRACE in head or _BRACKET in head or not head.endswith(b'":"'):
+        return None
+    close = data.find(b'"', value + 1)
+    if close < 0 or _BACKSLASH in data[value:close]:
+        return None
+    return data[at:close + 1]
 
 
 def _object(text: bytes) -> dict[str, Any] | None:
