@@ -24,6 +24,7 @@ read and removed, so the client sees exactly the stream it asked for.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -40,6 +41,17 @@ NO_USAGE = b'"usage":null'
 ESCAPE = b"\\u"
 _BRACE, _BRACKET, _BACKSLASH = 123, 91, 92  # '{' '[' '\\'
 _MEMBER_BEFORE = (44, 123)  # ',' '{': what precedes a key in compact JSON
+_LAST_MODEL = b',"model":"'
+_STRING = rb'"[^"\\]*+"'
+_SCALAR = rb'(?:' + _STRING + rb'|[^"{}\[\],\\]++)'
+_FLAT = (rb'(?:' + _SCALAR + rb'|\{(?:' + _STRING + rb':' + _SCALAR + rb'(?:,' + _STRING + rb':'
+         + _SCALAR + rb')*)?\}|\[(?:' + _SCALAR + rb'(?:,' + _SCALAR + rb')*)?\])')
+_NESTED = (rb'(?:' + _FLAT + rb'|\{(?:' + _STRING + rb':' + _FLAT + rb'(?:,' + _STRING + rb':'
+           + _FLAT + rb')*)?\}|\[(?:' + _FLAT + rb'(?:,' + _FLAT + rb')*)?\])')
+#: What may follow a top-level member to the end of its object: whole members, then ``}``.
+_TAIL = re.compile(rb'(?:,' + _STRING + rb':' + _NESTED + rb')*+\}\s*+\Z')
+#: The longest tail :data:`_TAIL` is tried on (a usage object is a few hundred bytes).
+_MAX_TAIL = 4096
 #: How many closing braces are tried when cutting a ``usage`` object out of a body.
 _MAX_BRACES = 8
 #: The largest stream event held back by default (``limits.max_response_bytes``'s default).
@@ -197,7 +209,7 @@ class Relayed:
     def _spliced_body(self, body: bytes) -> bytes | None:
         """``body`` renamed on bytes and its usage cut out, or ``None`` where the bytes do not
         prove that right."""
-        seen = _proven(body, 0)
+        seen = _proven(body, 0) or _proven_last(body)
         if (seen is None or (_BACKSLASH in body and body.find(ESCAPE) >= 0)
                 or body.count(MODEL_KEY) != 1):
             return None
@@ -241,6 +253,20 @@ def _proven(data: bytes, start: int) -> bytes | None:
         return None
     close = data.find(b'"', value + 1)
     if close < 0 or _BACKSLASH in data[value:close]:
+        return None
+    return data[at:close + 1]
+
+
+def _proven_last(data: bytes) -> bytes | None:
+    """The last ``"model":"..."`` member of a body, when the bytes after it prove it a member
+    of the top-level object: only whole members follow it (string or scalar values, or
+    objects and arrays of those, two levels deep at most, no string with an escape), then the
+    object's closing brace. An embeddings list names its model after its ``data`` array."""
+    at = data.rfind(_LAST_MODEL) + 1
+    if not at or len(data) - at > _MAX_TAIL:
+        return None
+    close = data.find(b'"', at + len(MODEL) + 1)
+    if close < 0 or _BACKSLASH in data[at:close] or not _TAIL.match(data, close + 1):
         return None
     return data[at:close + 1]
 

@@ -112,3 +112,16 @@ def test_counts_that_are_not_counts_are_left_out() -> None:
     fine = Relayed("public")
     fine.body(b'{"model":"m","usage":{"prompt_tokens":2147483647,"completion_tokens":0}}')
     assert fine.tokens()[:2] == (2**31 - 1, 0) and not fine.tokens()[3]
+
+
+def test_an_embeddings_list_naming_its_model_last_is_renamed_on_its_bytes() -> None:
+    """OpenAI's embeddings list names its model after ``data``: proven from the end, the
+    vectors are not parsed (``0.50`` stays as written)."""
+    body = (b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.50,-1]}],'
+            b'"model":"up-emb","usage":{"prompt_tokens":3,"total_tokens":3}}')
+    relayed = Relayed("public")
+    assert relayed.body(body) == body.replace(b'"up-emb"', b'"public"')
+    assert relayed.tokens()[0] == 3
+    nested = b'{"data":[{"x":1,"model":"up-emb"}],"model":"up-emb","usage":{"a":{"b":{}}}}'
+    out = orjson.loads(Relayed("public").body(nested))
+    assert out["model"] == "public" and out["data"][0]["model"] == "up-emb"
