@@ -85,6 +85,13 @@ class HeldBack:
 def split(data: bytes) -> list[tuple[bytes, list[bytes]]]:
     """``data`` as events: each one's bytes (its blank line included) and its lines; what
     follows the last blank line is one more event."""
+    if _CR not in data:  # \n alone ends lines: split in C
+        parts = data.split(b"\n\n")
+        last = parts.pop()
+        events = [(part + b"\n\n", part.split(b"\n")) for part in parts]
+        if last:
+            events.append((last, last.split(b"\n")))
+        return events
     events = []
     start = 0
     for blank in _BLANK.finditer(data):

@@ -76,8 +76,8 @@ class Relayed:
     its ``usage``; ``drop_usage``: the usage is the proxy's own request, not the client's, and
     is removed from the stream; ``max_event``: the largest stream event held back."""
 
-    __slots__ = ("complete", "drop_usage", "events", "first", "max_event", "member", "model",
-                 "seen", "usage", "usage_at")
+    __slots__ = ("complete", "drop_usage", "events", "first", "grown", "max_event", "member",
+                 "model", "seen", "usage", "usage_at")
 
     def __init__(self, model: str, *, drop_usage: bool = False,
                  max_event: int = MAX_EVENT) -> None:
@@ -85,6 +85,8 @@ class Relayed:
         self.member = MODEL + orjson.dumps(model)
         #: The member as the upstream spelled it in its first event, proven top-level.
         self.seen: bytes | None = None
+        #: How many bytes one replacement of ``seen`` adds (0: as many as it takes away).
+        self.grown = 0
         self.drop_usage = drop_usage
         self.usage: dict[str, Any] | None = None
         self.max_event = max_event
@@ -117,7 +119,18 @@ class Relayed:
             chunk = events.feed(chunk)
             if not chunk:
                 return chunk
-        return self._events(chunk)
+        seen = self.seen
+        if (seen is None or (_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0)
+                or ((usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE))):
+            return self._events(chunk)  # the first event, or bytes to check closer
+        if seen is self.member:
+            out, renamed = chunk, chunk.count(seen)
+        else:  # how many were replaced, from the bytes the replacement added (or count)
+            out = chunk.replace(seen, self.member)
+            grown = self.grown
+            renamed = (len(out) - len(chunk)) // grown if grown else chunk.count(seen)
+        # every "model" in the read is the spelling learnt, or the read is parsed
+        return out if chunk.count(MODEL_KEY) == renamed else self._parsed_events(chunk)
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
@@ -148,19 +161,24 @@ class Relayed:
 
     def _events(self, chunk: bytes) -> bytes:
         """Whole events, renamed on bytes where that is proven right, else parsed."""
-        if not self.first:
-            self.first = time.perf_counter()
         seen = self.seen
         if seen is None:
+            if not self.first:
+                self.first = time.perf_counter()
             seen = self.seen = self._learn(chunk)
             if seen is None:
                 return self._parsed_events(chunk)
         if ((_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0)
-                or chunk.count(MODEL_KEY) != chunk.count(seen)
-                or (chunk.find(USAGE_KEY) >= 0
-                    and chunk.count(USAGE_KEY) != chunk.count(NO_USAGE))):
+                or ((usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE))):
             return self._parsed_events(chunk)
-        return chunk if seen is self.member else chunk.replace(seen, self.member)
+        if seen is self.member:
+            out, renamed = chunk, chunk.count(seen)
+        else:  # how many were replaced, from the bytes the replacement added (or count)
+            out = chunk.replace(seen, self.member)
+            grown = self.grown
+            renamed = (len(out) - len(chunk)) // grown if grown else chunk.count(seen)
+        # every "model" in the read is the spelling learnt, or the read is parsed
+        return out if chunk.count(MODEL_KEY) == renamed else self._parsed_events(chunk)
 
     def _learn(self, chunk: bytes) -> bytes | None:
         """The first event's ``model`` member, when its bytes prove it the top-level one."""
@@ -168,6 +186,8 @@ class Relayed:
         if begin < 0:
             return None
         seen = _proven(chunk, begin + 6 if chunk[begin + 5:begin + 6] == b" " else begin + 5)
+        if seen is not None:
+            self.grown = len(self.member) - len(seen)
         return self.member if seen == self.member else seen
 
     def _parsed_events(self, chunk: bytes) -> bytes:
