@@ -1,8 +1,8 @@
 """OpenAI-compatible upstreams (``custom``, a vLLM server): bytes in, bytes out.
 
 The body travels as received (the resolver has already rewritten ``model`` and asked for the
-usage event); the answer is relayed chunk by chunk, searched on bytes for its ``model`` and
-``usage`` members (``proxy.wire.relayed``), never parsed whole.
+usage event); the answer is relayed chunk by chunk, renamed on bytes where its compact form
+proves that right and parsed otherwise (``proxy.wire.relayed``).
 """
 
 from __future__ import annotations
