@@ -82,21 +82,48 @@ class HeldBack:
         return rest
 
 
-def split(data: bytes) -> list[tuple[bytes, list[bytes]]]:
-    """``data`` as events: each one's bytes (its blank line included) and its lines; what
-    follows the last blank line is one more event."""
+def split(data: bytes) -> list[bytes]:
+    """``data`` as events, each with its blank line; what follows the last blank line is one
+    more event."""
     if _CR not in data:  # \n alone ends lines: split in C
         parts = data.split(b"\n\n")
         last = parts.pop()
-        events = [(part + b"\n\n", part.split(b"\n")) for part in parts]
+        events = [part + b"\n\n" for part in parts]
         if last:
-            events.append((last, last.split(b"\n")))
+            events.append(last)
         return events
     events = []
     start = 0
     for blank in _BLANK.finditer(data):
-        events.append((data[start:blank.end()], _LINE_END.split(data[start:blank.start()])))
+        events.append(data[start:blank.end()])
         start = blank.end()
     if start < len(data):
-        events.append((data[start:], _LINE_END.split(data[start:])))
+        events.append(data[start:])
     return events
+
+
+def lines(event: bytes) -> list[bytes]:
+    """The lines of one event (empty ones included)."""
+    return event.split(b"\n") if _CR not in event else _LINE_END.split(event)
+
+
+def span(data: bytes, at: int) -> tuple[int, int]:
+    """Where the event holding ``data[at]`` (a byte of one of its lines, not of a line end)
+    begins and ends (after its blank line) in whole events ``data``."""
+    if _CR not in data:  # \n alone ends lines: one blank line to look for, each way
+        before, after = data.rfind(b"\n\n", 0, at), data.find(b"\n\n", at)
+        return before + 2 if before >= 0 else 0, after + 2 if after >= 0 else len(data)
+    begin, end = 0, len(data)
+    for mark in _MARKS:
+        before, after = data.rfind(mark, 0, at), data.find(mark, at)
+        if before >= 0 and before + 2 > begin:
+            begin = before + 2
+        if 0 <= after and after + 2 < end:
+            end = after + 2
+    for edge in (begin, end):  # a blank line's \r may be the start of a \r\n
+        if edge and data[edge - 1] == _CR and data[edge:edge + 1] == b"\n":
+            if edge == begin:
+                begin += 1
+            else:
+                end += 1
+    return begin, end

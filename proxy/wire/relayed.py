@@ -30,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from proxy.wire.events import HeldBack, split
+from proxy.wire.events import HeldBack, span, split
+from proxy.wire.events import lines as split_lines
 from proxy.wire.tokens import token_count
 
 MODEL = b'"model":'
@@ -119,27 +120,23 @@ class Relayed:
             chunk = events.feed(chunk)
             if not chunk:
                 return chunk
-        seen = self.seen
-        if (seen is None or (_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0)
-                or ((usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE))):
-            return self._events(chunk)  # the first event, or bytes to check closer
-        if seen is self.member:
-            out, renamed = chunk, chunk.count(seen)
-        else:  # how many were replaced, from the bytes the replacement added (or count)
-            out = chunk.replace(seen, self.member)
-            grown = self.grown
-            renamed = (len(out) - len(chunk)) // grown if grown else chunk.count(seen)
-        # every "model" in the read is the spelling learnt, or the read is parsed
-        return out if chunk.count(MODEL_KEY) == renamed else self._parsed_events(chunk)
+        if (_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0) or (
+                (usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE)):
+            return self._events(chunk)
+        out = self._renamed(chunk)
+        return out if out is not None else self._events(chunk)
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
         rest = self.events.rest() if self.events is not None else b""
-        return self._parsed_events(rest) if rest else rest
+        return self._events(rest) if rest else rest
 
     def rename(self, data: bytes) -> bytes:
         """A whole answer or whole events (``data:``), renamed; their usage read."""
-        return self._events(data) if data.startswith(b"data:") else self.body(data)
+        if not data.startswith(b"data:"):
+            return self.body(data)
+        out = self._spliced(data)
+        return out if out is not None else self._events(data)
 
     def tokens(self) -> tuple[int | None, int | None, dict[str, float], bool]:
         """Prompt and completion tokens as reported (``None`` where not a count, see
@@ -159,43 +156,72 @@ class Relayed:
 
     # --- streams ---------------------------------------------------------------------------
 
-    def _events(self, chunk: bytes) -> bytes:
-        """Whole events, renamed on bytes where that is proven right, else parsed."""
+    def _spliced(self, data: bytes) -> bytes | None:
+        """Whole events renamed on bytes, or ``None`` where the bytes do not prove that right:
+        no ``\\u`` escape, no usage but ``"usage":null``, and every ``"model"`` the spelling
+        learnt (:meth:`_renamed`)."""
+        if ((_BACKSLASH in data and data.find(ESCAPE) >= 0)
+                or ((usages := data.count(USAGE_KEY)) and usages != data.count(NO_USAGE))):
+            return None
+        return self._renamed(data)
+
+    def _renamed(self, data: bytes) -> bytes | None:
+        """Whole events with neither escape nor usage, renamed on bytes, or ``None`` unless
+        every ``"model"`` in them is the spelling learnt from the first event whose bytes
+        prove it top-level."""
         seen = self.seen
         if seen is None:
             if not self.first:
                 self.first = time.perf_counter()
-            seen = self.seen = self._learn(chunk)
+            seen = self.seen = self._learn(data)
             if seen is None:
-                return self._parsed_events(chunk)
-        if ((_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0)
-                or ((usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE))):
-            return self._parsed_events(chunk)
+                return None
         if seen is self.member:
-            out, renamed = chunk, chunk.count(seen)
+            out, renamed = data, data.count(seen)
         else:  # how many were replaced, from the bytes the replacement added (or count)
-            out = chunk.replace(seen, self.member)
+            out = data.replace(seen, self.member)
             grown = self.grown
-            renamed = (len(out) - len(chunk)) // grown if grown else chunk.count(seen)
-        # every "model" in the read is the spelling learnt, or the read is parsed
-        return out if chunk.count(MODEL_KEY) == renamed else self._parsed_events(chunk)
+            renamed = (len(out) - len(data)) // grown if grown else data.count(seen)
+        return out if data.count(MODEL_KEY) == renamed else None
 
-    def _learn(self, chunk: bytes) -> bytes | None:
+    def _events(self, data: bytes) -> bytes:
+        """Whole events that did not pass :meth:`_spliced` together: the events holding a
+        usage or an escape are taken one by one, the runs between them together again (so one
+        usage event in a read costs one parse, not one per event)."""
+        out = []
+        start = 0
+        for begin, end in _suspects(data):
+            if begin > start:
+                out.append(self._run(data[start:begin]))
+            out.append(self._one(data[begin:end]))
+            start = end
+        if start < len(data):
+            out.append(self._run(data[start:]))
+        return b"".join(out)
+
+    def _run(self, data: bytes) -> bytes:
+        """Events that hold neither usage nor escape (see :func:`_suspects`)."""
+        renamed = self._renamed(data)
+        return renamed if renamed is not None else b"".join(map(self._one, split(data)))
+
+    def _one(self, event: bytes) -> bytes:
+        spliced = self._spliced(event)
+        return spliced if spliced is not None else self._parsed_event(event)
+
+    def _learn(self, data: bytes) -> bytes | None:
         """The first event's ``model`` member, when its bytes prove it the top-level one."""
-        begin = chunk.find(b"data:")
+        begin = data.find(b"data:")
         if begin < 0:
             return None
-        seen = _proven(chunk, begin + 6 if chunk[begin + 5:begin + 6] == b" " else begin + 5)
+        seen = _proven(data, begin + 6 if data[begin + 5:begin + 6] == b" " else begin + 5)
         if seen is not None:
             self.grown = len(self.member) - len(seen)
         return self.member if seen == self.member else seen
 
-    def _parsed_events(self, chunk: bytes) -> bytes:
-        return b"".join(self._parsed_event(raw, lines) for raw, lines in split(chunk))
-
-    def _parsed_event(self, raw: bytes, lines: list[bytes]) -> bytes:
+    def _parsed_event(self, raw: bytes) -> bytes:
         """One event, its JSON renamed and its usage read (and removed when the client did not
         ask for it); an event that carried only that usage is dropped."""
+        lines = split_lines(raw)
         data = [line[6:] if line[5:6] == b" " else line[5:]
                 for line in lines if line.startswith(b"data:")]
         event = _object(b"\n".join(data)) if data else None
@@ -252,6 +278,28 @@ class Relayed:
         if isinstance(usage, dict):
             self.usage = usage
         return _dumps(answer) if self._rename(answer) else body
+
+
+def _suspects(data: bytes) -> list[tuple[int, int]]:
+    """The spans of the events in ``data`` that hold a usage other than ``null`` or a ``\\u``
+    escape, in order, merged where they touch."""
+    spans: list[tuple[int, int]] = []
+    for mark, harmless in ((USAGE_KEY, NO_USAGE), (ESCAPE, None)):
+        if mark is ESCAPE and _BACKSLASH not in data:
+            continue
+        at = data.find(mark)
+        while at >= 0:
+            if harmless is None or not data.startswith(harmless, at):
+                spans.append(span(data, at))
+            at = data.find(mark, at + 1)
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for begin, end in spans:
+        if merged and begin < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((begin, end))
+    return merged
 
 
 def _proven(data: bytes, start: int) -> bytes | None:

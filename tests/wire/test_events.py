@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import UpstreamError
-from proxy.wire.events import HeldBack, split
+from proxy.wire.events import HeldBack, lines, span, split
 
 STREAMS = [b"data: a\n\ndata: b\n\n", b"data: a\r\rdata: b\r\r",
            b"data: a\r\n\r\ndata: b\r\n\r\n", b"data: a\n\rdata: b\r\n\n",
@@ -22,7 +22,7 @@ def test_events_are_passed_on_as_soon_as_their_blank_line_is_in(stream: bytes) -
         first = held.feed(stream[:cut])
         second = held.feed(stream[cut:])
         assert first + second + held.rest() == stream, cut
-        got = [lines for _, lines in split(first + second)]
+        got = [lines(event) for event in split(first + second)]
         assert [[x for x in lines if x.startswith(b"data:")] for lines in got] == [
             [b"data: a"], [b"data: b"]], (cut, got)
         if cut >= FIRST_ENDS[stream]:  # the first event goes as soon as its blank line is in
@@ -45,5 +45,17 @@ def test_an_event_that_never_ends_is_bounded_and_searched_once() -> None:
 
 
 def test_what_follows_the_last_blank_line_is_one_more_event() -> None:
-    assert split(b"data: a\n\ndata: b") == [(b"data: a\n\n", [b"data: a"]),
-                                            (b"data: b", [b"data: b"])]
+    assert split(b"data: a\n\ndata: b") == [b"data: a\n\n", b"data: b"]
+
+
+def test_the_span_of_an_event_is_found_from_any_byte_of_its_lines() -> None:
+    for stream in STREAMS:
+        events = split(stream)
+        start = 0
+        for event in events:
+            for at in range(start, start + len(event)):
+                if stream[at] in b"\r\n":
+                    continue  # a line's own bytes are asked about, not its end's
+                begin, end = span(stream, at)
+                assert stream[begin:end] == event, (stream, at)
+            start += len(event)
