@@ -124,7 +124,7 @@ class Relayed:
                 (usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE)):
             return self._events(chunk)
         out = self._renamed(chunk)
-        return out if out is not None else self._events(chunk)
+        return out if out is not None else self._events(chunk, [])
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
@@ -135,8 +135,9 @@ class Relayed:
         """A whole answer or whole events (``data:``), renamed; their usage read."""
         if not data.startswith(b"data:"):
             return self.body(data)
-        out = self._spliced(data)
-        return out if out is not None else self._events(data)
+        suspects = _suspects(data)
+        out = None if suspects else self._renamed(data)
+        return out if out is not None else self._events(data, suspects)
 
     def tokens(self) -> tuple[int | None, int | None, dict[str, float], bool]:
         """Prompt and completion tokens as reported (``None`` where not a count, see
@@ -184,13 +185,14 @@ class Relayed:
             renamed = (len(out) - len(data)) // grown if grown else data.count(seen)
         return out if data.count(MODEL_KEY) == renamed else None
 
-    def _events(self, data: bytes) -> bytes:
-        """Whole events that did not pass :meth:`_spliced` together: the events holding a
-        usage or an escape are taken one by one, the runs between them together again (so one
-        usage event in a read costs one parse, not one per event)."""
+    def _events(self, data: bytes, suspects: list[tuple[int, int]] | None = None) -> bytes:
+        """Whole events that could not be renamed together: the events holding a usage or an
+        escape (``suspects``, see :func:`_suspects`) are taken one by one, the runs between
+        them together again (so one usage event in a read costs one parse, not one per
+        event)."""
         out = []
         start = 0
-        for begin, end in _suspects(data):
+        for begin, end in _suspects(data) if suspects is None else suspects:
             if begin > start:
                 out.append(self._run(data[start:begin]))
             out.append(self._one(data[begin:end]))
@@ -286,12 +288,14 @@ def _suspects(data: bytes) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     for mark, harmless in ((USAGE_KEY, NO_USAGE), (ESCAPE, None)):
         if mark is ESCAPE and _BACKSLASH not in data:
-            continue
+            break
         at = data.find(mark)
         while at >= 0:
             if harmless is None or not data.startswith(harmless, at):
                 spans.append(span(data, at))
             at = data.find(mark, at + 1)
+    if len(spans) < 2:
+        return spans
     spans.sort()
     merged: list[tuple[int, int]] = []
     for begin, end in spans:
