@@ -120,9 +120,9 @@ class Relayed:
             chunk = events.feed(chunk)
             if not chunk:
                 return chunk
-        if (_BACKSLASH in chunk and chunk.find(ESCAPE) >= 0) or (
-                (usages := chunk.count(USAGE_KEY)) and usages != chunk.count(NO_USAGE)):
-            return self._events(chunk)
+        if (_BACKSLASH in chunk or chunk.find(USAGE_KEY) >= 0) and (
+                suspects := _suspects(chunk)):
+            return self._events(chunk, suspects)
         out = self._renamed(chunk)
         return out if out is not None else self._events(chunk, [])
 
