@@ -120,8 +120,8 @@ class Relayed:
             chunk = events.feed(chunk)
             if not chunk:
                 return chunk
-        if (_BACKSLASH in chunk or chunk.find(USAGE_KEY) >= 0) and (
-                suspects := _suspects(chunk)):
+        usage = chunk.find(USAGE_KEY)
+        if (usage >= 0 or _BACKSLASH in chunk) and (suspects := _suspects(chunk, usage)):
             return self._events(chunk, suspects)
         out = self._renamed(chunk)
         return out if out is not None else self._events(chunk, [])
@@ -282,14 +282,15 @@ class Relayed:
         return _dumps(answer) if self._rename(answer) else body
 
 
-def _suspects(data: bytes) -> list[tuple[int, int]]:
+def _suspects(data: bytes, usage: int | None = None) -> list[tuple[int, int]]:
     """The spans of the events in ``data`` that hold a usage other than ``null`` or a ``\\u``
-    escape, in order, merged where they touch."""
+    escape, in order, merged where they touch; ``usage``: where the first ``"usage"`` is, if
+    already sought."""
     spans: list[tuple[int, int]] = []
     for mark, harmless in ((USAGE_KEY, NO_USAGE), (ESCAPE, None)):
         if mark is ESCAPE and _BACKSLASH not in data:
             break
-        at = data.find(mark)
+        at = usage if mark is USAGE_KEY and usage is not None else data.find(mark)
         while at >= 0:
             if harmless is None or not data.startswith(harmless, at):
                 spans.append(span(data, at))
