@@ -66,11 +66,15 @@ class Job:
 
 @dataclass(slots=True)
 class Usage:
-    """What an answer cost, filled in by the adapter as the body is produced (for metrics)."""
+    """What an answer cost, filled in by the adapter as the body is produced (for metrics).
+
+    Counts are checked ones (``proxy.wire.tokens``); ``invalid``: the upstream reported a count
+    that was not one, and it is left out."""
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    invalid: bool = False
 
 
 class UpstreamResponse:
@@ -121,8 +125,8 @@ class UpstreamResponse:
         """The usage an adapter filled in or a relayed answer reported, if any (for metrics)."""
         counted = self.counted
         if self._usage is None and counted is not None and counted.usage is not None:
-            prompt, completion, extra = counted.tokens()
-            self._usage = Usage(prompt, completion, extra)
+            prompt, completion, extra, invalid = counted.tokens()
+            self._usage = Usage(prompt, completion, extra, invalid)
         return self._usage
 
     def usage_missing(self) -> bool:

@@ -112,6 +112,11 @@ async def _gather(backend: Backend) -> tuple[dict[str, Any], list[dict[str, Any]
         log.info("catalog: the upstream of %s could not say what it serves: %s",
                  backend.model_label, reason)
         return None
+    except Exception as exc:  # an answer no adapter foresaw: what was known stays, and the
+        # refresh task lives on to read the upstream again once it is fixed
+        log.warning("catalog: the upstream of %s sent what the proxy could not read (%s)",
+                    backend.model_label, type(exc).__name__)
+        return None
     return facts, [dict(m) for m in listed]
 
 
@@ -177,7 +182,11 @@ async def _entries(
         {"id": shown_as, "object": "model", "created": int(runtime.started_at),
          "owned_by": config.backend_provider}]
     return [{**m, "name": m.get("name", m.get("id")), **base,
-             "metadata": {**m.get("metadata", {}), **base["metadata"]}} for m in items]
+             "metadata": {**_object(m.get("metadata")), **base["metadata"]}} for m in items]
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _enriched(runtime: Serving, config: BaseConfig, facts: dict[str, Any],
