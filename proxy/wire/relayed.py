@@ -203,6 +203,8 @@ class Relayed:
 
     def _run(self, data: bytes) -> bytes:
         """Events that hold neither usage nor escape (see :func:`_suspects`)."""
+        if data.find(MODEL_KEY) < 0:
+            return data  # nothing names a model (``[DONE]``): nothing to rename
         renamed = self._renamed(data)
         return renamed if renamed is not None else b"".join(map(self._one, split(data)))
 
