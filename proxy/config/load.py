@@ -90,7 +90,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     _drop_retired(data, name)
     problems: list[str] = []
     data = _interpolate(data, (), os.environ if env is None else env, name, problems)
-    _read_secret_files(data, (), path.parent, name, problems)
+    secrets: list[str] = []
+    _read_secret_files(data, (), path.parent, name, problems, secrets)
     _anchor_key_file(data, path.parent)
     _anchor_state_dir(data, path.parent, os.environ if env is None else env)
     if problems:
@@ -102,6 +103,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(_describe(exc, data, name) + files) from None
     if files:
         raise ConfigError(files)
+    config._secret_files = tuple(secrets)
     return config
 
 
@@ -191,11 +193,14 @@ def _interpolate(
     return value
 
 
-def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: list[str]) -> None:
-    """Replace ``<secret>_file`` keys by the file's contents, in place."""
+def _read_secret_files(
+    data: Any, loc: Loc, base: Path, name: str, problems: list[str], read: list[str]
+) -> None:
+    """Replace ``<secret>_file`` keys by the file's contents, in place; each file's path is
+    added to ``read``."""
     if isinstance(data, list):
         for i, item in enumerate(data):
-            _read_secret_files(item, (*loc, i), base, name, problems)
+            _read_secret_files(item, (*loc, i), base, name, problems, read)
         return
     if not isinstance(data, dict):
         return
@@ -214,6 +219,7 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
                 problems.append(f"{name}: {where}: must be a file path")
                 continue
             secret_path = base / Path(file_value).expanduser()
+            read.append(str(secret_path))
             try:
                 text = read_bounded(secret_path, MAX_SECRET_BYTES)
             except _TooLarge:
@@ -231,7 +237,7 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
             if not data[stem]:
                 problems.append(f"{name}: {where}: {secret_path} is empty")
         else:
-            _read_secret_files(data[key], (*loc, key), base, name, problems)
+            _read_secret_files(data[key], (*loc, key), base, name, problems, read)
 
 
 def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
