@@ -21,7 +21,7 @@ from proxy.config.build import ProxyConfig, build_config
 from proxy.config.describe import Loc, _describe, _path
 from proxy.config.providers import adapter_entry_points
 from proxy.config.yamlfile import parse_yaml
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, reason
 
 log = logging.getLogger("model_proxy")
 
@@ -85,7 +85,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
             "a config is a few hundred lines"
         ]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{name}: cannot read: {_reason(exc)}"]) from None
+        raise ConfigError([f"{name}: cannot read: {reason(exc)}"]) from None
     data = parse_yaml(text, name)
     _drop_retired(data, name)
     problems: list[str] = []
@@ -227,7 +227,7 @@ def _read_secret_files(
                                 f"{MAX_SECRET_BYTES // 1024} KiB")
                 continue
             except (OSError, UnicodeDecodeError) as exc:
-                problems.append(f"{name}: {where}: cannot read {secret_path}: {_reason(exc)}")
+                problems.append(f"{name}: {where}: cannot read {secret_path}: {reason(exc)}")
                 continue
             if stem == "api_keys":
                 lines = (line.strip() for line in text.splitlines())
@@ -265,9 +265,3 @@ def _anchor_state_dir(data: dict[str, Any], base: Path, env: Mapping[str, str]) 
         value = env.get(STATE_DIR_ENV) or "."
     if isinstance(value, str) and value:
         signatures[key] = str(base / Path(value).expanduser())
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from proxy.adapters.base import Adapter
 from proxy.config import BaseConfig, load_config
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, ProxyError, reason
 from proxy.server.preflight import check_servable
 from proxy.server.runtime import Runtime
 from proxy.server.tasks import running
@@ -137,7 +137,7 @@ class Reloader:
             return False
         except Exception as exc:  # whatever it is, the reload task and the old config live on
             log.error("config reload rejected, still serving the previous config: %s: %s",
-                      type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                      reason(exc), str(exc).splitlines()[0][:200] if str(exc) else "")
             metrics.count_reload("error")
             for adapter in adapters:
                 await _close_quietly(adapter)
