@@ -44,14 +44,15 @@ def test_other_exceptions_read_as_their_kind_in_words_never_their_text() -> None
 
 
 
-def test_a_missing_node_key_says_no_such_file(tmp_path: Path) -> None:
+def test_a_missing_node_key_says_no_such_file_and_how_to_make_one(tmp_path: Path) -> None:
     path = tmp_path / "model_backend.yaml"
     path.write_text("backend_provider: mock\nnode:\n  key_file: nodekey.json\n"
                     "  scheduler_address: '0x" + "ab" * 20 + "'\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     line = caught.value.problems[-1]
-    assert line.endswith(": No such file or directory")
+    assert line.endswith(": No such file or directory (make one with: model-proxy keygen -o "
+                         f"{tmp_path / 'nodekey.json'})")
     assert "Error" not in line
 
 

@@ -127,7 +127,9 @@ def files_problems(data: dict[str, Any]) -> list[str]:
         try:
             Signer.from_file(key_file)  # names the file, never quotes the key
         except ValueError as exc:
-            problems.append(f"node.key_file: {exc}")
+            missing = not os.path.lexists(key_file)
+            problems.append(f"node.key_file: {exc}"
+                            + (_keygen_hint(Path(key_file)) if missing else ""))
     entries = data.get("models")
     places = ([(f"models[{i}].", e) for i, e in enumerate(entries)]
               if isinstance(entries, list) else [("", data)])
@@ -227,7 +229,9 @@ def _read_secret_files(
                                 f"{MAX_SECRET_BYTES // 1024} KiB")
                 continue
             except (OSError, UnicodeDecodeError) as exc:
-                problems.append(f"{name}: {where}: cannot read {secret_path}: {reason(exc)}")
+                missing_key = stem == "private_key" and isinstance(exc, FileNotFoundError)
+                problems.append(f"{name}: {where}: cannot read {secret_path}: {reason(exc)}"
+                                + (_keygen_hint(secret_path) if missing_key else ""))
                 continue
             if stem == "api_keys":
                 lines = (line.strip() for line in text.splitlines())
@@ -238,6 +242,11 @@ def _read_secret_files(
                 problems.append(f"{name}: {where}: {secret_path} is empty")
         else:
             _read_secret_files(data[key], (*loc, key), base, name, problems, read)
+
+
+def _keygen_hint(path: Path) -> str:
+    """For a signing key that is not there yet: how to make one."""
+    return f" (make one with: model-proxy keygen -o {path})"
 
 
 def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
