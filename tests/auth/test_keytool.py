@@ -193,7 +193,7 @@ def test_keygen_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "0600" in err and json.loads(path.read_text())["private_key"] not in out + err
     before = path.read_bytes()
-    assert main(["keygen", "-o", str(path)]) == 1
+    assert main(["keygen", "-o", str(path)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert path.read_bytes() == before
 
