@@ -483,3 +483,33 @@ def test_what_is_not_a_duration_says_what_is(given: object, tmp_path: Path) -> N
     assert caught.value.problems == [
         f"{path}: timeouts.connect: must be seconds (a number) or a duration such as 30s, 5m, "
         "1h or 1h30m (units: ms, s, m, h)"]
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("model: llama3\n", "model: is a section of keys, not a single value: write "
+                        "model: {name: llama3}"),
+    ("timeouts: 5\n", "timeouts: is a section of keys, not a single value: write "
+                      "timeouts: {connect: 5}"),
+    ("retries: [3]\n", "retries: is a section of keys such as retries: {attempts: ...}, "
+                       "not a list"),
+    ("model:\n", "model: is a section of keys such as model: {name: ...}, not empty"),
+])
+def test_a_value_where_a_section_belongs_says_what_to_write(
+    text: str, line: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "model_backend.yaml"
+    path.write_text("backend_provider: mock\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: {line}"]
+    assert "instance of" not in caught.value.problems[0]
+
+
+def test_a_value_where_an_entrys_section_belongs_names_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "model_backend.yaml"
+    path.write_text("models:\n  - {backend_provider: mock, model: m1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: models[0].model: is a section of keys, not a single value: write "
+        "model: {name: m1}"]
