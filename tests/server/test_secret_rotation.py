@@ -135,6 +135,28 @@ async def test_a_rotated_upstream_key_is_the_one_sent_next(
     assert sent == ["Bearer first-secret", "Bearer second-secret"]
 
 
+async def test_a_rotated_signing_key_signs_the_next_request(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    from proxy.auth.signing import Signer
+
+    first, second = "0x" + "5c" * 31 + "01", "0x" + "5c" * 31 + "02"
+    fake = FakeOpenAI()
+    upstream = await aiohttp_server(fake.app())
+    mount = SecretMount(tmp_path / "secrets", {"fxn.key": first})
+    path = tmp_path / "model_backend.yaml"
+    client, reloader, clock = await watching(aiohttp_client, path, {
+        "backend_provider": "fxn", "url": upstream_url(upstream), "fxn_id": "m",
+        "fxn": {"private_key_file": "secrets/fxn.key"}})
+    assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
+    mount.update({"fxn.key": second})
+    assert await settled(reloader, clock)
+    assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
+    signers = [seen.headers["X-Address"] for seen in fake.seen
+               if seen.path == "/v1/chat/completions"]
+    assert signers == [Signer.from_text(first).address, Signer.from_text(second).address]
+
+
 @pytest.mark.parametrize("broken", ["empty", "gone"])
 async def test_an_empty_or_unreadable_secret_keeps_the_old_one_with_one_log_line(
     aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str
