@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from multidict import MultiMapping
 
 from proxy.auth.nonces import NonceCache
-from proxy.errors import Unauthorized
+from proxy.errors import Unauthorized, reason
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -128,7 +128,7 @@ class Signer:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read key file {name}: {type(exc).__name__}") from None
+            raise ValueError(f"cannot read key file {name}: {reason(exc)}") from None
         try:
             return cls.from_text(text, clock=clock)
         except ValueError as exc:

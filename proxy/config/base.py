@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -89,10 +90,19 @@ class BaseConfig(Section):
     logging: LoggingSection = LoggingSection()
     node: NodeSection | None = None
 
+    #: The ``*_file`` secrets this config was read with (set by ``proxy.config.load``): a
+    #: watching reload looks at them as at the config file, so that a rotated secret applies.
+    _secret_files: tuple[str, ...] = PrivateAttr(default=())
+
     #: The header ``api_key`` travels in unless ``api_key_header`` says otherwise.
     default_api_key_header: ClassVar[str] = "x-api-key"
     #: Whether ``bearer_token`` is sent when ``api_key`` is too (the node sends one, not both).
     bearer_with_api_key: ClassVar[bool] = True
+
+    @property
+    def secret_files(self) -> tuple[str, ...]:
+        """The paths of the ``*_file`` secrets the loader read into this config."""
+        return self._secret_files
 
     @model_validator(mode="before")
     @classmethod

@@ -11,13 +11,40 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
 )
 from pydantic.alias_generators import to_camel
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NOT_SECONDS = ("must be seconds (a number) or a duration such as 30s, 5m, 1h or 1h30m "
+                "(units: ms, s, m, h)")
+
+
+def _seconds(value: Any) -> Any:
+    """A duration as seconds: ``30s``, ``5m``, ``1h``, ``1h30m``, ``250ms``; a bare number is
+    seconds already. What is neither is refused with the units it may have."""
+    if isinstance(value, bool):  # YAML's yes/no/on/off: not a length of time
+        raise ValueError(_NOT_SECONDS)
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text.replace(" ", ""))
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ValueError(_NOT_SECONDS)
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+#: Seconds, given as a number or a duration (``30s``, ``5m``, ``1h``): every timeout-like field.
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
 
 
 _API_KEY = re.compile(r"[\x21-\x7e]{1,512}")
@@ -46,7 +73,7 @@ class ServerSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     #: Seconds in-flight requests get to finish after SIGTERM before they are ended.
-    shutdown_grace: float = Field(30.0, ge=0)
+    shutdown_grace: Seconds = 30.0
     #: Seconds a connection may wait for its next request head, idle or trickling one in: after
     #: it opened, and after each answer. Bounds both idle keep-alive and slow headers.
     keepalive_timeout: PositiveSeconds = 15.0
@@ -129,12 +156,12 @@ class RetriesSection(Section):
     #: Attempts in all, the first included; 1 turns retries off.
     attempts: int = Field(3, ge=1, le=20)
     #: Backoff window before the first retry; it doubles each retry (full jitter), up to the max.
-    backoff_initial: float = Field(0.2, ge=0)
-    backoff_max: float = Field(5.0, ge=0)
+    backoff_initial: Seconds = 0.2
+    backoff_max: Seconds = 5.0
     #: Budget for all attempts of one request, waits included.
     total: PositiveSeconds = 60.0
     #: Longest ``Retry-After`` the proxy honours before giving up instead.
-    retry_after_cap: float = Field(10.0, ge=0)
+    retry_after_cap: Seconds = 10.0
 
 
 class CircuitSection(Section):

@@ -47,7 +47,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, ProxyError, reason
 from proxy.node.identity import Identity
 from proxy.node.merkle import merkle_root
 
@@ -139,7 +139,7 @@ class Challenges:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise ProxyError(
-                f"failed to reach endpoint: {type(exc).__name__}", code="endpoint_unreachable"
+                f"failed to reach endpoint: {reason(exc)}", code="endpoint_unreachable"
             ) from exc
         return {"reachable": 200 <= status < 300}
 
@@ -219,7 +219,7 @@ def multiply(
             product = gpu[0](a, b)
             backend, device = "cuda", gpu[1]
         except Exception as exc:  # the node falls back to the CPU too
-            log.warning("node: GPU multiplication failed (%s); using the CPU", type(exc).__name__)
+            log.warning("node: GPU multiplication failed (%s); using the CPU", reason(exc))
             start = time.perf_counter()
     if product is None:
         product = a @ b
@@ -254,7 +254,7 @@ def _find_gpu() -> tuple[Matmul, dict[str, Any]] | None:
         try:
             found = finder()
         except Exception as exc:  # an installed but broken GPU stack: the CPU it is
-            log.info("node: GPU not usable (%s)", type(exc).__name__)
+            log.info("node: GPU not usable (%s)", reason(exc))
             found = None
         if found is not None:
             return found

@@ -93,9 +93,10 @@ def create_app(
     router.add_get("/v1/models/{id:.+}", layered(runtime, routes.model, "models"),
                    allow_head=False)
     router.add_route("*", "/v1/{tail:.*}", layered(runtime, routes.passthrough, None))
-    for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz),
-                          ("/metrics", routes.metrics)):
-        router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
+    # probes answer HEAD as GET, without the body: load balancers and uptime checks send it
+    for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz)):
+        router.add_get(path, layered(runtime, handler, UNCOUNTED))
+    router.add_get("/metrics", layered(runtime, routes.metrics, UNCOUNTED), allow_head=False)
     if node is not None:
         runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
         node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))

@@ -182,7 +182,8 @@ async def test_endpoint_reachable(start_node: StartNode, aiohttp_server: object)
     )
     challenge["payload"] = f"http://127.0.0.1:{free_port()}/"
     status, answer = await signed(client, "/challenge", SCHEDULER_KEY, challenge)
-    assert status == 500 and answer["error"]["message"].startswith("failed to reach endpoint")
+    assert status == 500
+    assert answer["error"]["message"] == "failed to reach endpoint: Connection refused"
     challenge["payload"] = {"url": "http://127.0.0.1/"}
     status, answer = await signed(client, "/challenge", SCHEDULER_KEY, challenge)
     assert status == 400
