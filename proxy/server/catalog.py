@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from proxy.config import BaseConfig
 from proxy.errors import NotFound, ProxyError
+from proxy.errors import reason as reason_of
 from proxy.server.health import Readiness
 from proxy.server.tasks import running
 from proxy.upstream.breaker import State
@@ -115,7 +116,7 @@ async def _gather(backend: Backend) -> tuple[dict[str, Any], list[dict[str, Any]
     except Exception as exc:  # an answer no adapter foresaw: what was known stays, and the
         # refresh task lives on to read the upstream again once it is fixed
         log.warning("catalog: the upstream of %s sent what the proxy could not read (%s)",
-                    backend.model_label, type(exc).__name__)
+                    backend.model_label, reason_of(exc))
         return None
     return facts, [dict(m) for m in listed]
 
