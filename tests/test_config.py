@@ -262,7 +262,7 @@ BAD = {
     ),
     "bad routing": (
         "backend_provider: custom\nurl: http://a\nrouting: random\n",
-        "routing: Input should be 'round_robin' or 'least_busy'",
+        "routing: Input should be 'round_robin', 'least_busy', 'prefix' or 'session'",
     ),
     "bad price": (
         "backend_provider: mock\nmodel: {pricing: {prompt: cheap}}\n",
