@@ -102,7 +102,7 @@ class Scraper:
         last = self._models_at.get(id(upstream))
         if vllm and (last is None or now - last[1] >= options.models_interval):
             self._models_at[id(upstream)] = (upstream, now)
-            await self._read_models(upstream, options.timeout)
+            await self._read_models(backend, upstream, options.timeout)
 
     async def _read_load(self, backend: Backend, upstream: Upstream) -> None:
         text = await self._fetch(backend, upstream, "/metrics")
@@ -121,7 +121,7 @@ class Scraper:
         except ValueError as exc:
             raise Unreadable(f"not an Ollama's answer: {exc}") from None
 
-    async def _read_models(self, upstream: Upstream, seconds: float) -> None:
+    async def _read_models(self, backend: Backend, upstream: Upstream, seconds: float) -> None:
         # through the adapter: its credentials and its bounds; a failure keeps the last list
         try:
             async with asyncio.timeout(seconds):
@@ -129,6 +129,7 @@ class Scraper:
         except (ProxyError, TimeoutError) as exc:
             log.debug("url %s: /v1/models cannot be read: %s", upstream.label,
                       exc.message if isinstance(exc, ProxyError) else "timed out")
+        backend.partial = partial(backend.upstreams)
 
     async def _fetch(self, backend: Backend, upstream: Upstream, path: str) -> bytes:
         """The body of ``GET <url><path>``, within the section's time and bytes."""
@@ -153,6 +154,16 @@ class Scraper:
             raise Unreadable(f"no answer within {options.timeout:g} s") from None
         except aiohttp.ClientError:
             raise Unreadable("the connection failed") from None
+
+
+def partial(upstreams: tuple[Upstream, ...]) -> dict[str, tuple[Upstream, ...]]:
+    """The models that some of ``upstreams`` list and others do not, each with the ones that
+    list it (what ``Backend.partial`` holds for the router)."""
+    listed: dict[str, list[Upstream]] = {}
+    for upstream in upstreams:
+        for model in upstream.signals.models or ():
+            listed.setdefault(model, []).append(upstream)
+    return {m: tuple(us) for m, us in listed.items() if len(us) < len(upstreams)}
 
 
 def scraped(served: Served) -> Iterator[Backend]:

@@ -11,8 +11,8 @@ the choice is a pure function of the request's key, the set of ready URLs and th
   completions, the prompt's first ``prefix_bytes``. ``session``: the session header, else the
   OpenAI ``user`` field, else the prefix key.
 - **Order.** Rendezvous hashing (highest random weight): each URL's weight is a hash of the
-  key and the URL itself, not its position, so adding or removing a URL moves only the keys
-  that URL wins or held, about ``1/n`` of them.
+  key and of the URL itself (:func:`weight`), not of its position, so adding or removing a
+  URL moves only the keys that URL wins or held, about ``1/n`` of them.
 - **Bounded loads** (Mirrokni, Thorup and Zadimoghaddam, 2016): walking that order, the first
   URL whose load is under ``ceil((1 + epsilon) * (total + 1) / n)`` and whose own queue is
   not over ``max_waiting`` takes the request; one always is under the bound unless queues
@@ -27,6 +27,7 @@ count is a floor (``max`` of the two), so a burst does not pile onto a URL that 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -57,22 +58,27 @@ C = TypeVar("C", bound=Candidate)
 
 
 def digest(data: bytes) -> int:
-    """A 64-bit hash of ``data``, the same in every process (unlike ``hash()``)."""
-    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
+    """A request's key: a hash of ``data``, the same in every process (unlike ``hash()``).
+
+    CRC-32: a key needs no more than 32 bits (two prefixes that collide share a URL, no
+    more), it costs a quarter of a cryptographic hash on a prompt's kilobytes, and
+    :func:`weight` mixes it with each URL's 64-bit seed."""
+    return zlib.crc32(data)
 
 
 def url_seed(url: str) -> int:
-    """A URL's own seed in the rendezvous weights."""
-    return digest(url.encode())
+    """A URL's own seed in the rendezvous weights: 64 bits of its hash, odd (computed once,
+    when the URL is built)."""
+    return int.from_bytes(blake2b(url.encode(), digest_size=8).digest(), "little") | 1
 
 
 def weight(key: int, seed: int) -> int:
-    """The rendezvous weight of a URL (``seed``) for ``key``: a 64-bit mix of the two
-    (SplitMix64's finaliser over their XOR; both are blake2b hashes already)."""
-    x = key ^ seed
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
+    """The rendezvous weight of a URL (``seed``) for ``key``: multiplicative hashing,
+    ``(key + 1) * seed`` modulo 2**64, compared by its high bits. Two URLs' weights never tie
+    (their seeds are odd and differ), and over keys every URL comes first, and second, as
+    often as any other (``tests/upstream/test_balance.py``). :func:`rank` has it inline:
+    a function call costs more than the arithmetic."""
+    return ((key + 1) * seed) & _MASK
 
 
 def load(upstream: Candidate) -> float:
@@ -84,24 +90,39 @@ def load(upstream: Candidate) -> float:
 
 
 def rank(upstreams: Sequence[C], key: int, options: BalanceSection) -> list[C]:
-    """``upstreams`` (the ready ones) in the order to try for ``key``."""
-    order = sorted(upstreams, key=lambda u: weight(key, u.seed), reverse=True)
-    if len(order) < 2:
-        return order
-    loads = [load(u) for u in order]
-    cap = math.ceil((1 + options.epsilon) * (sum(loads) + 1) / len(order))
+    """``upstreams`` (the ready ones) in the order to try for ``key``.
+
+    On the request path: :func:`weight` and :func:`load` are written out inline."""
+    scored: list[tuple[int, float, C]] = []
+    total = 0.0
+    key += 1
+    for u in upstreams:
+        signals = u.signals
+        busy: float = u.active
+        if signals.readable and signals.waiting + signals.running > busy:
+            busy = signals.waiting + signals.running
+        total += busy
+        scored.append(((key * u.seed) & _MASK, busy, u))
+    scored.sort(key=_weight_of, reverse=True)
+    if len(scored) < 2:
+        return [u for _, _, u in scored]
+    cap = math.ceil((1 + options.epsilon) * (total + 1) / len(scored))
     limit = options.max_waiting
     chosen = -1
-    for i, upstream in enumerate(order):
-        signals = upstream.signals
-        if loads[i] < cap and not (signals.readable and signals.waiting > limit):
+    for i, (_, busy, u) in enumerate(scored):
+        signals = u.signals
+        if busy < cap and not (signals.readable and signals.waiting > limit):
             chosen = i
             break
-    if chosen == -1:  # every queue is over its threshold: the least loaded, in hash order
-        chosen = min(range(len(order)), key=loads.__getitem__)
+    if chosen < 0:  # every queue is over its threshold: the least loaded, in hash order
+        chosen = min(range(len(scored)), key=lambda j: scored[j][1])
     if chosen:
-        order.insert(0, order.pop(chosen))
-    return order
+        scored.insert(0, scored.pop(chosen))
+    return [u for _, _, u in scored]
+
+
+def _weight_of(item: tuple[int, float, object]) -> int:
+    return item[0]
 
 
 def key(job: Job, options: BalanceSection, session: bool) -> int:

@@ -110,6 +110,9 @@ class Backend:
     active: int = 0
     #: The next upstream's turn, for ``routing: round_robin``.
     turn: int = 0
+    #: Models (LoRA adapters) that only some upstreams list, and those upstreams; kept by
+    #: ``proxy.server.scrape`` from each upstream's ``Signals.models``.
+    partial: dict[str, tuple[Upstream, ...]] = field(default_factory=dict)
 
     @property
     def spread(self) -> bool:
@@ -267,8 +270,10 @@ class Pipeline:
 
 def _order(backend: Backend, now: float, job: Job) -> list[Upstream]:
     """The upstreams in the order to try: ready ones by ``routing``, cooling ones last; only
-    those that list the model, when some do (``Signals.models``)."""
-    upstreams = _serving(backend.upstreams, job.upstream_model)
+    those that list the model, when only some do (``Backend.partial``)."""
+    upstreams = backend.upstreams
+    if backend.partial and job.upstream_model in backend.partial:
+        upstreams = backend.partial[job.upstream_model]
     routing = backend.config.routing
     if routing == "least_busy":
         ranked = sorted(upstreams, key=lambda u: u.active)
@@ -289,15 +294,6 @@ def _order(backend: Backend, now: float, job: Job) -> list[Upstream]:
     if len(ready) == len(ranked):
         return ranked
     return ready + sorted((u for u in ranked if u.cool_until > now), key=lambda u: u.cool_until)
-
-
-def _serving(upstreams: tuple[Upstream, ...], model: str | None) -> tuple[Upstream, ...]:
-    """The upstreams whose ``/v1/models`` lists ``model`` (a LoRA adapter some serve); all
-    of them when none lists it, or none has been read."""
-    if model is None:
-        return upstreams
-    serving = tuple(u for u in upstreams if (m := u.signals.models) is not None and model in m)
-    return serving or upstreams
 
 
 def _hold(response: UpstreamResponse, upstream: Upstream) -> None:

@@ -55,12 +55,19 @@ def test_adding_a_url_moves_only_the_keys_it_wins() -> None:
     assert [first(list(reversed(three)), k) for k in keys] == before
 
 
-def test_keys_spread_evenly_over_idle_urls() -> None:
-    three = urls(3)
-    counts = {u.url: 0 for u in three}
-    for i in range(3000):
-        counts[first(three, balance.digest(str(i).encode()))] += 1
-    assert all(850 < c < 1150 for c in counts.values()), counts
+def test_keys_spread_evenly_over_idle_urls_first_and_second() -> None:
+    four = urls(4)
+    firsts: dict[str, int] = {u.url: 0 for u in four}
+    pairs: dict[tuple[str, str], int] = {}
+    for i in range(12000):
+        a, b, *_ = balance.rank(four, balance.digest(f"prompt {i}".encode()), OPTIONS)
+        firsts[a.url] += 1
+        pairs[a.url, b.url] = pairs.get((a.url, b.url), 0) + 1
+    assert all(2700 < c < 3300 for c in firsts.values()), firsts
+    # when its first URL fails, a key's requests spread evenly over the others
+    assert len(pairs) == 12 and all(850 < c < 1150 for c in pairs.values()), pairs
+    # the seeds' weights never tie, whatever the key
+    assert len({balance.weight(0, u.seed) for u in four}) == 4
 
 
 def test_bounded_loads_hold_in_a_skewed_workload() -> None:
