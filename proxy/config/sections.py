@@ -192,6 +192,10 @@ class BalanceSection(Section):
     models_interval: PositiveSeconds = 10.0
     #: Bounded loads: a URL above ``(1 + epsilon)`` times the mean load passes a request on.
     epsilon: float = Field(default=0.25, gt=0, le=10)
+    #: ...but never below this many requests: a few in flight are no load worth moving a
+    #: prefix from its cache for (and a replica's reading a moment older than another's
+    #: would move it).
+    min_bound: int = Field(default=4, ge=1)
     #: A URL whose own queue (``vllm:num_requests_waiting``) is over this passes a request on.
     max_waiting: int = Field(default=8, ge=0)
     #: ``routing: prefix`` hashes this many leading bytes of the prompt.

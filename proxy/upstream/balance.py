@@ -14,8 +14,9 @@ the choice is a pure function of the request's key, the set of ready URLs and th
   key and of the URL itself (:func:`weight`), not of its position, so adding or removing a
   URL moves only the keys that URL wins or held, about ``1/n`` of them.
 - **Bounded loads** (Mirrokni, Thorup and Zadimoghaddam, 2016): walking that order, the first
-  URL whose load is under ``ceil((1 + epsilon) * (total + 1) / n)`` and whose own queue is
-  not over ``max_waiting`` takes the request; one always is under the bound unless queues
+  URL whose load is under ``ceil((1 + epsilon) * (total + 1) / n)`` (or under ``min_bound``,
+  so that a few requests in flight do not move a prefix) and whose own queue is not over
+  ``max_waiting`` takes the request; one always is under the bound unless queues
   block them all, and then the least loaded takes it. The rest follow in hash order, for
   failover.
 
@@ -106,7 +107,7 @@ def rank(upstreams: Sequence[C], key: int, options: BalanceSection) -> list[C]:
     scored.sort(key=_weight_of, reverse=True)
     if len(scored) < 2:
         return [u for _, _, u in scored]
-    cap = math.ceil((1 + options.epsilon) * (total + 1) / len(scored))
+    cap = max(math.ceil((1 + options.epsilon) * (total + 1) / len(scored)), options.min_bound)
     limit = options.max_waiting
     chosen = -1
     for i, (_, busy, u) in enumerate(scored):

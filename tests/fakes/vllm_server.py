@@ -10,6 +10,7 @@ as a hit when the same leading blocks were seen before (``vllm:prefix_cache_hits
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class FakeVllm(FakeOpenAI):
     queries: int = 0
     metrics_reads: int = 0
     blocks: set[bytes] = field(default_factory=set)
+    #: Seconds of "prefill" per block the toy cache missed, before the answer starts (a
+    #: benchmark's stand-in for the work a prefix-cache hit saves; 0 in tests).
+    prefill: float = 0.0
 
     def app(self) -> web.Application:
         app = super().app()
@@ -52,29 +56,35 @@ class FakeVllm(FakeOpenAI):
     async def completion(self, request: web.Request) -> web.StreamResponse:
         self.busy += 1
         try:
-            self.cache(await request.read())
+            missed = self.cache(await request.read())
+            if self.prefill and missed:
+                await asyncio.sleep(self.prefill * missed)
             return await super().completion(request)
         finally:
             self.busy -= 1
 
-    def cache(self, body: bytes) -> None:
+    def cache(self, body: bytes) -> int:
+        """Look the prompt's blocks up in the toy cache and add them; the blocks missed."""
         try:
             payload = json.loads(body)
         except ValueError:
-            return
+            return 0
         prompt = payload.get("prompt") or json.dumps(
             [[m.get("role"), m.get("content")] for m in payload.get("messages", [])])
         data = str(prompt).encode()
         digest = hashlib.blake2b(digest_size=16)
         full = len(data) // BLOCK
         hit = True
+        hits = 0
         for i in range(full):
             digest.update(data[i * BLOCK:(i + 1) * BLOCK])
             block = digest.copy().digest()
             hit = hit and block in self.blocks
-            self.hits += hit
+            hits += hit
             self.blocks.add(block)
+        self.hits += hits
         self.queries += full
+        return full - hits
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.metrics_reads += 1
