@@ -66,7 +66,10 @@ class Scraper:
                 await self._wake.wait()
                 continue
             await self.clock.sleep(min(b.config.balance.interval for b in backends))
-            await self.round()
+            try:
+                await self.round()
+            except Exception:  # a bug must not end the reading for good
+                log.exception("reading the upstreams' load failed")
 
     async def round(self) -> None:
         """Read each scraped URL once (all at the same time)."""
