@@ -280,6 +280,14 @@ class Metrics:
         ``metric_families()`` (the upstream's own metrics, e.g. vLLM's) as they are."""
         self.registry.register(_StatsCollector(stats, families))
 
+    def watch_upstreams(
+        self, rows: Callable[[], Iterable[tuple[str, str, Mapping[str, float]]]]
+    ) -> None:
+        """Export what each URL of a model reports about itself (``rows()``: ``(model,
+        upstream, {name: value})``, read at scrape time) as
+        ``model_proxy_upstream_<name>{model,upstream}``; ``upstream`` is the URL's position."""
+        self.registry.register(_UpstreamsCollector(rows))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -347,6 +355,38 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily(f"model_proxy_upstream_{name}", f"Upstream gauge {name}.",
                                     value=value)
         yield from self._families()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+#: The gauges of :meth:`Metrics.watch_upstreams`, with their help text.
+UPSTREAM_GAUGES = {
+    "load_readable": "1 when the URL's own load (vLLM /metrics, Ollama /api/ps) was read last "
+                     "time; 0: routed by the proxy's own count of requests in flight on it.",
+    "requests_waiting": "Requests the URL reports waiting (vllm:num_requests_waiting).",
+    "requests_running": "Requests the URL reports running (vllm:num_requests_running).",
+    "kv_cache_usage": "KV-cache use the URL reports, 0 to 1 (vllm:kv_cache_usage_perc).",
+    "lora_adapters": "LoRA adapters the URL reports running or waiting.",
+    "models_loaded": "Models the URL has loaded in memory (Ollama /api/ps).",
+    "models_served": "Models and LoRA adapters the URL's /v1/models lists.",
+}
+
+
+class _UpstreamsCollector(Collector):
+    def __init__(
+        self, rows: Callable[[], Iterable[tuple[str, str, Mapping[str, float]]]]
+    ) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Metric]:
+        families = {name: GaugeMetricFamily(f"model_proxy_upstream_{name}", doc,
+                                            labels=("model", "upstream"))
+                    for name, doc in UPSTREAM_GAUGES.items()}
+        for model, upstream, values in self._rows():
+            for name, value in values.items():
+                families[name].add_metric((model, upstream), value)
+        yield from (f for f in families.values() if f.samples)
 
     def describe(self) -> list[Metric]:
         return []

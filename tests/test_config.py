@@ -262,7 +262,16 @@ BAD = {
     ),
     "bad routing": (
         "backend_provider: custom\nurl: http://a\nrouting: random\n",
-        "routing: Input should be 'round_robin' or 'least_busy'",
+        "routing: Input should be 'round_robin', 'least_busy', 'prefix' or 'session'",
+    ),
+    "bad session header": (
+        "backend_provider: vllm\nurl: [http://a, http://b]\nrouting: session\n"
+        "balance: {session_header: 'X Session'}\n",
+        "balance.session_header: must be an HTTP header name",
+    ),
+    "bad balance interval": (
+        "backend_provider: vllm\nurl: [http://a, http://b]\nbalance: {interval: soon}\n",
+        "balance.interval: must be seconds (a number) or a duration",
     ),
     "bad price": (
         "backend_provider: mock\nmodel: {pricing: {prompt: cheap}}\n",

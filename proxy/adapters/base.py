@@ -44,7 +44,8 @@ class Job:
     ``request_id`` is the request's id (the client's ``X-Request-ID`` when it is fit for logs,
     else one the proxy made; also in ``headers``). ``usage_asked``: the proxy asked the
     upstream for the stream's usage event on its own behalf (``stream_options.include_usage``),
-    so the event is read and not relayed.
+    so the event is read and not relayed. ``session``: the client's session header, kept
+for the router when a model routes by session.
 
     What the request learns on the way (timings, attempts, usage) is not here but on its
     :class:`proxy.upstream.exchange.Exchange`.
@@ -62,6 +63,9 @@ class Job:
     headers: Mapping[str, str]
     request_id: str
     usage_asked: bool = False
+    #: The conversation's id from the configured session header, for ``routing: session``
+    #: over several URLs (read by the router, never sent upstream by this field).
+    session: str | None = None
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from proxy.config.node import NodeSection
 from proxy.config.sections import (
     _CONTROL,
     _TOKEN,
+    BalanceSection,
     CircuitSection,
     DeterminismSection,
     LimitsSection,
@@ -64,8 +65,9 @@ class BaseConfig(Section):
     backend_provider: str
     #: The upstream's base URL, or a list of them (the same model behind each; see ``routing``).
     url: str | tuple[str, ...] | None = None
-    #: How requests spread over several ``url``s: in turn, or to the one with fewest in flight.
-    routing: Literal["round_robin", "least_busy"] = "round_robin"
+    #: How requests spread over several ``url``s: in turn, to the one with fewest in flight, by
+    #: the prompt's leading bytes, or by the conversation (``balance`` tunes the last two).
+    routing: Literal["round_robin", "least_busy", "prefix", "session"] = "round_robin"
     fxn_id: str | None = Field(None, min_length=1)
     api_key: SecretStr | None = None
     #: Header that carries ``api_key`` upstream; the provider's default when unset.
@@ -84,6 +86,7 @@ class BaseConfig(Section):
     retries: RetriesSection = RetriesSection()
     limits: LimitsSection = LimitsSection()
     circuit: CircuitSection = CircuitSection()
+    balance: BalanceSection = BalanceSection()
     auth: AuthSection = AuthSection()
     metrics: MetricsSection = MetricsSection()
     passthrough: PassthroughSection = PassthroughSection()

@@ -177,6 +177,40 @@ class CircuitSection(Section):
     cooldown: PositiveSeconds = 10.0
 
 
+class BalanceSection(Section):
+    """How a model's several ``url``s are told apart (``routing``): what the proxy reads from
+    each of them, and the rule that keeps affinity from piling work on one."""
+
+    #: Seconds between two reads of each URL's load (vLLM's ``/metrics``, Ollama's ``/api/ps``).
+    interval: PositiveSeconds = 0.25
+    #: Seconds one read may take before it counts as unreadable.
+    timeout: PositiveSeconds = 1.0
+    #: Largest answer read from ``/metrics`` or ``/v1/models``; a longer one is unreadable.
+    max_bytes: int = Field(default=4 << 20, ge=1024)
+    #: Seconds between two reads of each URL's ``/v1/models`` (which models and LoRA adapters
+    #: it serves).
+    models_interval: PositiveSeconds = 10.0
+    #: Bounded loads: a URL above ``(1 + epsilon)`` times the mean load passes a request on.
+    epsilon: float = Field(default=0.25, gt=0, le=10)
+    #: ...but never below this many requests: a few in flight are no load worth moving a
+    #: prefix from its cache for (and a replica's reading a moment older than another's
+    #: would move it).
+    min_bound: int = Field(default=4, ge=1)
+    #: A URL whose own queue (``vllm:num_requests_waiting``) is over this passes a request on.
+    max_waiting: int = Field(default=8, ge=0)
+    #: ``routing: prefix`` hashes this many leading bytes of the prompt.
+    prefix_bytes: int = Field(default=2048, ge=16, le=1 << 20)
+    #: ``routing: session`` reads the conversation's id from this header (else ``user``).
+    session_header: str = Field(default="X-Session-ID", min_length=1)
+
+    @field_validator("session_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _TOKEN.fullmatch(value):
+            raise ValueError("must be an HTTP header name: letters, digits and -, no spaces")
+        return value
+
+
 class LimitsSection(Section):
     #: Upstream requests in flight at once; more wait in a queue of ``max_queue``, then 429.
     max_concurrency: int = Field(64, ge=1)

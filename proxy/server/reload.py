@@ -76,6 +76,8 @@ class Reloader:
         self._wake = asyncio.Event()
         self._requested = False
         self._stamp: Stamp | None = self._file_stamp(runtime.config)
+        #: Called after each swap: parts that follow the served set (the scraper).
+        self.swapped: list[Callable[[], None]] = []
 
     def trigger(self) -> None:
         """Ask the background task for a reload (safe to call from a signal handler)."""
@@ -144,6 +146,8 @@ class Reloader:
             return False
         old = runtime.served.backends
         runtime.configure(config, Served(backends))
+        for follow in self.swapped:
+            follow()
         self._stamp = stamp
         self.retired.extend(old)
         self._wake.set()
