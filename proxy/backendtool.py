@@ -23,7 +23,7 @@ import aiohttp
 from proxy.adapters import BUILTINS, registry
 from proxy.adapters.base import Adapter
 from proxy.config import build_config, default_path, load_config, parse_yaml
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, reason
 
 _BLOCK_KEY = re.compile(r"^plugins:[ \t]*(#.*)?$", re.M)
 _EMPTY_FLOW = re.compile(r"^plugins:[ \t]*\{\}[ \t]*(#.*)?$", re.M)
@@ -110,7 +110,7 @@ def load_class(target: str) -> type[Adapter]:
         raise ConfigError([f"{target}: cannot import {module_name}: {exc}"]) from None
     except Exception as exc:  # a plugin's own import-time failure, shown in one line
         raise ConfigError(
-            [f"{target}: importing {module_name} failed: {type(exc).__name__}: {exc}"]
+            [f"{target}: importing {module_name} failed: {reason(exc)}: {exc}"]
         ) from None
     cls = getattr(module, attr, None)
     if cls is None:
@@ -164,5 +164,5 @@ async def _instantiate(cls: type[Adapter], target: str) -> None:
             cls(config, session)
         except Exception as exc:
             raise ConfigError(
-                [f"{target}: cannot be instantiated: {type(exc).__name__}: {exc}"]
+                [f"{target}: cannot be instantiated: {reason(exc)}: {exc}"]
             ) from None

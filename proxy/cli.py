@@ -4,6 +4,7 @@ function-node home, ``proxy.node.compat``); vllm-worker (``proxy.adapters.vllm.w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +29,17 @@ from proxy.errors import ConfigError
 from proxy.server.preflight import check_servable
 
 EXIT_CONFIG = 2
+#: What the exit status means, the same for every command.
+EXIT_STATUSES = """exit status: 0 done; 2 what was given cannot be used (an argument, the config
+file, a key or body file it names: fix it and run again); 1 it could not be done as things
+are (the port is taken, the upstream is not ready, the output went away)"""
 
 
 def _parser() -> argparse.ArgumentParser:
     """The command line: ``serve``, ``check``, ``migrate`` and the tools' own commands."""
     parser = argparse.ArgumentParser(
-        prog="model-proxy", description="Reverse proxy in front of a model backend."
+        prog="model-proxy", description="Reverse proxy in front of a model backend.",
+        epilog=EXIT_STATUSES,
     )
     parser.add_argument("--version", action="version", version=f"model-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,10 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     backendtool.add_commands(commands)
     trial.add_commands(commands)
     vllm_worker.add_command(commands)
+    for command in commands.choices.values():
+        command.epilog = EXIT_STATUSES
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a reader gone away shows here, where it can still be handled
+    except BrokenPipeError:
+        # `model-proxy check | head`: the rest is not wanted; end quietly, not with a traceback
+        # (and let nothing flush into the closed pipe again at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("keygen", "sign"):  # these need no config file
         return keytool.run(args)
@@ -164,7 +184,10 @@ def _migrate(home: Path) -> int:
     try:
         theirs = _read_yaml(home / "config.yaml")
         backend = _read_yaml(home / "model_backend.yaml")
-        ours, notes = translate(theirs, backend, home=home)
+        # the key file's path absolute, so that the config works wherever it is saved
+        ours, notes = translate(theirs, backend, home=home.absolute())
+        text = yaml.safe_dump(_literal(ours), sort_keys=False)
+        _checked(text)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -174,8 +197,38 @@ def _migrate(home: Path) -> int:
         return EXIT_CONFIG
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(yaml.safe_dump(ours, sort_keys=False), end="")
+    print(text, end="")
     return 0
+
+
+def _literal(value: Any) -> Any:
+    """Strings as they are: ``$`` doubled, so that no value is read as ``${VAR}``."""
+    if isinstance(value, str):
+        return value.replace("$", "$$")
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return value
+
+
+def _checked(text: str) -> None:
+    """What ``check`` would say of ``text`` as a config file; ``ConfigError`` if it refuses it,
+    so that migrate never prints a config that cannot serve."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "model_backend.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            config = load_config(path)
+            check_servable(config, path)
+        except ConfigError as exc:
+            name = str(path)
+            raise ConfigError([
+                "migrate: the config it would print is refused by check: "
+                + problem.removeprefix(name + ": ") for problem in exc.problems
+            ]) from None
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:

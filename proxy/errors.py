@@ -26,6 +26,8 @@ must hold no secrets.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,3 +139,25 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+_WORDS = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, in words, for a line an operator reads: the system's own text for an
+    OS error (``No such file or directory``, ``Connection refused``, a name that does not
+    resolve), else the exception's kind spelt as words. Never the exception's own text, which
+    may quote a URL or a value holding a secret."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    # aiohttp's connection errors are OSErrors carrying their cause's errno and text
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno < 0:
+        return f"the host name does not resolve ({exc.strerror})"  # getaddrinfo's EAI_*
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" says less
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return _WORDS.sub(" ", type(exc).__name__).lower()

@@ -11,6 +11,7 @@ events (reloads, retries, auth failures) use prometheus-client's own types.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -41,6 +42,9 @@ GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 Labels = tuple[str, ...]
+#: Invalid usage reports between two log lines about them.
+INVALID_LOG_EVERY = 1000
+log = logging.getLogger("model_proxy")
 #: The ``status`` label of every status the proxy answers with, made once.
 _STATUS_LABELS = {status: str(status) for status in range(100, 600)}
 
@@ -131,6 +135,10 @@ class Metrics:
             "model_proxy_usage_missing",
             "Answers read to their end in which the upstream reported no token usage.",
             ("endpoint",))
+        self.usage_invalid = FastCounter(
+            "model_proxy_usage_invalid",
+            "Answers whose upstream reported a token count that is not one (negative, over "
+            "2**31 - 1, not an integer); the count is left out.", ())
         self.upstream_errors = FastCounter(
             "model_proxy_upstream_errors", "Upstream failures by kind.", ("kind",))
         self.upstream_timings = FastHistogram(
@@ -186,7 +194,7 @@ class Metrics:
 
     def fast_families(self) -> tuple[FastCounter | FastHistogram, ...]:
         return (self.requests, self.latency, self.upstream_latency, self.ttft, self.tokens,
-                self.usage_missing, self.upstream_errors, self.upstream_timings,
+                self.usage_missing, self.usage_invalid, self.upstream_errors, self.upstream_timings,
                 self.upstream_tokens_per_second, self.overhead, self.chunk_gap,
                 self.upstream_attempts)
 
@@ -242,8 +250,16 @@ class Metrics:
         self.upstream_errors.inc((kind,))
 
     def count_usage(self, prompt_tokens: int | None, completion_tokens: int | None,
-                    extra: Mapping[str, float]) -> None:
-        """Token counts and the upstream's own timings (``Usage`` of one answer)."""
+                    extra: Mapping[str, float], invalid: bool = False) -> None:
+        """Token counts and the upstream's own timings (``Usage`` of one answer); ``invalid``:
+        the upstream reported a count that was not one (logged the first time, then once
+        every :data:`INVALID_LOG_EVERY`, so a broken upstream cannot flood the log)."""
+        if invalid:
+            seen = self.usage_invalid.values.get((), 0)
+            self.usage_invalid.inc(())
+            if seen % INVALID_LOG_EVERY == 0:
+                log.warning("the upstream reported token usage that is not a count (%d so "
+                            "far); it is not counted", seen + 1)
         if prompt_tokens:
             self.tokens.inc(("in",), prompt_tokens)
         if completion_tokens:
@@ -263,6 +279,14 @@ class Metrics:
         """Export an adapter's ``stats()`` gauges as ``model_proxy_upstream_<name>``, and its
         ``metric_families()`` (the upstream's own metrics, e.g. vLLM's) as they are."""
         self.registry.register(_StatsCollector(stats, families))
+
+    def watch_upstreams(
+        self, rows: Callable[[], Iterable[tuple[str, str, Mapping[str, float]]]]
+    ) -> None:
+        """Export what each URL of a model reports about itself (``rows()``: ``(model,
+        upstream, {name: value})``, read at scrape time) as
+        ``model_proxy_upstream_<name>{model,upstream}``; ``upstream`` is the URL's position."""
+        self.registry.register(_UpstreamsCollector(rows))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -331,6 +355,38 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily(f"model_proxy_upstream_{name}", f"Upstream gauge {name}.",
                                     value=value)
         yield from self._families()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+#: The gauges of :meth:`Metrics.watch_upstreams`, with their help text.
+UPSTREAM_GAUGES = {
+    "load_readable": "1 when the URL's own load (vLLM /metrics, Ollama /api/ps) was read last "
+                     "time; 0: routed by the proxy's own count of requests in flight on it.",
+    "requests_waiting": "Requests the URL reports waiting (vllm:num_requests_waiting).",
+    "requests_running": "Requests the URL reports running (vllm:num_requests_running).",
+    "kv_cache_usage": "KV-cache use the URL reports, 0 to 1 (vllm:kv_cache_usage_perc).",
+    "lora_adapters": "LoRA adapters the URL reports running or waiting.",
+    "models_loaded": "Models the URL has loaded in memory (Ollama /api/ps).",
+    "models_served": "Models and LoRA adapters the URL's /v1/models lists.",
+}
+
+
+class _UpstreamsCollector(Collector):
+    def __init__(
+        self, rows: Callable[[], Iterable[tuple[str, str, Mapping[str, float]]]]
+    ) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Metric]:
+        families = {name: GaugeMetricFamily(f"model_proxy_upstream_{name}", doc,
+                                            labels=("model", "upstream"))
+                    for name, doc in UPSTREAM_GAUGES.items()}
+        for model, upstream, values in self._rows():
+            for name, value in values.items():
+                families[name].add_metric((model, upstream), value)
+        yield from (f for f in families.values() if f.samples)
 
     def describe(self) -> list[Metric]:
         return []

@@ -114,7 +114,7 @@ async def test_add_checks_the_class_then_writes_it_keeping_the_file(
      "no_such_module_xyz:Adapter: cannot import no_such_module_xyz: No module named"),
     (f"{__name__}:Missing", f"{__name__}:Missing: {__name__} has no attribute Missing"),
     (f"{__name__}:NOT_AN_ADAPTER", "NOT_AN_ADAPTER is not an Adapter class"),
-    (f"{__name__}:Broken", "cannot be instantiated: RuntimeError: needs options.token"),
+    (f"{__name__}:Broken", "cannot be instantiated: runtime error: needs options.token"),
     ("just_a_module", "just_a_module: expected module:Class"),
     ("proxy.adapters.mock:MockAdapter",
      "plugins: entry 'mock' (proxy.adapters.mock:MockAdapter) clashes with the built-in"),

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 import proxy.config
 from proxy.cli import main
 from proxy.config import (
+    ChainSection,
     CustomConfig,
     FxnConfig,
     OllamaConfig,
@@ -145,7 +146,7 @@ BAD = {
     ),
     "wrong type": (
         "backend_provider: mock\ntimeouts: {idle: soon}\n",
-        "timeouts.idle: Input should be a valid number",
+        "timeouts.idle: must be seconds (a number) or a duration such as 30s, 5m, 1h",
     ),
     "out of range": (
         "backend_provider: mock\nserver: {port: 70000}\n",
@@ -261,7 +262,16 @@ BAD = {
     ),
     "bad routing": (
         "backend_provider: custom\nurl: http://a\nrouting: random\n",
-        "routing: Input should be 'round_robin' or 'least_busy'",
+        "routing: Input should be 'round_robin', 'least_busy', 'prefix' or 'session'",
+    ),
+    "bad session header": (
+        "backend_provider: vllm\nurl: [http://a, http://b]\nrouting: session\n"
+        "balance: {session_header: 'X Session'}\n",
+        "balance.session_header: must be an HTTP header name",
+    ),
+    "bad balance interval": (
+        "backend_provider: vllm\nurl: [http://a, http://b]\nbalance: {interval: soon}\n",
+        "balance.interval: must be seconds (a number) or a duration",
     ),
     "bad price": (
         "backend_provider: mock\nmodel: {pricing: {prompt: cheap}}\n",
@@ -437,3 +447,78 @@ def test_config_modules_do_no_io() -> None:
             assert text.count("importlib.metadata.entry_points(") == 1
         else:
             assert "importlib.metadata" not in text, name
+
+
+SECONDS_FIELDS = [
+    ("server", "shutdown_grace"), ("server", "keepalive_timeout"), ("server", "body_timeout"),
+    ("timeouts", "connect"), ("timeouts", "first_byte"), ("timeouts", "idle"),
+    ("timeouts", "total"), ("retries", "backoff_initial"), ("retries", "backoff_max"),
+    ("retries", "total"), ("retries", "retry_after_cap"), ("circuit", "cooldown"),
+    ("limits", "queue_timeout"),
+]
+
+
+@pytest.mark.parametrize(("section", "key"), SECONDS_FIELDS,
+                         ids=[f"{s}.{k}" for s, k in SECONDS_FIELDS])
+@pytest.mark.parametrize(("given", "seconds"), [
+    ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0), ("250ms", 0.25),
+    (45, 45.0), ("12.5", 12.5),
+])
+def test_every_seconds_field_takes_a_duration(
+    section: str, key: str, given: object, seconds: float
+) -> None:
+    config = build_config({"backend_provider": "mock", section: {key: given}})
+    assert getattr(getattr(config, section), key) == seconds
+
+
+def test_durations_in_the_node_and_signature_sections() -> None:
+    config = build_config({
+        "backend_provider": "mock",
+        "auth": {"fxn_signatures": {"allowed_addresses": ["0x" + "11" * 20], "window": "5m"}},
+    })
+    assert config.auth.fxn_signatures is not None
+    assert config.auth.fxn_signatures.window == 300.0
+    chain = ChainSection(rpc_url="http://127.0.0.1:1", router_address="0x" + "22" * 20,
+                         refresh="2m", timeout="10s")
+    assert (chain.refresh, chain.timeout) == (120.0, 10.0)
+
+
+@pytest.mark.parametrize("given", ["30 sec", "5 minutes", "1d", "s", True])
+def test_what_is_not_a_duration_says_what_is(given: object, tmp_path: Path) -> None:
+    path = tmp_path / "model_backend.yaml"
+    path.write_text(yaml.safe_dump({"backend_provider": "mock", "timeouts": {"connect": given}}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: timeouts.connect: must be seconds (a number) or a duration such as 30s, 5m, "
+        "1h or 1h30m (units: ms, s, m, h)"]
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("model: llama3\n", "model: is a section of keys, not a single value: write "
+                        "model: {name: llama3}"),
+    ("timeouts: 5\n", "timeouts: is a section of keys, not a single value: write "
+                      "timeouts: {connect: 5}"),
+    ("retries: [3]\n", "retries: is a section of keys such as retries: {attempts: ...}, "
+                       "not a list"),
+    ("model:\n", "model: is a section of keys such as model: {name: ...}, not empty"),
+])
+def test_a_value_where_a_section_belongs_says_what_to_write(
+    text: str, line: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "model_backend.yaml"
+    path.write_text("backend_provider: mock\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: {line}"]
+    assert "instance of" not in caught.value.problems[0]
+
+
+def test_a_value_where_an_entrys_section_belongs_names_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "model_backend.yaml"
+    path.write_text("models:\n  - {backend_provider: mock, model: m1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: models[0].model: is a section of keys, not a single value: write "
+        "model: {name: m1}"]

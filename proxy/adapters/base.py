@@ -44,7 +44,8 @@ class Job:
     ``request_id`` is the request's id (the client's ``X-Request-ID`` when it is fit for logs,
     else one the proxy made; also in ``headers``). ``usage_asked``: the proxy asked the
     upstream for the stream's usage event on its own behalf (``stream_options.include_usage``),
-    so the event is read and not relayed.
+    so the event is read and not relayed. ``session``: the client's session header, kept
+for the router when a model routes by session.
 
     What the request learns on the way (timings, attempts, usage) is not here but on its
     :class:`proxy.upstream.exchange.Exchange`.
@@ -62,15 +63,22 @@ class Job:
     headers: Mapping[str, str]
     request_id: str
     usage_asked: bool = False
+    #: The conversation's id from the configured session header, for ``routing: session``
+    #: over several URLs (read by the router, never sent upstream by this field).
+    session: str | None = None
 
 
 @dataclass(slots=True)
 class Usage:
-    """What an answer cost, filled in by the adapter as the body is produced (for metrics)."""
+    """What an answer cost, filled in by the adapter as the body is produced (for metrics).
+
+    Counts are checked ones (``proxy.wire.tokens``); ``invalid``: the upstream reported a count
+    that was not one, and it is left out."""
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    invalid: bool = False
 
 
 class UpstreamResponse:
@@ -121,8 +129,8 @@ class UpstreamResponse:
         """The usage an adapter filled in or a relayed answer reported, if any (for metrics)."""
         counted = self.counted
         if self._usage is None and counted is not None and counted.usage is not None:
-            prompt, completion, extra = counted.tokens()
-            self._usage = Usage(prompt, completion, extra)
+            prompt, completion, extra, invalid = counted.tokens()
+            self._usage = Usage(prompt, completion, extra, invalid)
         return self._usage
 
     def usage_missing(self) -> bool:

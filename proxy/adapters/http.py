@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import aiohttp
-import orjson
 from yarl import URL
 
 from proxy.adapters import lean
@@ -28,6 +27,7 @@ from proxy.adapters.lean import Answer
 from proxy.config import BaseConfig, TimeoutsSection
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.headers import relayed_headers
+from proxy.wire.models import parse
 from proxy.wire.relayed import Relayed
 
 log = logging.getLogger("model_proxy")
@@ -295,7 +295,8 @@ class HTTPUpstream(Adapter):
         headers = relayed_headers(response.headers)
         relayed = None
         if job is not None and job.model is not None and response.status < 300:
-            relayed = Relayed(job.model, drop_usage=job.usage_asked)
+            relayed = Relayed(job.model, drop_usage=job.usage_asked,
+                              max_event=self.max_response_bytes)
         if response.content_type == "text/event-stream":
             chunks = (self.body_chunks(response) if relayed is None
                       else self.relayed_chunks(response, relayed))
@@ -321,7 +322,7 @@ class HTTPUpstream(Adapter):
         if response.status >= 400:
             raise UpstreamError(f"the upstream answered {path} with {response.status}")
         try:
-            return orjson.loads(body)
+            return await parse(body)  # off the event loop when large
         except ValueError as exc:
             raise UpstreamError(f"the upstream sent a bad answer to {path}") from exc
 

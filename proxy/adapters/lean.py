@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import ssl as ssl_module
 import time
@@ -62,8 +61,6 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_FIELDS = 256
 #: Interim answers (100 Continue, 103 Early Hints) skipped before the real one.
 MAX_INTERIM = 8
-#: What a reason phrase must not hold: control characters but HTAB.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Refused(Exception):
@@ -209,11 +206,6 @@ class _Conn(asyncio.Protocol):
         response = self.response
         if response is None or response._done:
             raise _Refused("bytes after the end of the answer")
-
-    def on_status(self, reason: bytes) -> None:
-        # never relayed, but a control character there is no HTTP (RFC 9112 4): as h11 does
-        if _CONTROL.search(reason) is not None:
-            raise _Refused("a control character in the status line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response

@@ -1,17 +1,19 @@
 """OpenAI-compatible upstreams (``custom``, a vLLM server): bytes in, bytes out.
 
 The body travels as received (the resolver has already rewritten ``model`` and asked for the
-usage event); the answer is relayed chunk by chunk, searched on bytes for its ``model`` and
-``usage`` members (``proxy.wire.relayed``), never parsed whole.
+usage event); the answer is relayed chunk by chunk, renamed on bytes where its compact form
+proves that right and parsed otherwise (``proxy.wire.relayed``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from proxy.adapters.base import VLLM_SAMPLING, Job, UpstreamResponse
 from proxy.adapters.http import HTTPUpstream, release_response
 from proxy.errors import UpstreamError
+from proxy.wire.models import MAX_MODELS, openai_models
 
 
 class OpenAIAdapter(HTTPUpstream):
@@ -30,9 +32,11 @@ class OpenAIAdapter(HTTPUpstream):
         return await self.relay(response, None if job.endpoint == "passthrough" else job)
 
     async def models(self) -> list[dict[str, Any]]:
-        data = await self.get_json("/v1/models")
-        items = data.get("data") if isinstance(data, dict) else None
-        return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
+        models = openai_models(await self.get_json("/v1/models"))
+        if models.skipped:
+            self.note(logging.WARNING, f"the upstream's /v1/models held {models.skipped} "
+                      f"entries that are not model objects or are over {MAX_MODELS}; skipped")
+        return models.entries
 
     async def check_ready(self) -> None:
         response = await self.request("GET", self.ready_path)

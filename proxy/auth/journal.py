@@ -22,7 +22,7 @@ import sqlite3
 from pathlib import Path
 
 from proxy.auth.nonces import NonceCache
-from proxy.errors import ConfigError, Unavailable
+from proxy.errors import ConfigError, Unavailable, reason
 
 log = logging.getLogger("model_proxy")
 
@@ -141,4 +141,4 @@ class JournaledNonces(NonceCache):
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return str(exc).splitlines()[0][:200] if str(exc) else reason(exc)

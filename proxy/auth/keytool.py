@@ -20,6 +20,7 @@ import orjson
 KEY_ENV = "FXN_PRIVATE_KEY"
 DEFAULT_KEY_FILE = "fxn.key"
 DEFAULT_URL = "http://127.0.0.1:8080/v1/chat/completions"
+#: As every command: 2 when what was given (an argument, a file named) cannot be used.
 EXIT_USAGE = 2
 
 
@@ -76,12 +77,12 @@ def keygen(args: argparse.Namespace) -> int:
             f"model-proxy keygen: {args.out} already exists; refusing to overwrite it",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_USAGE
     except OSError as exc:
         print(
             f"model-proxy keygen: cannot create {args.out}: {exc.strerror or exc}", file=sys.stderr
         )
-        return 1
+        return EXIT_USAGE
     print(address)
     print(
         f"wrote a new key to {args.out} (mode 0600); keep it secret. Put the address above "

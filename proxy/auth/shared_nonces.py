@@ -24,7 +24,7 @@ import logging
 import math
 from typing import Any
 
-from proxy.errors import Unavailable
+from proxy.errors import Unavailable, reason
 
 log = logging.getLogger("model_proxy")
 
@@ -96,9 +96,9 @@ class RedisNonces:
     def _went_down(self, exc: Exception) -> None:
         if not self.down:
             self.down = True
-            # the type alone: a message could quote the store's reply or its address
+            # its kind alone: a message could quote the store's reply or its address
             log.error("the shared nonce store is unavailable (%s); refusing signed "
-                      "requests until it answers", type(exc).__name__)
+                      "requests until it answers", reason(exc))
 
     async def close(self) -> None:
         """Close the shared store's connections (after the last request)."""

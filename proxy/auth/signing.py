@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from multidict import MultiMapping
 
 from proxy.auth.nonces import NonceCache
-from proxy.errors import Unauthorized
+from proxy.errors import Unauthorized, reason
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -128,7 +128,7 @@ class Signer:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read key file {name}: {type(exc).__name__}") from None
+            raise ValueError(f"cannot read key file {name}: {reason(exc)}") from None
         try:
             return cls.from_text(text, clock=clock)
         except ValueError as exc:
@@ -376,40 +376,27 @@ class Verifier:
         return recovered
 
     def _claim(self, headers: Mapping[str, str]) -> _Claim:
-        values: dict[str, str] = {}
-        for name in SIGNATURE_HEADERS:
-            value = headers.get(name)
-            if not value:
-                raise Unauthorized(f"missing {name} header", code="missing_header")
-            # Two copies of a header could be read differently by us and by whoever signed.
-            if isinstance(headers, MultiMapping) and len(headers.getall(name, ())) > 1:
-                raise Unauthorized(f"{name} is given more than once", code="duplicate_header")
-            values[name] = value
-        address, timestamp_text = values[HEADER_ADDRESS], values[HEADER_TIMESTAMP]
-        nonce = values[HEADER_NONCE]
-        if not _ADDRESS_RE.fullmatch(address):
-            raise Unauthorized(
-                f"{HEADER_ADDRESS} must be 0x followed by 40 hex digits",
-                code="bad_address",
-            )
-        if not _TIMESTAMP_RE.fullmatch(timestamp_text):
-            raise Unauthorized(
-                f"{HEADER_TIMESTAMP} must be Unix seconds in decimal digits",
-                code="bad_timestamp",
-            )
-        if not _NONCE_RE.fullmatch(nonce):
-            raise Unauthorized(
-                f"{HEADER_NONCE} must be 1 to 128 printable ASCII characters without spaces",
-                code="bad_nonce",
-            )
-        signature = _decode_signature(values[HEADER_SIGNATURE])
+        address, timestamp_text, nonce, signature = _claimed(headers)
         address = address.lower()
         live = self._live
         if address not in self._allowed and (live is None or address not in live.addresses):
             raise Unauthorized(f"{HEADER_ADDRESS} is not an allowed signer", code="unknown_address")
+        timestamp = int(timestamp_text)
+        self._check_time(timestamp)
+        if (address, nonce) in self._nonces:
+            raise Unauthorized(f"{HEADER_NONCE} was already used by this signer", code="replayed")
+        if not self._nonces.covers(timestamp):
+            raise Unauthorized(
+                f"{HEADER_TIMESTAMP} is older than the replay cache can vouch for "
+                "while it is full; sign again with a current timestamp",
+                code="replay_cache_full",
+            )
+        return _Claim(address, timestamp, timestamp_text, nonce, signature)
+
+    def _check_time(self, timestamp: int) -> None:
+        """Refuse a timestamp outside the window, or from before the replay cache begins."""
         now = self._clock()
         self._nonces.expire(now)
-        timestamp = int(timestamp_text)
         if now - timestamp > self.window:  # never true for math.inf: no window
             raise Unauthorized(
                 f"{HEADER_TIMESTAMP} is {int(now - timestamp)} s old; "
@@ -428,15 +415,37 @@ class Verifier:
                 "starts empty); sign again with a current timestamp",
                 code="before_start",
             )
-        if (address, nonce) in self._nonces:
-            raise Unauthorized(f"{HEADER_NONCE} was already used by this signer", code="replayed")
-        if not self._nonces.covers(timestamp):
-            raise Unauthorized(
-                f"{HEADER_TIMESTAMP} is older than the replay cache can vouch for "
-                "while it is full; sign again with a current timestamp",
-                code="replay_cache_full",
-            )
-        return _Claim(address, timestamp, timestamp_text, nonce, signature)
+
+
+def _claimed(headers: Mapping[str, str]) -> tuple[str, str, str, bytes]:
+    """The signature headers' address, timestamp, nonce and signature, checked for form."""
+    values: dict[str, str] = {}
+    for name in SIGNATURE_HEADERS:
+        value = headers.get(name)
+        if not value:
+            raise Unauthorized(f"missing {name} header", code="missing_header")
+        # Two copies of a header could be read differently by us and by whoever signed.
+        if isinstance(headers, MultiMapping) and len(headers.getall(name, ())) > 1:
+            raise Unauthorized(f"{name} is given more than once", code="duplicate_header")
+        values[name] = value
+    address, timestamp_text = values[HEADER_ADDRESS], values[HEADER_TIMESTAMP]
+    nonce = values[HEADER_NONCE]
+    if not _ADDRESS_RE.fullmatch(address):
+        raise Unauthorized(
+            f"{HEADER_ADDRESS} must be 0x followed by 40 hex digits",
+            code="bad_address",
+        )
+    if not _TIMESTAMP_RE.fullmatch(timestamp_text):
+        raise Unauthorized(
+            f"{HEADER_TIMESTAMP} must be Unix seconds in decimal digits",
+            code="bad_timestamp",
+        )
+    if not _NONCE_RE.fullmatch(nonce):
+        raise Unauthorized(
+            f"{HEADER_NONCE} must be 1 to 128 printable ASCII characters without spaces",
+            code="bad_nonce",
+        )
+    return address, timestamp_text, nonce, _decode_signature(values[HEADER_SIGNATURE])
 
 
 class _Claim(NamedTuple):

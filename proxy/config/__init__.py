@@ -37,6 +37,7 @@ from proxy.config.providers import (
     adapter_entry_points,
 )
 from proxy.config.sections import (
+    BalanceSection,
     CircuitSection,
     DeterminismSection,
     LimitsSection,
@@ -54,13 +55,13 @@ from proxy.config.sections import (
 from proxy.config.yamlfile import parse_yaml
 
 __all__ = [
-    "BUILTIN_PROVIDERS", "ENTRY_POINT_GROUP", "INHERITED", "PER_MODEL", "PROXY_OWNED_SERVE_OPTIONS",
-    "SECRET_KEYS", "TOP_LEVEL_ONLY", "VARIANTS", "AuthSection", "BaseConfig", "ChainSection",
-    "CircuitSection", "CustomConfig", "DeterminismSection", "EngineSection", "FxnConfig",
-    "FxnSection", "FxnSignaturesSection", "LimitsSection", "LoggingSection", "MetricsSection",
-    "MockConfig", "ModelConfig", "ModelSection", "ModelSetConfig", "NodeSection", "OllamaConfig",
-    "OllamaSection", "PassthroughSection", "PluginConfig", "PricingSection", "ProxyConfig",
-    "RetriesSection", "Section", "ServerSection", "TimeoutsSection", "VllmConfig",
-    "adapter_entry_points", "build_config", "default_path", "load_config", "parse_yaml",
-    "read_bounded",
+    "BUILTIN_PROVIDERS", "ENTRY_POINT_GROUP", "INHERITED", "PER_MODEL",
+    "PROXY_OWNED_SERVE_OPTIONS", "SECRET_KEYS", "TOP_LEVEL_ONLY", "VARIANTS", "AuthSection",
+    "BalanceSection", "BaseConfig", "ChainSection", "CircuitSection", "CustomConfig",
+    "DeterminismSection", "EngineSection", "FxnConfig", "FxnSection", "FxnSignaturesSection",
+    "LimitsSection", "LoggingSection", "MetricsSection", "MockConfig", "ModelConfig",
+    "ModelSection", "ModelSetConfig", "NodeSection", "OllamaConfig", "OllamaSection",
+    "PassthroughSection", "PluginConfig", "PricingSection", "ProxyConfig", "RetriesSection",
+    "Section", "ServerSection", "TimeoutsSection", "VllmConfig", "adapter_entry_points",
+    "build_config", "default_path", "load_config", "parse_yaml", "read_bounded"
 ]

@@ -12,7 +12,7 @@ from pydantic import (
     field_validator,
 )
 
-from proxy.config.sections import _API_KEY, Section
+from proxy.config.sections import _API_KEY, Seconds, Section
 
 _ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
 
@@ -37,7 +37,7 @@ class FxnSignaturesSection(Section):
     allowed_addresses: tuple[str, ...] = ()
     #: Accepted clock difference, in seconds, between the signer and this node; 0 checks no
     #: timestamp at all (the reference node's behaviour; the nonce cache alone stops replays).
-    window: float = Field(300.0, ge=0)
+    window: Seconds = 300.0
     #: Most nonces remembered at once; when full, the accepted window narrows (no replays).
     #: For the ``memory`` store only.
     nonce_cache_size: int = Field(100_000, ge=1)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -19,6 +20,7 @@ from proxy.config.node import NodeSection
 from proxy.config.sections import (
     _CONTROL,
     _TOKEN,
+    BalanceSection,
     CircuitSection,
     DeterminismSection,
     LimitsSection,
@@ -63,8 +65,9 @@ class BaseConfig(Section):
     backend_provider: str
     #: The upstream's base URL, or a list of them (the same model behind each; see ``routing``).
     url: str | tuple[str, ...] | None = None
-    #: How requests spread over several ``url``s: in turn, or to the one with fewest in flight.
-    routing: Literal["round_robin", "least_busy"] = "round_robin"
+    #: How requests spread over several ``url``s: in turn, to the one with fewest in flight, by
+    #: the prompt's leading bytes, or by the conversation (``balance`` tunes the last two).
+    routing: Literal["round_robin", "least_busy", "prefix", "session"] = "round_robin"
     fxn_id: str | None = Field(None, min_length=1)
     api_key: SecretStr | None = None
     #: Header that carries ``api_key`` upstream; the provider's default when unset.
@@ -83,16 +86,26 @@ class BaseConfig(Section):
     retries: RetriesSection = RetriesSection()
     limits: LimitsSection = LimitsSection()
     circuit: CircuitSection = CircuitSection()
+    balance: BalanceSection = BalanceSection()
     auth: AuthSection = AuthSection()
     metrics: MetricsSection = MetricsSection()
     passthrough: PassthroughSection = PassthroughSection()
     logging: LoggingSection = LoggingSection()
     node: NodeSection | None = None
 
+    #: The ``*_file`` secrets this config was read with (set by ``proxy.config.load``): a
+    #: watching reload looks at them as at the config file, so that a rotated secret applies.
+    _secret_files: tuple[str, ...] = PrivateAttr(default=())
+
     #: The header ``api_key`` travels in unless ``api_key_header`` says otherwise.
     default_api_key_header: ClassVar[str] = "x-api-key"
     #: Whether ``bearer_token`` is sent when ``api_key`` is too (the node sends one, not both).
     bearer_with_api_key: ClassVar[bool] = True
+
+    @property
+    def secret_files(self) -> tuple[str, ...]:
+        """The paths of the ``*_file`` secrets the loader read into this config."""
+        return self._secret_files
 
     @model_validator(mode="before")
     @classmethod

@@ -33,7 +33,7 @@ TOP_LEVEL_ONLY = ("server", "auth", "metrics", "logging", "watch", "limits", "mo
 
 
 #: Sections a ``models:`` entry takes from the top level when it does not give its own.
-INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism")
+INHERITED = ("timeouts", "retries", "circuit", "limits", "plugins", "determinism", "balance")
 
 
 #: Keys that describe one model, given in each ``models:`` entry instead of the top level.

@@ -77,11 +77,28 @@ def _problem(
     if err["type"] == "string_type" and isinstance(_value_at(data, loc), (int, float)):
         message += (" (YAML read an unquoted 0x... or digits as a number: "
                     "put it in quotes, e.g. \"0xAbC...\")")
+    if err["type"] == "model_type":
+        message = _not_a_section(variant, loc, _value_at(data, loc))
     if err["type"] == "missing":
         provider = data.get("backend_provider") or data.get("backendProvider")
         message = "is required" + (
             f" for backend_provider {provider}" if len(loc) == 1 and provider else "")
     return f"{name}: {_path((*prefix, *loc))}: {message}"
+
+
+def _not_a_section(variant: type[BaseModel], loc: Loc, value: Any) -> str:
+    """A single value (or a list) where a section of keys belongs, and what to write."""
+    key = str(loc[-1]) if loc else ""
+    section = _model_at(variant, loc)
+    fields = list(section.model_fields) if section is not None else []
+    # a plain value where a section goes is most often meant for its first key (model.name)
+    if fields and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return (f"is a section of keys, not a single value: write {key}: "
+                f"{{{fields[0]}: {value}}}")
+    example = f" such as {key}: {{{fields[0]}: ...}}" if fields else ""
+    given = ("a list" if isinstance(value, list) else "true/false" if isinstance(value, bool)
+             else "empty" if value is None else "a single value")
+    return f"is a section of keys{example}, not {given}"
 
 
 def _unknown_key(variant: type[BaseModel], loc: Loc, data: dict[str, Any]) -> str:

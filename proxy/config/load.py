@@ -21,7 +21,7 @@ from proxy.config.build import ProxyConfig, build_config
 from proxy.config.describe import Loc, _describe, _path
 from proxy.config.providers import adapter_entry_points
 from proxy.config.yamlfile import parse_yaml
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, reason
 
 log = logging.getLogger("model_proxy")
 
@@ -85,12 +85,13 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
             "a config is a few hundred lines"
         ]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{name}: cannot read: {_reason(exc)}"]) from None
+        raise ConfigError([f"{name}: cannot read: {reason(exc)}"]) from None
     data = parse_yaml(text, name)
     _drop_retired(data, name)
     problems: list[str] = []
     data = _interpolate(data, (), os.environ if env is None else env, name, problems)
-    _read_secret_files(data, (), path.parent, name, problems)
+    secrets: list[str] = []
+    _read_secret_files(data, (), path.parent, name, problems, secrets)
     _anchor_key_file(data, path.parent)
     _anchor_state_dir(data, path.parent, os.environ if env is None else env)
     if problems:
@@ -102,6 +103,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(_describe(exc, data, name) + files) from None
     if files:
         raise ConfigError(files)
+    config._secret_files = tuple(secrets)
     return config
 
 
@@ -125,7 +127,9 @@ def files_problems(data: dict[str, Any]) -> list[str]:
         try:
             Signer.from_file(key_file)  # names the file, never quotes the key
         except ValueError as exc:
-            problems.append(f"node.key_file: {exc}")
+            missing = not os.path.lexists(key_file)
+            problems.append(f"node.key_file: {exc}"
+                            + (_keygen_hint(Path(key_file)) if missing else ""))
     entries = data.get("models")
     places = ([(f"models[{i}].", e) for i, e in enumerate(entries)]
               if isinstance(entries, list) else [("", data)])
@@ -191,11 +195,14 @@ def _interpolate(
     return value
 
 
-def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: list[str]) -> None:
-    """Replace ``<secret>_file`` keys by the file's contents, in place."""
+def _read_secret_files(
+    data: Any, loc: Loc, base: Path, name: str, problems: list[str], read: list[str]
+) -> None:
+    """Replace ``<secret>_file`` keys by the file's contents, in place; each file's path is
+    added to ``read``."""
     if isinstance(data, list):
         for i, item in enumerate(data):
-            _read_secret_files(item, (*loc, i), base, name, problems)
+            _read_secret_files(item, (*loc, i), base, name, problems, read)
         return
     if not isinstance(data, dict):
         return
@@ -214,6 +221,7 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
                 problems.append(f"{name}: {where}: must be a file path")
                 continue
             secret_path = base / Path(file_value).expanduser()
+            read.append(str(secret_path))
             try:
                 text = read_bounded(secret_path, MAX_SECRET_BYTES)
             except _TooLarge:
@@ -221,7 +229,9 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
                                 f"{MAX_SECRET_BYTES // 1024} KiB")
                 continue
             except (OSError, UnicodeDecodeError) as exc:
-                problems.append(f"{name}: {where}: cannot read {secret_path}: {_reason(exc)}")
+                missing_key = stem == "private_key" and isinstance(exc, FileNotFoundError)
+                problems.append(f"{name}: {where}: cannot read {secret_path}: {reason(exc)}"
+                                + (_keygen_hint(secret_path) if missing_key else ""))
                 continue
             if stem == "api_keys":
                 lines = (line.strip() for line in text.splitlines())
@@ -231,7 +241,12 @@ def _read_secret_files(data: Any, loc: Loc, base: Path, name: str, problems: lis
             if not data[stem]:
                 problems.append(f"{name}: {where}: {secret_path} is empty")
         else:
-            _read_secret_files(data[key], (*loc, key), base, name, problems)
+            _read_secret_files(data[key], (*loc, key), base, name, problems, read)
+
+
+def _keygen_hint(path: Path) -> str:
+    """For a signing key that is not there yet: how to make one."""
+    return f" (make one with: model-proxy keygen -o {path})"
 
 
 def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
@@ -259,9 +274,3 @@ def _anchor_state_dir(data: dict[str, Any], base: Path, env: Mapping[str, str]) 
         value = env.get(STATE_DIR_ENV) or "."
     if isinstance(value, str) and value:
         signatures[key] = str(base / Path(value).expanduser())
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__

@@ -75,6 +75,11 @@ class NodeSection(Section):
     public_ip: str = "https://api.ipify.org"
     #: Largest matrix dimension MATRIX_MULTIPLICATION accepts; larger is a 400.
     max_matrix_size: int = Field(4096, ge=1, le=16384)
+    #: Most elements in each of A, B and the product (2048 x 2048); more is a 400.
+    max_matrix_elements: int = Field(2048 * 2048, ge=1, le=16384 * 16384)
+    #: Most flops (2 x rows x inner x columns) one multiplication may take (2 x 2048^3, about
+    #: a second on two CPU cores); more is a 400. Raise both on a node with a GPU.
+    max_matrix_flops: int = Field(2 * 2048**3, ge=1, le=2 * 16384**3)
 
     @field_validator("scheduler_address", mode="before")
     @classmethod

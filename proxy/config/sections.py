@@ -11,13 +11,40 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
 )
 from pydantic.alias_generators import to_camel
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NOT_SECONDS = ("must be seconds (a number) or a duration such as 30s, 5m, 1h or 1h30m "
+                "(units: ms, s, m, h)")
+
+
+def _seconds(value: Any) -> Any:
+    """A duration as seconds: ``30s``, ``5m``, ``1h``, ``1h30m``, ``250ms``; a bare number is
+    seconds already. What is neither is refused with the units it may have."""
+    if isinstance(value, bool):  # YAML's yes/no/on/off: not a length of time
+        raise ValueError(_NOT_SECONDS)
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text.replace(" ", ""))
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ValueError(_NOT_SECONDS)
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+#: Seconds, given as a number or a duration (``30s``, ``5m``, ``1h``): every timeout-like field.
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
 
 
 _API_KEY = re.compile(r"[\x21-\x7e]{1,512}")
@@ -46,7 +73,7 @@ class ServerSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     #: Seconds in-flight requests get to finish after SIGTERM before they are ended.
-    shutdown_grace: float = Field(30.0, ge=0)
+    shutdown_grace: Seconds = 30.0
     #: Seconds a connection may wait for its next request head, idle or trickling one in: after
     #: it opened, and after each answer. Bounds both idle keep-alive and slow headers.
     keepalive_timeout: PositiveSeconds = 15.0
@@ -129,12 +156,12 @@ class RetriesSection(Section):
     #: Attempts in all, the first included; 1 turns retries off.
     attempts: int = Field(3, ge=1, le=20)
     #: Backoff window before the first retry; it doubles each retry (full jitter), up to the max.
-    backoff_initial: float = Field(0.2, ge=0)
-    backoff_max: float = Field(5.0, ge=0)
+    backoff_initial: Seconds = 0.2
+    backoff_max: Seconds = 5.0
     #: Budget for all attempts of one request, waits included.
     total: PositiveSeconds = 60.0
     #: Longest ``Retry-After`` the proxy honours before giving up instead.
-    retry_after_cap: float = Field(10.0, ge=0)
+    retry_after_cap: Seconds = 10.0
 
 
 class CircuitSection(Section):
@@ -148,6 +175,40 @@ class CircuitSection(Section):
     failures: int = Field(default=5, ge=0)
     #: Seconds an open circuit answers 503 at once before it lets one probe request through.
     cooldown: PositiveSeconds = 10.0
+
+
+class BalanceSection(Section):
+    """How a model's several ``url``s are told apart (``routing``): what the proxy reads from
+    each of them, and the rule that keeps affinity from piling work on one."""
+
+    #: Seconds between two reads of each URL's load (vLLM's ``/metrics``, Ollama's ``/api/ps``).
+    interval: PositiveSeconds = 0.25
+    #: Seconds one read may take before it counts as unreadable.
+    timeout: PositiveSeconds = 1.0
+    #: Largest answer read from ``/metrics`` or ``/v1/models``; a longer one is unreadable.
+    max_bytes: int = Field(default=4 << 20, ge=1024)
+    #: Seconds between two reads of each URL's ``/v1/models`` (which models and LoRA adapters
+    #: it serves).
+    models_interval: PositiveSeconds = 10.0
+    #: Bounded loads: a URL above ``(1 + epsilon)`` times the mean load passes a request on.
+    epsilon: float = Field(default=0.25, gt=0, le=10)
+    #: ...but never below this many requests: a few in flight are no load worth moving a
+    #: prefix from its cache for (and a replica's reading a moment older than another's
+    #: would move it).
+    min_bound: int = Field(default=4, ge=1)
+    #: A URL whose own queue (``vllm:num_requests_waiting``) is over this passes a request on.
+    max_waiting: int = Field(default=8, ge=0)
+    #: ``routing: prefix`` hashes this many leading bytes of the prompt.
+    prefix_bytes: int = Field(default=2048, ge=16, le=1 << 20)
+    #: ``routing: session`` reads the conversation's id from this header (else ``user``).
+    session_header: str = Field(default="X-Session-ID", min_length=1)
+
+    @field_validator("session_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _TOKEN.fullmatch(value):
+            raise ValueError("must be an HTTP header name: letters, digits and -, no spaces")
+        return value
 
 
 class LimitsSection(Section):

@@ -48,7 +48,7 @@ def parse_yaml(text: str, name: str) -> dict[str, Any]:
     if data is None:
         raise ConfigError([f"{name}: the file is empty; it needs at least backend_provider"])
     if not isinstance(data, dict):
-        kind = type(data).__name__
+        kind = "list" if isinstance(data, list) else "single value"
         raise ConfigError([f"{name}: the top level must be a mapping of keys, not a {kind}"])
     return data
 

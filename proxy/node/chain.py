@@ -23,6 +23,8 @@ from typing import Any, NamedTuple, TypeVar
 import aiohttp
 import orjson
 
+from proxy.errors import reason
+
 #: Four-byte selectors: keccak256 of the signature, first four bytes (checked in the tests).
 GATEWAY_REGISTRY_SELECTOR = bytes.fromhex("d693452e")  # gatewayRegistry()
 ACTIVE_GATEWAYS_SELECTOR = bytes.fromhex("7404af6a")  # getActiveGatewaysLive()
@@ -82,7 +84,7 @@ class Chain:
         except TimeoutError as exc:  # before OSError, of which it is a subclass
             raise ChainError("JSON-RPC timed out", reason="timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            message = f"JSON-RPC unreachable: {type(exc).__name__}"
+            message = f"JSON-RPC unreachable: {reason(exc)}"
             raise ChainError(message, reason="unreachable") from exc
         if raw is None:
             raise ChainError("JSON-RPC answer is too large", reason="malformed")

@@ -17,10 +17,12 @@ A challenge is ``{"type": ..., "payload": ...}``; the answer is the result objec
 
     ``matrixSize`` is the row count of A and the flop count is ``2 * matrixSize**3``, as
     the node computes them; ``merkleRoot`` is ``0x`` + SHA-256 of every product value
-    formatted ``%.6f``, row by row; the samples are C[0][0] and C[rows/2][cols/2].
-    numpy on the CPU; the GPU (torch or cupy, where importable and a device is present) for
-    ``backend: gpu`` or ``auto`` from 100 rows, in float64. One multiplication runs at a time,
-    off the event loop.
+    formatted ``%.6f``, row by row (``proxy.node.merkle``); the samples are C[0][0] and
+    C[rows/2][cols/2]. numpy on the CPU; the GPU (torch or cupy, where importable and a device
+    is present) for ``backend: gpu`` or ``auto`` from 100 rows, in float64. One multiplication
+    runs at a time, off the event loop. Its cost is bounded (:class:`Budget`) by side, by
+    elements of each of A, B and C (a 4096x1 by 1x4096 product has 16M), and by the flops
+    ``2 * rows * inner * columns`` it takes: over any, a 400 ``matrix_too_large``.
 ``ENDPOINT_REACHABLE``
     payload: a URL string. ``{"reachable": true}`` for a 2xx answer to a GET, ``false`` for any
     other status; an unreachable URL is a 500, as on the node. Bounded: a timeout, no body
@@ -33,21 +35,21 @@ object, 400 ``Invalid request body``. Bad payloads are 400 here (the node answer
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.util
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import numpy as np
 import orjson
 
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, ProxyError, reason
 from proxy.node.identity import Identity
+from proxy.node.merkle import merkle_root
 
 log = logging.getLogger("model_proxy")
 
@@ -59,16 +61,46 @@ GPU_AUTO_MIN = 100
 REACHABLE_TIMEOUT = 10.0
 GPU_BACKENDS = frozenset({"gpu", "cuda", "metal"})
 
+#: The default budget of one multiplication: 2048 x 2048 factors and product, ~17 GFLOP,
+#: about a second of numpy on two CPU cores, hashing included.
+MAX_ELEMENTS = 2048 * 2048
+MAX_FLOPS = 2 * 2048**3
+
 Matmul = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What one multiplication may cost: ``side``, the largest dimension; ``elements``, the
+    most elements in each of A, B and the product; ``flops``, ``2 * rows * inner * columns``
+    at most."""
+
+    side: int
+    elements: int = MAX_ELEMENTS
+    flops: int = MAX_FLOPS
+
+    def check(self, rows: int, inner: int, columns: int) -> None:
+        """``BadRequest`` (``matrix_too_large``) when a rows x inner by inner x columns
+        product is over the budget."""
+        shape = f"a {rows}x{inner} by {inner}x{columns} product"
+        largest = max(rows * inner, inner * columns, rows * columns)
+        if largest > self.elements:
+            raise BadRequest(f"{shape} has matrices of {largest} elements; this node's limit "
+                             f"is {self.elements} (node.max_matrix_elements)",
+                             code="matrix_too_large")
+        flops = 2 * rows * inner * columns
+        if flops > self.flops:
+            raise BadRequest(f"{shape} takes {flops} flops; this node's limit is {self.flops} "
+                             "(node.max_matrix_flops)", code="matrix_too_large")
 
 
 class Challenges:
     """Answers challenges for one node; ``answer(body)`` returns ``(type, result)`` or raises
     ``BadRequest`` (400) / ``ProxyError`` (500) with the node's message."""
 
-    def __init__(self, identity: Identity, *, max_matrix_size: int) -> None:
+    def __init__(self, identity: Identity, *, budget: Budget) -> None:
         self.identity = identity
-        self.max_matrix_size = max_matrix_size
+        self.budget = budget
         self._matrix_turn = asyncio.Semaphore(1)
         self._gpu: tuple[Matmul, dict[str, Any]] | bool | None = False  # False: not probed
 
@@ -107,14 +139,14 @@ class Challenges:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise ProxyError(
-                f"failed to reach endpoint: {type(exc).__name__}", code="endpoint_unreachable"
+                f"failed to reach endpoint: {reason(exc)}", code="endpoint_unreachable"
             ) from exc
         return {"reachable": 200 <= status < 300}
 
     async def _matrix(self, payload: Any, session: aiohttp.ClientSession) -> Any:
         async with self._matrix_turn:
             # Even reading the matrices is numpy work on up to limits.max_body_bytes of JSON.
-            a, b, backend = await asyncio.to_thread(matrices, payload, self.max_matrix_size)
+            a, b, backend = await asyncio.to_thread(matrices, payload, self.budget)
             gpu = None
             if backend in GPU_BACKENDS or (backend == "auto" and a.shape[0] >= GPU_AUTO_MIN):
                 gpu = await asyncio.to_thread(self._probe_gpu)
@@ -126,9 +158,10 @@ class Challenges:
         return self._gpu if isinstance(self._gpu, tuple) else None
 
 
-def matrices(payload: Any, limit: int) -> tuple[np.ndarray, np.ndarray, str]:
+def matrices(payload: Any, budget: Budget) -> tuple[np.ndarray, np.ndarray, str]:
     """The two factors a payload asks for, and the backend it prefers; ``BadRequest`` if it
-    is malformed or over ``limit`` in any dimension."""
+    is malformed or over ``budget``."""
+    limit = budget.side
     if payload is None:
         payload = {}
     if not isinstance(payload, dict):
@@ -142,6 +175,7 @@ def matrices(payload: Any, limit: int) -> tuple[np.ndarray, np.ndarray, str]:
     if size > 0:
         if size > limit:
             raise BadRequest(f"size {size} is over this node's limit of {limit}")
+        budget.check(size, size, size)
         rng = np.random.default_rng()
         return rng.random((size, size)), rng.random((size, size)), backend.lower()
     given_a = payload.get("matrixA") or payload.get("A")
@@ -151,6 +185,7 @@ def matrices(payload: Any, limit: int) -> tuple[np.ndarray, np.ndarray, str]:
     a, b = _matrix(given_a, "A", limit), _matrix(given_b, "B", limit)
     if a.shape[1] != b.shape[0]:
         raise BadRequest("matrix dimensions are not compatible for multiplication")
+    budget.check(a.shape[0], a.shape[1], b.shape[1])
     return a, b, backend.lower()
 
 
@@ -184,7 +219,7 @@ def multiply(
             product = gpu[0](a, b)
             backend, device = "cuda", gpu[1]
         except Exception as exc:  # the node falls back to the CPU too
-            log.warning("node: GPU multiplication failed (%s); using the CPU", type(exc).__name__)
+            log.warning("node: GPU multiplication failed (%s); using the CPU", reason(exc))
             start = time.perf_counter()
     if product is None:
         product = a @ b
@@ -211,24 +246,6 @@ def multiply(
     return answer
 
 
-def merkle_root(product: np.ndarray) -> str:
-    """``0x`` + SHA-256 of every value as ``%.6f`` (Go's spelling of non-finite values)."""
-    values = product.ravel().tolist()
-    if np.isfinite(product).all():
-        text = "".join(map("%.6f".__mod__, values))
-    else:
-        text = "".join(map(_go_float, values))
-    return "0x" + hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-def _go_float(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return f"{value:.6f}"
-
-
 def _find_gpu() -> tuple[Matmul, dict[str, Any]] | None:
     """A float64 GPU multiplication and its device description, or ``None``."""
     if not os.path.exists("/dev/nvidiactl"):
@@ -237,7 +254,7 @@ def _find_gpu() -> tuple[Matmul, dict[str, Any]] | None:
         try:
             found = finder()
         except Exception as exc:  # an installed but broken GPU stack: the CPU it is
-            log.info("node: GPU not usable (%s)", type(exc).__name__)
+            log.info("node: GPU not usable (%s)", reason(exc))
             found = None
         if found is not None:
             return found

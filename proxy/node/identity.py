@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from proxy.auth.signing import Signer
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, reason
 from proxy.node.chain import read_capped
 
 log = logging.getLogger("model_proxy")
@@ -73,7 +73,7 @@ class Identity:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ProxyError(
-                f"failed to get the public IP address: {type(exc).__name__}",
+                f"failed to get the public IP address: {reason(exc)}",
                 code="public_ip_unavailable",
             ) from exc
         ip = text.decode("utf-8", "replace").strip()
@@ -101,7 +101,7 @@ async def gpu_stats(nvidia_smi: str = "nvidia-smi") -> list[dict[str, Any]]:
     except ImportError:
         pass
     except Exception as exc:  # NVML present but failing (no driver): try nvidia-smi
-        log.debug("node: NVML query failed (%s); trying nvidia-smi", type(exc).__name__)
+        log.debug("node: NVML query failed (%s); trying nvidia-smi", reason(exc))
     try:
         process = await asyncio.create_subprocess_exec(
             nvidia_smi, NVIDIA_SMI_QUERY, "--format=csv,noheader,nounits",

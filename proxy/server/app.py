@@ -20,6 +20,7 @@ from proxy.server.edge import UNCOUNTED, layered
 from proxy.server.health import Readiness, probing
 from proxy.server.reload import RELOADER, Reloader, reloading
 from proxy.server.runtime import RUNTIME, Runtime
+from proxy.server.scrape import SCRAPER, Scraper, watch
 from proxy.server.tasks import running
 from proxy.upstream.clock import SYSTEM, Clock
 from proxy.upstream.limiter import Limiter
@@ -79,7 +80,10 @@ def create_app(
         raise
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[RUNTIME] = runtime
-    app[RELOADER] = Reloader(runtime)
+    app[RELOADER] = reloader = Reloader(runtime)
+    app[SCRAPER] = scraper = Scraper(lambda: runtime.served, session, clock)
+    reloader.swapped.append(scraper.wake)  # the scraper follows the served set
+    watch(metrics, lambda: runtime.served)
     metrics.watch_gauges(
         in_flight=lambda: limiter.active,
         queued=lambda: limiter.waiting,
@@ -89,6 +93,7 @@ def create_app(
                         lambda: runtime.backend.adapter.metric_families())
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_probing)
+    app.cleanup_ctx.append(_scraping)
     app.cleanup_ctx.append(reloading)
     app.cleanup_ctx.append(lambda app: cataloguing(runtime.catalog, runtime))
     app.on_shutdown.append(_drain_requests)
@@ -99,9 +104,10 @@ def create_app(
     router.add_get("/v1/models/{id:.+}", layered(runtime, routes.model, "models"),
                    allow_head=False)
     router.add_route("*", "/v1/{tail:.*}", layered(runtime, routes.passthrough, None))
-    for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz),
-                          ("/metrics", routes.metrics)):
-        router.add_get(path, layered(runtime, handler, UNCOUNTED), allow_head=False)
+    # probes answer HEAD as GET, without the body: load balancers and uptime checks send it
+    for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz)):
+        router.add_get(path, layered(runtime, handler, UNCOUNTED))
+    router.add_get("/metrics", layered(runtime, routes.metrics, UNCOUNTED), allow_head=False)
     if node is not None:
         runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
         node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
@@ -132,6 +138,12 @@ async def _probing(app: web.Application) -> AsyncIterator[None]:
     """The background readiness probe (``model_proxy_upstream_up``), while the app runs."""
     runtime = app[RUNTIME]
     async with running(probing(runtime.readiness, lambda: runtime.served), "readiness-probe"):
+        yield
+
+
+async def _scraping(app: web.Application) -> AsyncIterator[None]:
+    """The background reader of each URL's load and models (``proxy.server.scrape``)."""
+    async with running(app[SCRAPER].run(), "upstream-scrape"):
         yield
 
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from proxy.config import BaseConfig
 from proxy.errors import NotFound, ProxyError
+from proxy.errors import reason as reason_of
 from proxy.server.health import Readiness
 from proxy.server.tasks import running
 from proxy.upstream.breaker import State
@@ -112,6 +113,11 @@ async def _gather(backend: Backend) -> tuple[dict[str, Any], list[dict[str, Any]
         log.info("catalog: the upstream of %s could not say what it serves: %s",
                  backend.model_label, reason)
         return None
+    except Exception as exc:  # an answer no adapter foresaw: what was known stays, and the
+        # refresh task lives on to read the upstream again once it is fixed
+        log.warning("catalog: the upstream of %s sent what the proxy could not read (%s)",
+                    backend.model_label, reason_of(exc))
+        return None
     return facts, [dict(m) for m in listed]
 
 
@@ -177,7 +183,11 @@ async def _entries(
         {"id": shown_as, "object": "model", "created": int(runtime.started_at),
          "owned_by": config.backend_provider}]
     return [{**m, "name": m.get("name", m.get("id")), **base,
-             "metadata": {**m.get("metadata", {}), **base["metadata"]}} for m in items]
+             "metadata": {**_object(m.get("metadata")), **base["metadata"]}} for m in items]
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _enriched(runtime: Serving, config: BaseConfig, facts: dict[str, Any],

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy.config import LoggingSection
+from proxy.errors import reason
 from proxy.server.requestid import CURRENT
 from proxy.server.runtime import EXCHANGE
 from proxy.upstream.exchange import Exchange
@@ -127,7 +128,7 @@ class OneLineRateLimited(logging.Filter):
         if exc is not None:
             detail = getattr(exc, "message", None) or str(exc)
             first = str(detail).strip().splitlines()[0] if str(detail).strip() else ""
-            text = f"{record.getMessage()}: {type(exc).__name__}: {first[:200]!r}"
+            text = f"{record.getMessage()}: {reason(exc)}: {first[:200]!r}"
         else:
             text = record.getMessage()[:300]
         if self._held:

@@ -28,7 +28,7 @@ from proxy.config import BaseConfig, NodeSection
 from proxy.errors import BadRequest, ProxyError, Unauthorized
 from proxy.metrics import NodeMetrics
 from proxy.node.chain import Chain
-from proxy.node.challenge import TYPES, Challenges
+from proxy.node.challenge import TYPES, Budget, Challenges
 from proxy.node.identity import Identity
 from proxy.node.registry import Registry
 from proxy.server.edge import Handler, RuntimeHandler, read_body
@@ -75,7 +75,8 @@ def build(config: BaseConfig, metrics: NodeMetrics, *, signer: Signer | None = N
                           not_before=time.time()),
     )
     identity = Identity(signer, section.public_ip)
-    challenges = Challenges(identity, max_matrix_size=section.max_matrix_size)
+    challenges = Challenges(identity, budget=Budget(
+        section.max_matrix_size, section.max_matrix_elements, section.max_matrix_flops))
     return Node(section, registry, challenges, verifier, metrics)
 
 

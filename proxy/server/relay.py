@@ -48,7 +48,8 @@ async def relay(
         await upstream.release()
         usage = exchange.usage = upstream.reported_usage()
         if usage is not None:
-            metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra)
+            metrics.count_usage(usage.prompt_tokens, usage.completion_tokens, usage.extra,
+                                usage.invalid)
         elif upstream.usage_missing():
             metrics.count_usage_missing(job.endpoint)
 

@@ -1,5 +1,12 @@
 """Hot reload: SIGHUP, or a changed file when ``watch: true``, swaps in a new configuration.
 
+The files watched are the config file and every ``*_file`` secret it was read with
+(``BaseConfig.secret_files``), each through its symlinks: a Kubernetes Secret mount, whose
+``..data`` link is swapped by a rename to a new directory, is seen as the change it is. So a
+rotated API key, upstream credential or signing key applies within about two watch intervals
+(one to see the change, one to see that it has settled); a secret file that has become
+unreadable or empty is refused as any broken edit is, and the old value keeps serving.
+
 A reload reads and validates the file (``load_config``), builds and starts a new adapter, and
 hands both to ``Runtime.configure``, the one reload hook of every long-lived part: new
 requests use the new backend, requests in flight finish on the old one, which is closed once
@@ -29,7 +36,7 @@ from aiohttp import web
 
 from proxy.adapters.base import Adapter
 from proxy.config import BaseConfig, load_config
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, ProxyError, reason
 from proxy.server.preflight import check_servable
 from proxy.server.runtime import Runtime
 from proxy.server.tasks import running
@@ -40,8 +47,11 @@ log = logging.getLogger("model_proxy")
 
 #: How often a watched file's modification time is looked at, in seconds.
 WATCH_INTERVAL = 1.0
-#: A file's modification time (ns), size and inode: what tells that it changed.
-FileStamp = tuple[int, int, int]
+#: A file's resolved path, modification and change times (ns), size and inode: what tells
+#: that it changed (the change time, so that a file made unreadable is looked at again).
+FileStamp = tuple[str, int, int, int, int]
+#: The stamps of the watched files, in order; ``None`` for one that cannot be looked at.
+Stamp = tuple[FileStamp | None, ...]
 #: How often retired backends are looked at to see whether their last request has left.
 RETIRE_INTERVAL = 0.5
 
@@ -57,15 +67,17 @@ class Reloader:
         #: Seconds a changed watched file must stay unchanged before it is read.
         self.settle = WATCH_INTERVAL
         self.clock = clock
-        #: The watched file's stamp when a change was first seen, and when that was.
-        self._changed: tuple[FileStamp | None, float] | None = None
+        #: The watched files' stamp when a change was first seen, and when that was.
+        self._changed: tuple[Stamp | None, float] | None = None
         #: Backends replaced by a reload that still have requests in flight.
         self.retired: list[Backend] = []
         self._lock = asyncio.Lock()
         #: Wakes the background task: for a requested reload, or to watch a new retiree.
         self._wake = asyncio.Event()
         self._requested = False
-        self._stamp = self._file_stamp()
+        self._stamp: Stamp | None = self._file_stamp(runtime.config)
+        #: Called after each swap: parts that follow the served set (the scraper).
+        self.swapped: list[Callable[[], None]] = []
 
     def trigger(self) -> None:
         """Ask the background task for a reload (safe to call from a signal handler)."""
@@ -87,16 +99,19 @@ class Reloader:
             log.warning("config reload ignored: the configuration was not read from a file")
             metrics.count_reload("error")
             return False
-        self._stamp = self._file_stamp()
+        running_config = runtime.config
+        self._stamp = self._file_stamp(running_config)
         adapters: list[Adapter] = []
         try:
             # Off the event loop: a large or hostile file must not stall requests meanwhile.
             config = self._keep_fixed(await asyncio.to_thread(load_config, path))
-            if self._file_stamp() != self._stamp:  # written to while it was read
-                log.warning("config reload skipped: %s changed while it was read; it is read "
-                            "again once it stays unchanged", path)
+            if self._file_stamp(running_config) != self._stamp:  # written to while it was read
+                log.warning("config reload skipped: %s or a secret file changed while it was "
+                            "read; it is read again once it stays unchanged", path)
                 self._stamp = None  # so that a watcher looks at it again
                 return False
+            # the files this config was read with, as read: the ones a watcher looks at next
+            stamp = self._file_stamp(config)
             # exactly what serve checks at start-up, on the address it is bound to
             exposure = check_servable(config, path)
             if exposure:
@@ -124,13 +139,16 @@ class Reloader:
             return False
         except Exception as exc:  # whatever it is, the reload task and the old config live on
             log.error("config reload rejected, still serving the previous config: %s: %s",
-                      type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                      reason(exc), str(exc).splitlines()[0][:200] if str(exc) else "")
             metrics.count_reload("error")
             for adapter in adapters:
                 await _close_quietly(adapter)
             return False
         old = runtime.served.backends
         runtime.configure(config, Served(backends))
+        for follow in self.swapped:
+            follow()
+        self._stamp = stamp
         self.retired.extend(old)
         self._wake.set()
         metrics.count_reload("ok")
@@ -192,7 +210,7 @@ class Reloader:
         """One look at the watched file: reload it if it has changed and then stayed as it is
         (size, modification time, inode) for ``settle`` seconds of ``clock``, so that a file
         caught half-written is not applied; whether it was reloaded."""
-        stamp, now = self._file_stamp(), self.clock()
+        stamp, now = self._file_stamp(self.runtime.config), self.clock()
         if stamp == self._stamp:
             self._changed = None
             return False
@@ -217,16 +235,23 @@ class Reloader:
             for adapter in backend.adapters():
                 await _close_quietly(adapter)
 
-    def _file_stamp(self) -> FileStamp | None:
+    def _file_stamp(self, config: BaseConfig) -> Stamp | None:
+        """The stamp of the config file and of the secret files ``config`` was read with."""
         path = self.runtime.config_path
         if path is None:
             return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        # the inode too: a file renamed over the old one may keep its size and time
-        return st.st_mtime_ns, st.st_size, st.st_ino
+        return tuple(_stamp(name) for name in (path, *config.secret_files))
+
+
+def _stamp(path: str) -> FileStamp | None:
+    try:
+        # through symlinks: a Secret mount's files are links into a directory swapped whole
+        resolved = os.path.realpath(path)
+        st = os.stat(resolved)
+    except OSError:
+        return None
+    # the inode too: a file renamed over the old one may keep its size and time
+    return resolved, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
 
 async def _close_quietly(adapter: Adapter) -> None:

@@ -61,9 +61,15 @@ async def inference(
     request_id = exchange.request_id
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
+    # The body was read as JSON whatever the client called it (curl's -d says form-encoded);
+    # an upstream that goes by the header (FastAPI: vLLM's server) must be told so.
+    headers["content-type"] = "application/json"
+    # the session header reaches the router only, never the upstream (unless allow-listed)
+    session = (request.headers.get(config.balance.session_header)
+               if config.routing == "session" and backend.spread else None)
     job = Job(endpoint=endpoint, method="POST", path=request.path, body=body, payload=payload,
               model=model, upstream_model=upstream_model, stream=stream, headers=headers,
-              request_id=request_id, usage_asked=asked)
+              request_id=request_id, usage_asked=asked, session=session)
     return await forward(request, runtime, backend, job, exchange)
 
 

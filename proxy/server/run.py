@@ -50,20 +50,13 @@ def parser_limit(config: BaseConfig) -> int:
     return max(PARSER_HEADROOM * config.limits.max_header_bytes, 64 * 1024)
 
 
-async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
-    warning = check_exposure(config)
-    if warning:
-        log.warning(warning)
-    open_files = raise_open_file_limit()
-    app = create_app(config, config_path=config_path)
-    runtime = app[RUNTIME]
-    access_lines = AccessLines(config.logging)
-    runtime.access_jobs = access_lines.enabled and access_lines.json
-    runner = web.AppRunner(
+def _runner(app: web.Application, config: BaseConfig, access_lines: AccessLines) -> web.AppRunner:
+    """aiohttp's runner for ``app``, with the proxy's server settings."""
+    return web.AppRunner(
         app,
         handler_cancellation=True,
-        # The grace itself is spent in the app's on_shutdown drain (proxy.server.drain), which then
-        # ends the remaining streams; this is only the time left for those final writes.
+        # The grace itself is spent in the app's on_shutdown drain (proxy.server.drain), which
+        # then ends the remaining streams; this is only the time left for those final writes.
         shutdown_timeout=FINAL_WRITE_SECONDS,
         access_log_class=AccessLogger,
         access_log=access_lines,  # our batched writer stands in for a logging.Logger
@@ -76,6 +69,18 @@ async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
         keepalive_timeout=config.server.keepalive_timeout,
         lingering_time=LINGER_SECONDS,
     )
+
+
+async def serve(config: BaseConfig, *, config_path: str | None = None) -> None:
+    warning = check_exposure(config)
+    if warning:
+        log.warning(warning)
+    open_files = raise_open_file_limit()
+    app = create_app(config, config_path=config_path)
+    runtime = app[RUNTIME]
+    access_lines = AccessLines(config.logging)
+    runtime.access_jobs = access_lines.enabled and access_lines.json
+    runner = _runner(app, config, access_lines)
     await runner.setup()
     assert runner.server is not None
     bound = connection_bound(open_files, config.limits.max_concurrency)

@@ -12,7 +12,7 @@ never retried.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -23,11 +23,13 @@ from proxy.adapters.base import Adapter, Job, UpstreamResponse
 from proxy.config import BaseConfig, CircuitSection
 from proxy.errors import RETRYABLE_STATUSES, Unavailable, UpstreamError
 from proxy.metrics import Metrics
+from proxy.upstream import balance
 from proxy.upstream.breaker import Breaker, State
 from proxy.upstream.clock import SYSTEM, Clock
 from proxy.upstream.exchange import Exchange
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.retry import RetryPolicy
+from proxy.upstream.signals import Signals
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,11 @@ class Upstream:
     active: int = 0
     #: A failed attempt keeps it out of turn until then (``Clock.now``).
     cool_until: float = 0.0
+    #: Its base URL, and that URL's rendezvous seed (``routing: prefix`` and ``session``).
+    url: str = ""
+    seed: int = 0
+    #: What it last said of itself (``proxy.server.scrape`` reads it in the background).
+    signals: Signals = field(default_factory=Signals)
 
 
 @dataclass(slots=True, eq=False)
@@ -103,6 +110,9 @@ class Backend:
     active: int = 0
     #: The next upstream's turn, for ``routing: round_robin``.
     turn: int = 0
+    #: Models (LoRA adapters) that only some upstreams list, and those upstreams; kept by
+    #: ``proxy.server.scrape`` from each upstream's ``Signals.models``.
+    partial: dict[str, tuple[Upstream, ...]] = field(default_factory=dict)
 
     @property
     def spread(self) -> bool:
@@ -143,7 +153,7 @@ class Pipeline:
             return self.backend(config, cls(config, session))
         upstreams = tuple(
             Upstream(str(i), cls(config.for_url(url), session),
-                     Breaker(config.circuit, self.clock))
+                     Breaker(config.circuit, self.clock), url=url, seed=balance.url_seed(url))
             for i, url in enumerate(urls)
         )
         # each upstream has its own breaker; the model's own never opens, so a request is
@@ -183,7 +193,7 @@ class Pipeline:
         before the client has seen a byte (:class:`Verdict`). The last one's outcome is the
         attempt's. One URL is a list of one."""
         spread = backend.spread
-        order = _order(backend, self.clock.now()) if spread else backend.upstreams
+        order = _order(backend, self.clock.now(), job) if spread else backend.upstreams
         last = len(order) - 1
         for i, upstream in enumerate(order):
             breaker = upstream.breaker
@@ -258,15 +268,28 @@ class Pipeline:
                                        "failed" if bad else "ok")
 
 
-def _order(backend: Backend, now: float) -> list[Upstream]:
-    """The upstreams in the order to try: ready ones by ``routing``, cooling ones last."""
+def _order(backend: Backend, now: float, job: Job) -> list[Upstream]:
+    """The upstreams in the order to try: ready ones by ``routing``, cooling ones last; only
+    those that list the model, when only some do (``Backend.partial``)."""
     upstreams = backend.upstreams
-    if backend.config.routing == "least_busy":
+    if backend.partial and job.upstream_model in backend.partial:
+        upstreams = backend.partial[job.upstream_model]
+    routing = backend.config.routing
+    if routing == "least_busy":
         ranked = sorted(upstreams, key=lambda u: u.active)
-    else:
+    elif routing == "round_robin":
         turn = backend.turn % len(upstreams)
         backend.turn = turn + 1
         ranked = [*upstreams[turn:], *upstreams[:turn]]
+    else:
+        options = backend.config.balance
+        ready = [u for u in upstreams if u.cool_until <= now]
+        key = balance.key(job, options, routing == "session")
+        ranked = balance.rank(ready, key, options) if ready else []
+        if len(ranked) == len(upstreams):
+            return ranked
+        return ranked + sorted((u for u in upstreams if u.cool_until > now),
+                               key=lambda u: u.cool_until)
     ready = [u for u in ranked if u.cool_until <= now]
     if len(ready) == len(ranked):
         return ranked

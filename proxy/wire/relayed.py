@@ -1,31 +1,62 @@
 """Answers of OpenAI-compatible upstreams (``custom``, a vLLM server, Function Network), read
-and rewritten on bytes as they are relayed: they name the model the client asked for, and
-the tokens they report are read for the metrics.
+and rewritten as they are relayed: they name the model the client asked for, and the tokens
+they report are read for the metrics.
 
-Why a bytes search finds the right ``model``: in OpenAI's answer shapes (completion, stream
-chunk, embeddings list) the only object with a ``model`` member is the top-level one, and
-inside JSON strings every quote is escaped, so the bytes ``"model":`` occur only as that
-member: once per body, once per SSE event. The same holds for ``"usage":``.
+The fast path works on bytes, and only where the bytes prove it right. An answer (or an
+event's JSON) is spliced when its ``model`` member is the compact ``"model":"<name>"`` at the
+top level (the object's first ``{`` and no ``{`` or ``[`` before the member), its value holds
+no escape, and nothing else could name a model: no other ``"model"`` in the bytes (a
+pretty-printed ``"model" :`` is one) and no ``\\u`` escape (which could spell the key). Inside
+a JSON string every quote is escaped, so ``"model"`` occurs in valid JSON only as a key or as
+the whole string ``model``. A stream learns the upstream's spelling from its first event, and
+each later read whose every ``"model"`` is that spelling, and whose every ``"usage"`` is
+``"usage":null``, is renamed with one ``replace``. Anything else (another spelling, a usage
+event, an escaped key) is parsed and serialised again, event by event: the client always gets
+JSON naming its model, read once.
 
-A stream is never parsed as a whole: each chunk is searched (a few C-level calls), and only
-the event that carries a non-null ``usage`` (the last one) is parsed. When the proxy asked the
-upstream for that event (``stream_options.include_usage``) and the client did not, the event
-is dropped, so the client sees exactly the stream it asked for.
+A stream is cut into whole events as it arrives (``proxy.wire.events``): an event is relayed
+once its blank line is in, and one that never ends fails the stream at
+``limits.max_response_bytes``. When the proxy asked the upstream for the usage event
+(``stream_options.include_usage``) and the client did not, every usage the stream carries is
+read and removed, so the client sees exactly the stream it asked for.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any
 
 import orjson
 
+from proxy.wire.events import HeldBack, span, split
+from proxy.wire.events import lines as split_lines
+from proxy.wire.tokens import token_count
+
 MODEL = b'"model":'
+MODEL_KEY = b'"model"'
 USAGE = b'"usage":'
-_QUOTE = 34  # '"'
-_SPACE = 32
+USAGE_KEY = b'"usage"'
+NO_USAGE = b'"usage":null'
+ESCAPE = b"\\u"
+_BRACE, _BRACKET, _BACKSLASH = 123, 91, 92  # '{' '[' '\\'
+_MEMBER_BEFORE = (44, 123)  # ',' '{': what precedes a key in compact JSON
+_LAST_MODEL = b',"model":"'
+_STRING = rb'"[^"\\]*+"'
+_SCALAR = rb'(?:' + _STRING + rb'|[^"{}\[\],\\]++)'
+_FLAT = (rb'(?:' + _SCALAR + rb'|\{(?:' + _STRING + rb':' + _SCALAR + rb'(?:,' + _STRING + rb':'
+         + _SCALAR + rb')*)?\}|\[(?:' + _SCALAR + rb'(?:,' + _SCALAR + rb')*)?\])')
+_NESTED = (rb'(?:' + _FLAT + rb'|\{(?:' + _STRING + rb':' + _FLAT + rb'(?:,' + _STRING + rb':'
+           + _FLAT + rb')*)?\}|\[(?:' + _FLAT + rb'(?:,' + _FLAT + rb')*)?\])')
+#: What may follow a top-level member to the end of its object: whole members, then ``}``.
+_TAIL = re.compile(rb'(?:,' + _STRING + rb':' + _NESTED + rb')*+\}\s*+\Z')
+#: The longest tail :data:`_TAIL` is tried on (a usage object is a few hundred bytes).
+_MAX_TAIL = 4096
 #: How many closing braces are tried when cutting a ``usage`` object out of a body.
 _MAX_BRACES = 8
+#: The largest stream event held back by default (``limits.max_response_bytes``'s default).
+MAX_EVENT = 16 * 1024 * 1024
 
 
 def ask_usage(payload: dict[str, Any]) -> bool:
@@ -42,21 +73,26 @@ def ask_usage(payload: dict[str, Any]) -> bool:
 
 
 class Relayed:
-    """One answer on its way back: renames its ``model`` to ``model`` (the name the client
-    asked for) and reads its ``usage``; ``drop_usage``: the usage event is the proxy's own
-    request, not the client's, and is removed from the stream."""
+    """One answer on its way back: names ``model`` (the name the client asked for) and reads
+    its ``usage``; ``drop_usage``: the usage is the proxy's own request, not the client's, and
+    is removed from the stream; ``max_event``: the largest stream event held back."""
 
-    __slots__ = ("complete", "drop_usage", "first", "member", "seen", "tail", "usage",
-                 "usage_at")
+    __slots__ = ("complete", "drop_usage", "events", "first", "grown", "max_event", "member",
+                 "model", "seen", "usage", "usage_at")
 
-    def __init__(self, model: str, *, drop_usage: bool = False) -> None:
+    def __init__(self, model: str, *, drop_usage: bool = False,
+                 max_event: int = MAX_EVENT) -> None:
+        self.model = model
         self.member = MODEL + orjson.dumps(model)
-        #: The member as the upstream spelled it in its first event (an upstream names its
-        #: model the same way throughout a stream), replaced in one call from then on.
+        #: The member as the upstream spelled it in its first event, proven top-level.
         self.seen: bytes | None = None
+        #: How many bytes one replacement of ``seen`` adds (0: as many as it takes away).
+        self.grown = 0
         self.drop_usage = drop_usage
         self.usage: dict[str, Any] | None = None
-        self.tail = b""  # an incomplete event held back until the rest arrives
+        self.max_event = max_event
+        #: The incomplete event held back, made when a read first ends inside an event.
+        self.events: HeldBack | None = None
         self.first = 0.0
         self.usage_at = 0.0
         #: The whole answer went by (a stream to its end), so a missing usage is missing.
@@ -64,136 +100,280 @@ class Relayed:
 
     def body(self, body: bytes) -> bytes:
         """A whole (non-streamed) answer, renamed; its usage read."""
-        body = self._splice(body)
-        at = body.rfind(USAGE)
-        if at >= 0:
-            found = _object_at(body, at + len(USAGE))
-            if found is not None:
-                self.usage = found
+        out = self._spliced_body(body)
+        if out is None:
+            out = self._parsed_body(body)
         self.complete = True
-        return body
+        return out
 
     def chunk(self, chunk: bytes) -> bytes:
         """The part of a stream to send now: whole events only, renamed; ``b""`` if none yet.
 
-        Called per chunk, so the usual case costs three C-level calls: a chunk of whole events
-        (``endswith``), the upstream's ``model`` member replaced as it spelled it in the first
-        event (``replace``; nothing when it already says the client's name), and a search for
-        ``usage``.
+        Called per read, so the usual case is a few C-level calls: a read of whole events
+        (``endswith``), the checks that the bytes hold only the spelling learnt (``count``),
+        and one ``replace`` (nothing when it already says the client's name).
         """
-        if self.tail or not chunk.endswith(b"\n\n"):
-            chunk = self._whole_events(chunk)
+        events = self.events
+        if (events is not None and events.held) or not chunk.endswith(b"\n\n"):
+            if events is None:
+                events = self.events = HeldBack(self.max_event)
+            chunk = events.feed(chunk)
             if not chunk:
                 return chunk
-        seen = self.seen
-        if seen is None:  # the first event: learn how the upstream names its model
-            if not self.first:
-                self.first = time.perf_counter()
-            chunk = self._splice(chunk)
-        elif seen is not self.member:
-            chunk = chunk.replace(seen, self.member)
-        if USAGE in chunk:
-            chunk = self._read_usage(chunk)
-        return chunk
-
-    def _whole_events(self, chunk: bytes) -> bytes:
-        """``chunk`` after what was held back, up to its last complete event; the rest is held
-        back until its blank line arrives."""
-        if self.tail:
-            chunk = self.tail + chunk
-            self.tail = b""
-        if chunk.endswith(b"\n\n"):
-            return chunk
-        lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-        self.tail = chunk[cut:]
-        return chunk[:cut]
+        usage = chunk.find(USAGE_KEY)
+        if (usage >= 0 or _BACKSLASH in chunk) and (suspects := _suspects(chunk, usage)):
+            return self._events(chunk, suspects)
+        out = self._renamed(chunk)
+        return out if out is not None else self._events(chunk, [])
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
-        tail, self.tail = self.tail, b""
-        return self.rename(tail) if tail else tail
+        rest = self.events.rest() if self.events is not None else b""
+        return self._events(rest) if rest else rest
 
-    def tokens(self) -> tuple[int | None, int | None, dict[str, float]]:
-        """Prompt and completion tokens as reported, and the generation speed of a stream
-        (completion tokens over the time from the first chunk to the usage event)."""
+    def rename(self, data: bytes) -> bytes:
+        """A whole answer or whole events (``data:``), renamed; their usage read."""
+        if not data.startswith(b"data:"):
+            return self.body(data)
+        suspects = _suspects(data)
+        out = None if suspects else self._renamed(data)
+        return out if out is not None else self._events(data, suspects)
+
+    def tokens(self) -> tuple[int | None, int | None, dict[str, float], bool]:
+        """Prompt and completion tokens as reported (``None`` where not a count, see
+        ``proxy.wire.tokens``), the generation speed of a stream (completion tokens over the
+        time from the first chunk to the usage event), and whether a count was not one."""
         usage = self.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        prompt = prompt if isinstance(prompt, int) else None
-        completion = completion if isinstance(completion, int) else None
+        invalid = False
+        if prompt is not None and token_count(prompt) is None:
+            prompt, invalid = None, True
+        if completion is not None and token_count(completion) is None:
+            completion, invalid = None, True
         extra: dict[str, float] = {}
         if completion and self.usage_at > self.first > 0:
             extra["tokens_per_second"] = completion / (self.usage_at - self.first)
-        return prompt, completion, extra
+        return prompt, completion, extra, invalid
 
-    def rename(self, data: bytes) -> bytes:
+    # --- streams ---------------------------------------------------------------------------
+
+    def _spliced(self, data: bytes) -> bytes | None:
+        """Whole events renamed on bytes, or ``None`` where the bytes do not prove that right:
+        no ``\\u`` escape, no usage but ``"usage":null``, and every ``"model"`` the spelling
+        learnt (:meth:`_renamed`)."""
+        if ((_BACKSLASH in data and data.find(ESCAPE) >= 0)
+                or ((usages := data.count(USAGE_KEY)) and usages != data.count(NO_USAGE))):
+            return None
+        return self._renamed(data)
+
+    def _renamed(self, data: bytes) -> bytes | None:
+        """Whole events with neither escape nor usage, renamed on bytes, or ``None`` unless
+        every ``"model"`` in them is the spelling learnt from the first event whose bytes
+        prove it top-level."""
         seen = self.seen
         if seen is None:
-            return self._splice(data)
-        return data if seen is self.member else data.replace(seen, self.member)
+            if not self.first:
+                self.first = time.perf_counter()
+            seen = self.seen = self._learn(data)
+            if seen is None:
+                return None
+        if seen is self.member:
+            out, renamed = data, data.count(seen)
+        else:  # how many were replaced, from the bytes the replacement added (or count)
+            out = data.replace(seen, self.member)
+            grown = self.grown
+            renamed = (len(out) - len(data)) // grown if grown else data.count(seen)
+        return out if data.count(MODEL_KEY) == renamed else None
 
-    def _splice(self, data: bytes) -> bytes:
-        """``data`` with its first ``model`` member's value replaced, however the upstream
-        spelled it; the rest (more events of a stream) replaced by that spelling, in one call.
-        """
-        at = data.find(MODEL)
-        size = len(data)
+    def _events(self, data: bytes, suspects: list[tuple[int, int]] | None = None) -> bytes:
+        """Whole events that could not be renamed together: the events holding a usage or an
+        escape (``suspects``, see :func:`_suspects`) are taken one by one, the runs between
+        them together again (so one usage event in a read costs one parse, not one per
+        event)."""
+        out = []
+        start = 0
+        for begin, end in _suspects(data) if suspects is None else suspects:
+            if begin > start:
+                out.append(self._run(data[start:begin]))
+            out.append(self._one(data[begin:end]))
+            start = end
+        if start < len(data):
+            out.append(self._run(data[start:]))
+        return b"".join(out)
+
+    def _run(self, data: bytes) -> bytes:
+        """Events that hold neither usage nor escape (see :func:`_suspects`)."""
+        if data.find(MODEL_KEY) < 0:
+            return data  # nothing names a model (``[DONE]``): nothing to rename
+        renamed = self._renamed(data)
+        return renamed if renamed is not None else b"".join(map(self._one, split(data)))
+
+    def _one(self, event: bytes) -> bytes:
+        spliced = self._spliced(event)
+        return spliced if spliced is not None else self._parsed_event(event)
+
+    def _learn(self, data: bytes) -> bytes | None:
+        """The first event's ``model`` member, when its bytes prove it the top-level one."""
+        begin = data.find(b"data:")
+        if begin < 0:
+            return None
+        seen = _proven(data, begin + 6 if data[begin + 5:begin + 6] == b" " else begin + 5)
+        if seen is not None:
+            self.grown = len(self.member) - len(seen)
+        return self.member if seen == self.member else seen
+
+    def _parsed_event(self, raw: bytes) -> bytes:
+        """One event, its JSON renamed and its usage read (and removed when the client did not
+        ask for it); an event that carried only that usage is dropped."""
+        lines = split_lines(raw)
+        data = [line[6:] if line[5:6] == b" " else line[5:]
+                for line in lines if line.startswith(b"data:")]
+        event = _object(b"\n".join(data)) if data else None
+        if event is None:
+            return raw
+        changed = self._rename(event)
+        usage = event.get("usage")
+        if usage is not None:
+            if isinstance(usage, dict):
+                self.usage = usage
+                self.usage_at = time.perf_counter()
+            if self.drop_usage:
+                if not event.get("choices"):
+                    return b""
+                del event["usage"]
+                changed = True
+        if not changed:
+            return raw
+        others = b"".join(line + b"\n" for line in lines if line and not line.startswith(
+            b"data:"))
+        return others + b"data: " + _dumps(event) + b"\n\n"
+
+    def _rename(self, answer: dict[str, Any]) -> bool:
+        if answer.get("model") is None or answer["model"] == self.model:
+            return False
+        answer["model"] = self.model
+        return True
+
+    # --- whole answers ---------------------------------------------------------------------
+
+    def _spliced_body(self, body: bytes) -> bytes | None:
+        """``body`` renamed on bytes and its usage cut out, or ``None`` where the bytes do not
+        prove that right."""
+        seen = _proven(body, 0) or _proven_last(body)
+        if (seen is None or (_BACKSLASH in body and body.find(ESCAPE) >= 0)
+                or body.count(MODEL_KEY) != 1):
+            return None
+        # The usage is read, not relayed differently: the last member of that name is taken.
+        at = body.rfind(USAGE_KEY)
+        if at >= 0:
+            if body[at + len(USAGE_KEY):at + len(USAGE)] != b":":
+                return None
+            found = _object_at(body, at + len(USAGE))
+            if found is None and not body.startswith(b"null", at + len(USAGE)):
+                return None
+            self.usage = found
+        return body if seen == self.member else body.replace(seen, self.member)
+
+    def _parsed_body(self, body: bytes) -> bytes:
+        answer = _object(body)
+        if answer is None:
+            return body
+        usage = answer.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        return _dumps(answer) if self._rename(answer) else body
+
+
+def _suspects(data: bytes, usage: int | None = None) -> list[tuple[int, int]]:
+    """The spans of the events in ``data`` that hold a usage other than ``null`` or a ``\\u``
+    escape, in order, merged where they touch; ``usage``: where the first ``"usage"`` is, if
+    already sought."""
+    spans: list[tuple[int, int]] = []
+    for mark, harmless in ((USAGE_KEY, NO_USAGE), (ESCAPE, None)):
+        if mark is ESCAPE and _BACKSLASH not in data:
+            break
+        at = usage if mark is USAGE_KEY and usage is not None else data.find(mark)
         while at >= 0:
-            value = at + len(MODEL)
-            while value < size and data[value] == _SPACE:
-                value += 1
-            if value < size and data[value] == _QUOTE:
-                close = data.find(b'"', value + 1)
-                if close < 0:
-                    return data
-                member = self.member
-                seen = data[at:close + 1]
-                if seen == member:  # it says the client's name already: nothing to replace
-                    self.seen = member
-                    return data
-                self.seen = seen
-                return data.replace(seen, member)  # this event's and any further ones
-            at = data.find(MODEL, value)  # "model": null, or no value yet
-        return data
+            if harmless is None or not data.startswith(harmless, at):
+                spans.append(span(data, at))
+            at = data.find(mark, at + 1)
+    if len(spans) < 2:
+        return spans
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for begin, end in spans:
+        if merged and begin < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((begin, end))
+    return merged
 
-    def _read_usage(self, chunk: bytes) -> bytes:
-        at = chunk.find(USAGE)
-        while at >= 0:
-            value = at + len(USAGE)
-            while chunk[value:value + 1] == b" ":
-                value += 1
-            if chunk[value:value + 1] == b"{":
-                begin = chunk.rfind(b"data:", 0, at)
-                end = chunk.find(b"\n", value)
-                if begin >= 0 and end >= 0:
-                    return self._usage_event(chunk, begin, end)
-            at = chunk.find(USAGE, value)
-        return chunk
 
-    def _usage_event(self, chunk: bytes, begin: int, end: int) -> bytes:
+def _proven(data: bytes, start: int) -> bytes | None:
+    """The first ``"model"`` after ``start`` as its member ``"model":"..."``, when the bytes
+    prove it a member of the JSON object that opens at ``start`` with a plain string value: no
+    ``{`` or ``[`` lies between them (so no object or array is open), a comma or the brace
+    precedes it (so its quote opens a key, not one inside a string), and its value holds no
+    escape.
+
+    Written for few calls: a bytes method that takes arguments parses them as a tuple, and
+    ``bytes in bytes`` first tries its operand as an integer (an exception made and dropped),
+    while ``int in bytes`` is one ``memchr``."""
+    at = data.find(MODEL_KEY, start)
+    if at <= start or data[start] != _BRACE or data[at - 1] not in _MEMBER_BEFORE:
+        return None
+    value = at + len(MODEL)
+    head = data[start + 1:value + 1]  # up to the value's opening quote
+    if _BRACE in head or _BRACKET in head or not head.endswith(b'":"'):
+        return None
+    close = data.find(b'"', value + 1)
+    if close < 0 or _BACKSLASH in data[value:close]:
+        return None
+    return data[at:close + 1]
+
+
+def _proven_last(data: bytes) -> bytes | None:
+    """The last ``"model":"..."`` member of a body, when the bytes after it prove it a member
+    of the top-level object: only whole members follow it (string or scalar values, or
+    objects and arrays of those, two levels deep at most, no string with an escape), then the
+    object's closing brace. An embeddings list names its model after its ``data`` array."""
+    at = data.rfind(_LAST_MODEL) + 1
+    if not at or len(data) - at > _MAX_TAIL:
+        return None
+    close = data.find(b'"', at + len(MODEL) + 1)
+    if close < 0 or _BACKSLASH in data[at:close] or not _TAIL.match(data, close + 1):
+        return None
+    return data[at:close + 1]
+
+
+def _object(text: bytes) -> dict[str, Any] | None:
+    """``text`` as a JSON object, or ``None``. Integers orjson cannot hold (over 64 bits) are
+    read by the standard library, so such an answer is renamed too."""
+    if not text.lstrip().startswith(b"{"):
+        return None
+    try:
+        found = orjson.loads(text)
+    except orjson.JSONDecodeError:
         try:
-            event = orjson.loads(chunk[begin + 5:end])
-        except orjson.JSONDecodeError:
-            return chunk
-        usage = event.get("usage") if isinstance(event, dict) else None
-        if not isinstance(usage, dict):
-            return chunk
-        self.usage = usage
-        self.usage_at = time.perf_counter()
-        if not self.drop_usage:
-            return chunk
-        while chunk[end + 1:end + 2] in (b"\n", b"\r"):  # the blank line that ends the event
-            end += 1
-        if event.get("choices"):  # usage on a chunk that carries content: keep the content
-            del event["usage"]
-            return chunk[:begin] + b"data: " + orjson.dumps(event) + b"\n\n" + chunk[end + 1:]
-        return chunk[:begin] + chunk[end + 1:]
+            found = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None
+    return found if isinstance(found, dict) else None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _dumps(answer: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(answer)
+    except TypeError:  # an integer over 64 bits, read by the standard library
+        return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _object_at(body: bytes, start: int) -> dict[str, Any] | None:
-    """The JSON object that begins at ``start`` (after spaces), parsed alone."""
-    while body[start:start + 1] == b" ":
-        start += 1
+    """The JSON object that begins at ``start``, parsed alone."""
     if body[start:start + 1] != b"{":
         return None
     end = body.find(b"}", start)

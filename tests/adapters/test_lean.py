@@ -5,6 +5,7 @@ closes and faults."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -485,7 +486,8 @@ async def test_the_proxy_sends_through_the_lean_pool(
     body = await resp.read()
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     assert body.endswith(b"data: [DONE]\n\n")
-    assert body.count(b'"model":"public"') == fake_openai.chunks + 1
+    events = [json.loads(e[6:]) for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [e["model"] for e in events] == ["public"] * (fake_openai.chunks + 1)
     seen = fake_openai.seen[-2:]
     assert [s.path for s in seen] == ["/v1/chat/completions"] * 2
     for request in seen:

@@ -99,3 +99,14 @@ def test_pending_metrics_are_on_the_dashboard_only() -> None:
     used = set().union(*(e.metrics() for e in dashboard_expressions()))
     assert used >= PENDING_METRICS
     assert not any(e.metrics() & PENDING_METRICS for e in alert_expressions())
+
+
+def test_every_metric_the_dashboards_and_alerts_read_is_documented() -> None:
+    root = DEPLOY.parent
+    documented = "".join(path.read_text() for path in [root / "README.md",
+                                                         *sorted(root.glob("docs/**/*.md"))])
+    used = set().union(*(e.metrics() for e in [*dashboard_expressions(), *alert_expressions()]))
+    ours = {name.removesuffix("_total") for name in used if name.startswith("model_proxy_")}
+    assert ours, "no model_proxy_ metric found: the expressions were not read"
+    missing = sorted(name for name in ours if f"`{name}" not in documented)
+    assert missing == []

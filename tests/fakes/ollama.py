@@ -89,6 +89,8 @@ class FakeOllama:
     #: When set, requests must carry ``Authorization: <this>`` or get 401.
     require_authorization: str | None = None
     requests: list[Recorded] = field(default_factory=list)
+    #: The models ``/api/ps`` says are loaded in memory.
+    loaded: tuple[str, ...] = ("llama3.2:latest",)
     #: Streams that ended because the client went away.
     disconnects: int = 0
     finished_streams: int = 0
@@ -112,6 +114,7 @@ def create_fake_ollama(state: FakeOllama | None = None) -> web.Application:
     app.router.add_post("/api/show", _show)
     app.router.add_get("/api/tags", _tags)
     app.router.add_get("/api/version", _version)
+    app.router.add_get("/api/ps", _ps)
     return app
 
 
@@ -425,6 +428,18 @@ def _details(model: FakeModel) -> dict[str, Any]:
         "parameter_size": model.parameter_size,
         "quantization_level": "Q4_K_M",
     }
+
+
+async def _ps(request: web.Request) -> web.Response:
+    state = request.app[FAKE_OLLAMA]
+    state.requests.append(Recorded(request.path, None, dict(request.headers)))
+    return web.json_response({"models": [
+        {"name": name, "model": name, "size": 5137025024,
+         "digest": hashlib.sha256(name.encode()).hexdigest(),
+         "details": _details(state.models.get(name) or FakeModel(name)),
+         "expires_at": "2025-07-07T20:27:19.000000000Z", "size_vram": 5137025024}
+        for name in state.loaded
+    ]})
 
 
 async def _tags(request: web.Request) -> web.Response:

@@ -83,6 +83,7 @@ async def test_public_ip_from_a_url_and_its_failures(aiohttp_server: Any) -> Non
                 await Identity(signer, url).ip(session)
             assert info.value.status == 500
             assert info.value.message.startswith("failed to get the public IP address")
+        assert info.value.message.endswith(": Connection refused")  # words, not a class name
         assert await Identity(signer, "2001:db8::1").ip(session) == "2001:db8::1"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -111,6 +112,31 @@ async def test_matrix_multiplication_by_size_and_the_matrix_spellings(
     assert answer["error"]["message"] == "size 129 is over this node's limit of 128"
 
 
+async def test_a_challenge_over_the_budget_is_refused_and_inference_goes_on(
+    start_node: StartNode,
+) -> None:
+    """A 52 KB body asks for a 16M-element product (4096x1 by 1x4096): refused by elements,
+    as is a square over the default budget; one within it runs off the event loop while
+    signed inference requests are served, one after another, until it is done."""
+    client = await start_node()
+    for payload in ({"A": [[1.0]] * 4096, "B": [[1.0] * 4096]}, {"size": 4096}):
+        body = {"type": "MATRIX_MULTIPLICATION", "payload": payload}
+        status, answer = await signed(client, "/challenge", SCHEDULER_KEY, body)
+        assert status == 400, answer
+        assert answer["error"]["code"] == "matrix_too_large"
+        assert "node.max_matrix_elements" in answer["error"]["message"]
+    big = {"type": "MATRIX_MULTIPLICATION", "payload": {"size": 1024, "backend": "cpu"}}
+    challenge = asyncio.create_task(signed(client, "/challenge", SCHEDULER_KEY, big))
+    served = 0
+    while not challenge.done():
+        status, answer = await signed(client, "/v1/chat/completions", SCHEDULER_KEY, CHAT)
+        assert status == 200, answer
+        served += 1
+    status, answer = await challenge
+    assert status == 200 and answer["matrixSize"] == 1024
+    assert served >= 3, served
+
+
 async def test_bad_matrix_payloads_get_clear_400s(start_node: StartNode) -> None:
     client = await start_node()
     cases = {
@@ -156,7 +182,8 @@ async def test_endpoint_reachable(start_node: StartNode, aiohttp_server: object)
     )
     challenge["payload"] = f"http://127.0.0.1:{free_port()}/"
     status, answer = await signed(client, "/challenge", SCHEDULER_KEY, challenge)
-    assert status == 500 and answer["error"]["message"].startswith("failed to reach endpoint")
+    assert status == 500
+    assert answer["error"]["message"] == "failed to reach endpoint: Connection refused"
     challenge["payload"] = {"url": "http://127.0.0.1/"}
     status, answer = await signed(client, "/challenge", SCHEDULER_KEY, challenge)
     assert status == 400

@@ -86,3 +86,42 @@ def test_ask_usage_keeps_the_clients_other_options() -> None:
     assert not ask_usage(payload)
     bare: dict[str, object] = {}
     assert ask_usage(bare) and bare == {"stream_options": {"include_usage": True}}
+
+
+def test_compact_answers_are_renamed_on_their_bytes() -> None:
+    """The fast path: an ordinary upstream's bytes are kept as they were written (a parse
+    and serialise would turn ``-1.50`` into ``-1.5``), only the name replaced."""
+    spelled = b'"logprob":-1.50,'
+    events = [b'data: {"id":"c","model":"up-7b",' + spelled + b'"usage":null,"choices":[]}\n\n'
+              for _ in range(3)]
+    relayed = Relayed("public", drop_usage=True)
+    out = b"".join(relayed.chunk(e) for e in events)
+    assert out == b"".join(events).replace(b'"up-7b"', b'"public"')
+    body = b'{"id":"c","model":"up-7b",' + spelled + b'"usage":{"prompt_tokens":1}}'
+    whole = Relayed("public")
+    assert whole.body(body) == body.replace(b'"up-7b"', b'"public"')
+    assert whole.tokens()[0] == 1
+
+
+def test_counts_that_are_not_counts_are_left_out() -> None:
+    for bad in (-1, 2**31, "3", [3], {"n": 3}, True, 2.0):
+        relayed = Relayed("public")
+        relayed.body(orjson.dumps({"model": "m", "usage": {"prompt_tokens": bad,
+                                                           "completion_tokens": 7}}))
+        assert relayed.tokens()[:2] == (None, 7) and relayed.tokens()[3], bad
+    fine = Relayed("public")
+    fine.body(b'{"model":"m","usage":{"prompt_tokens":2147483647,"completion_tokens":0}}')
+    assert fine.tokens()[:2] == (2**31 - 1, 0) and not fine.tokens()[3]
+
+
+def test_an_embeddings_list_naming_its_model_last_is_renamed_on_its_bytes() -> None:
+    """OpenAI's embeddings list names its model after ``data``: proven from the end, the
+    vectors are not parsed (``0.50`` stays as written)."""
+    body = (b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.50,-1]}],'
+            b'"model":"up-emb","usage":{"prompt_tokens":3,"total_tokens":3}}')
+    relayed = Relayed("public")
+    assert relayed.body(body) == body.replace(b'"up-emb"', b'"public"')
+    assert relayed.tokens()[0] == 3
+    nested = b'{"data":[{"x":1,"model":"up-emb"}],"model":"up-emb","usage":{"a":{"b":{}}}}'
+    out = orjson.loads(Relayed("public").body(nested))
+    assert out["model"] == "public" and out["data"][0]["model"] == "up-emb"

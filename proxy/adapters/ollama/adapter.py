@@ -12,6 +12,7 @@ adapters. Ollama's timings land in ``UpstreamResponse.usage.extra`` for the metr
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
@@ -35,6 +36,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.wire import answers
+from proxy.wire.models import MAX_MODELS, ollama_models, parse
 
 _PATHS = {"chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"}
 _JSON = {"Content-Type": "application/json"}
@@ -118,7 +120,7 @@ class OllamaAdapter(HTTPUpstream):
         The configured tag appears only under its public name (and aliases), so the upstream's
         own tag is never shown when an alias is set; other pulled models follow under theirs.
         """
-        tags = (await self._get_json("/api/tags")).get("models") or []
+        tags = await self._tags()
         public = [n for n in (self.config.model.name, *self.config.model.aliases) if n]
         wanted = _canonical(self._tag) if self._tag else None
         first: list[dict[str, Any]] = []
@@ -141,7 +143,7 @@ class OllamaAdapter(HTTPUpstream):
         raw = await self._read_all(resp, self._deadline(self._timeouts.idle))
         if resp.status != 200:
             raise UpstreamError(f"Ollama at {self.where} answered /api/show with {resp.status}")
-        return show_facts(_json_object(raw, "/api/show"), self._options.get("num_ctx"))
+        return show_facts(await _json_object(raw, "/api/show"), self._options.get("num_ctx"))
 
     async def check_ready(self) -> None:
         """Ollama answers ``/api/version`` and has the configured model pulled."""
@@ -150,8 +152,7 @@ class OllamaAdapter(HTTPUpstream):
             raise UpstreamError("Ollama gave no version from /api/version")
         if self._tag is None:
             return
-        tags = (await self._get_json("/api/tags")).get("models") or []
-        names = {_canonical(e.get("name") or e.get("model") or "") for e in tags}
+        names = {_canonical(e.get("name") or e.get("model") or "") for e in await self._tags()}
         if _canonical(self._tag) not in names:
             raise UpstreamError(
                 f"model {self._tag!r} is not pulled on the Ollama server; "
@@ -186,7 +187,7 @@ class OllamaAdapter(HTTPUpstream):
         raise _status_error(resp.status, raw, resp.fields, model, tag)
 
     async def _read_json(self, resp: Answer, until: float) -> dict[str, Any]:
-        return _json_object(await self._read_all(resp, until), "its answer")
+        return await _json_object(await self._read_all(resp, until), "its answer")
 
     async def _read_all(self, resp: Answer, until: float) -> bytes:
         """The whole body by loop time ``until``; the connection is released either way."""
@@ -209,7 +210,16 @@ class OllamaAdapter(HTTPUpstream):
                 f"Ollama answered {path} with {resp.status}: {_error_text(raw)}",
                 retryable=resp.status in RETRYABLE_STATUSES,
             )
-        return _json_object(raw, path)
+        return await _json_object(raw, path)
+
+    async def _tags(self) -> list[dict[str, Any]]:
+        """The pulled models of ``/api/tags``: entries that are not model objects are skipped
+        (and logged), at most ``MAX_MODELS`` kept."""
+        models = ollama_models(await self._get_json("/api/tags"))
+        if models.skipped:
+            self.note(logging.WARNING, f"Ollama's /api/tags held {models.skipped} entries that "
+                      f"are not model objects or are over {MAX_MODELS}; skipped")
+        return models.entries
 
     async def _stream(
         self, resp: Answer, translator: StreamTranslator, first_byte_by: float
@@ -290,9 +300,9 @@ def _max_tool_calls(payload: Mapping[str, Any]) -> int | None:
     return 1 if payload.get("parallel_tool_calls") is False else None
 
 
-def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+async def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = orjson.loads(raw)
+        obj = await parse(raw)  # off the event loop when large
     except orjson.JSONDecodeError as exc:
         raise UpstreamError(f"Ollama sent {what} as a body that is not valid JSON") from exc
     if not isinstance(obj, dict):
@@ -303,8 +313,7 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _fill_usage(usage: Usage, final: Mapping[str, Any]) -> None:
-    usage.prompt_tokens = final.get("prompt_eval_count")
-    usage.completion_tokens = final.get("eval_count")
+    usage.prompt_tokens, usage.completion_tokens, usage.invalid = replies.token_counts(final)
     usage.extra = replies.timings(final)
 
 
@@ -364,7 +373,8 @@ _FEATURES = {"tools": ("tools",), "thinking": ("reasoning",),
 
 def show_facts(show: Mapping[str, Any], num_ctx: Any = None) -> dict[str, Any]:
     """Catalog facts from an ``/api/show`` answer."""
-    capabilities = [c for c in show.get("capabilities") or () if isinstance(c, str)]
+    listed = show.get("capabilities")
+    capabilities = [c for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
     features = [f for c in capabilities for f in _FEATURES.get(c, ())]
     facts: dict[str, Any] = {
         "supported_features": sorted(set(features)),

@@ -17,6 +17,7 @@ import orjson
 
 from proxy.errors import UpstreamError
 from proxy.wire import answers
+from proxy.wire.tokens import counts
 
 _FINISH_REASONS: Mapping[str, str] = {"length": "length", "stop": "stop"}
 
@@ -25,11 +26,25 @@ def finish_reason(obj: Mapping[str, Any], saw_tool_calls: bool) -> str:
     """OpenAI's finish_reason for Ollama's final object (``load``/``unload`` read as stop)."""
     if saw_tool_calls:
         return "tool_calls"
-    return _FINISH_REASONS.get(obj.get("done_reason") or "stop", "stop")
+    reason = obj.get("done_reason")
+    return _FINISH_REASONS.get(reason, "stop") if isinstance(reason, str) else "stop"
+
+
+#: Ollama's token counts in its final object: prompt, then generated.
+COUNTS = ("prompt_eval_count", "eval_count")
+
+
+def token_counts(obj: Mapping[str, Any]) -> tuple[int | None, int | None, bool]:
+    """Prompt and generated tokens (``None`` where absent or not a count, see
+    ``proxy.wire.tokens``), and whether a count was present but not one."""
+    (prompt, completion), invalid = counts(obj, COUNTS)
+    return prompt, completion, invalid
 
 
 def usage(obj: Mapping[str, Any]) -> dict[str, int]:
-    return answers.usage(obj.get("prompt_eval_count") or 0, obj.get("eval_count") or 0)
+    """OpenAI's ``usage`` for the client; a count that is not one reads as 0."""
+    prompt, completion, _ = token_counts(obj)
+    return answers.usage(prompt or 0, completion or 0)
 
 
 def timings(obj: Mapping[str, Any]) -> dict[str, float]:
@@ -37,12 +52,13 @@ def timings(obj: Mapping[str, Any]) -> dict[str, float]:
     out = {
         key: obj[key] / 1e9
         for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
-        if isinstance(obj.get(key), int)
+        if type(obj.get(key)) is int and obj[key] >= 0
     }
-    if out.get("eval_duration") and obj.get("eval_count"):
-        out["tokens_per_second"] = obj["eval_count"] / out["eval_duration"]
-    if out.get("prompt_eval_duration") and obj.get("prompt_eval_count"):
-        out["prompt_tokens_per_second"] = obj["prompt_eval_count"] / out["prompt_eval_duration"]
+    prompt, completion, _ = token_counts(obj)
+    if out.get("eval_duration") and completion:
+        out["tokens_per_second"] = completion / out["eval_duration"]
+    if out.get("prompt_eval_duration") and prompt:
+        out["prompt_tokens_per_second"] = prompt / out["prompt_eval_duration"]
     return out
 
 
@@ -152,7 +168,7 @@ def embeddings_response(
 ) -> dict[str, Any]:
     """The OpenAI embeddings list; ``base64`` packs each vector as little-endian float32."""
     return answers.embeddings(model, list(obj.get("embeddings") or ()),
-                              obj.get("prompt_eval_count") or 0, encoding_format)
+                              token_counts(obj)[0] or 0, encoding_format)
 
 
 class NDJSONLines:

