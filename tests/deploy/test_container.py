@@ -1,7 +1,7 @@
 """The Dockerfile and .dockerignore: lint, layer order, user, health check, build context.
 
-Docker cannot run here; ``.ci/deploy-checks`` also rehearses the image's build and start
-steps (``tests.deploy.rehearse_container``) as the image's numeric user.
+The image itself is built by ``.ci/container-image`` (Debian's podman) and run by
+``tests/deploy/test_container_run.py``.
 """
 
 from __future__ import annotations
