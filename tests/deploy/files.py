@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,9 @@ def tool(name: str) -> str | None:
 #: npm package dclint, which ships it): inside the environment the tests run in.
 COMPOSE_SCHEMA = Path(sys.prefix) / "share" / "model-proxy-deploy" / "compose.schema.json"
 INSTALL_HINT = "run .ci/deploy-checks, which installs it"
+
+#: The image's one tag, everywhere (README, compose, Kubernetes, .ci/container-image):
+#: model-proxy:VERSION, pyproject.toml's version; the GPU image adds -vllm.
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+IMAGE = f"model-proxy:{VERSION}"
+IMAGE_VLLM = f"{IMAGE}-vllm"

@@ -1,20 +1,23 @@
 """The Dockerfile and .dockerignore: lint, layer order, user, health check, build context.
 
-Docker cannot run here; ``.ci/deploy-checks`` also rehearses the image's build and start
-steps (``tests.deploy.rehearse_container``) as the image's numeric user.
+The image itself is built by ``.ci/container-image`` (Debian's podman) and run by
+``tests/deploy/test_container_run.py``.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy.dockerfile import context_files, parse
-from tests.deploy.files import INSTALL_HINT, ROOT
+from tests.deploy.files import IMAGE, IMAGE_VLLM, INSTALL_HINT, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -77,3 +80,41 @@ def test_runtime_stage() -> None:
     assert final.healthcheck and final.healthcheck[0] == "python"
     assert "http://127.0.0.1:8080/healthz" in final.healthcheck[-1]
     assert not any(tool in " ".join(final.healthcheck) for tool in ("curl", "wget"))
+
+
+#: ``model-proxy:TAG`` as an image reference (not a path such as /var/lib/model-proxy:...)
+IMAGE_REFERENCE = re.compile(r"(?<![/\w.-])model-proxy:([\w.$-]+)")
+#: a command line naming the image without a tag
+UNTAGGED = re.compile(r"(docker|podman) (build|run|tag|push)\b.*(?<![/\w.-])model-proxy(?![:\w-])"
+                      r"|docker-image model-proxy(?![:\w-])|\" model-proxy\s*$")
+
+
+def test_one_image_tag_everywhere() -> None:
+    files = [ROOT / "README.md", DOCKERFILE, ROOT / ".ci" / "container-image",
+             *sorted((ROOT / "deploy").rglob("*.y*ml")),
+             *sorted((ROOT / "deploy").rglob("*.yaml.example"))]
+    allowed = {IMAGE, IMAGE_VLLM, "model-proxy:VERSION", "model-proxy:VERSION-vllm",
+               "model-proxy:$version"}
+    seen = set()
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for match in IMAGE_REFERENCE.finditer(line):
+                assert match.group(0) in allowed, f"{path.name}:{number}: {match.group(0)}"
+                seen.add(match.group(0))
+            assert not UNTAGGED.search(line), f"{path.name}:{number}: untagged: {line}"
+    assert {IMAGE, IMAGE_VLLM} <= seen
+    images = set()
+    for path in sorted((ROOT / "deploy").rglob("*.y*ml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            images.update(_images(document))
+    assert images - {IMAGE, IMAGE_VLLM} == {i for i in images if "model-proxy" not in i}
+    assert {IMAGE, IMAGE_VLLM} <= images
+
+
+def _images(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {str(v) for k, v in node.items() if k == "image"}
+        return found.union(*(_images(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_images(v) for v in node))
+    return set()

@@ -6,7 +6,7 @@ what is validated here is exactly what a cluster receives.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -14,27 +14,32 @@ import yaml
 
 from proxy.config import load_config
 from tests.deploy.dockerfile import parse
-from tests.deploy.files import ALERTS, DEPLOY, INSTALL_HINT, ROOT
+from tests.deploy.files import ALERTS, DEPLOY, IMAGE, IMAGE_VLLM, INSTALL_HINT, ROOT
 
 MANIFESTS = DEPLOY / "kubernetes"
+#: the GPU variant: its Deployment and ConfigMap take the place of the CPU ones
+VLLM_MANIFESTS = MANIFESTS / "vllm"
 #: Oldest and newest Kubernetes the manifests must be valid for.
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
 #: Prometheus Operator kinds: their schemas come with the operator, not with Kubernetes.
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
-def documents() -> dict[str, dict[str, Any]]:
+def documents(variant: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The manifests by kind; with ``variant``, that folder's in place of the same kinds."""
     found = {}
     # secret.yaml.example: copied to secret.yaml with a real key, never applied as shipped
-    for path in sorted([*MANIFESTS.rglob("*.yaml"), *MANIFESTS.rglob("*.yaml.example")]):
+    paths = sorted(p for p in [*MANIFESTS.rglob("*.yaml"), *MANIFESTS.rglob("*.yaml.example")]
+                   if not p.is_relative_to(VLLM_MANIFESTS))
+    for path in [*paths, *(sorted(variant.glob("*.yaml")) if variant else [])]:
         for document in yaml.safe_load_all(path.read_text()):
             if document:
                 found[document["kind"]] = document
     return found
 
 
-def container() -> dict[str, Any]:
-    (proxy,) = documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+def container(variant: Path | None = None) -> dict[str, Any]:
+    (proxy,) = documents(variant)["Deployment"]["spec"]["template"]["spec"]["containers"]
     return dict(proxy)
 
 
@@ -51,6 +56,9 @@ def test_valid_against_kubernetes_schemas(version: str) -> None:
     for kind, document in documents().items():
         if kind not in OPERATOR_KINDS:
             kubernetes_validate.validate(document, version, strict=True)
+    for path in sorted(VLLM_MANIFESTS.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(document, version, strict=True)
     broken = documents()["Deployment"]
     broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -60,6 +68,7 @@ def test_valid_against_kubernetes_schemas(version: str) -> None:
 def test_probes_ports_and_selectors() -> None:
     docs = documents()
     proxy = container()
+    assert proxy["image"] == IMAGE
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
     port_names = {p["name"]: p["containerPort"] for p in proxy["ports"]}
@@ -188,3 +197,39 @@ def test_the_shared_nonce_store_lines_load_when_uncommented(tmp_path: Path) -> N
     signatures = load_config(config_file, env={}).auth.fxn_signatures
     assert signatures is not None and signatures.nonce_store is not None
     assert signatures.nonce_store.get_secret_value().startswith("redis://")
+
+
+def test_vllm_variant_has_a_gpu_shared_memory_and_a_model_cache(tmp_path: Path) -> None:
+    docs = documents(VLLM_MANIFESTS)
+    assert {p.name for p in VLLM_MANIFESTS.glob("*.yaml")} == {
+        "deployment.yaml", "configmap.yaml", "pvc.yaml"}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    proxy = container(VLLM_MANIFESTS)
+    assert proxy["image"] == IMAGE_VLLM and proxy["args"] == parse(ROOT / "Dockerfile")[-1].cmd
+    assert proxy["resources"]["limits"]["nvidia.com/gpu"] == 1
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    hf_home = PurePosixPath(env["HF_HOME"])
+    cache = next(path for path in mounts if hf_home.is_relative_to(path))
+    claim = volumes[mounts[cache]]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert not hf_home.is_relative_to(parse(ROOT / "Dockerfile")[-1].env["HOME"])
+    # the same Service, disruption budget and Secret select and serve this pod
+    labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert docs["Service"]["spec"]["selector"].items() <= labels.items()
+    assert docs["Deployment"]["spec"]["strategy"]["type"] == "Recreate"
+    # the ConfigMap loads with the Secret mounted, and its engine fits the GPUs
+    config_dir, secret_dir = tmp_path / "config", tmp_path / "secrets"
+    config_dir.mkdir()
+    secret_dir.mkdir()
+    secret_mount = next(p for p, name in mounts.items() if name == "secrets")
+    for name, text in docs["ConfigMap"]["data"].items():
+        (config_dir / name).write_text(text.replace(secret_mount, str(secret_dir)))
+    (secret_dir / "api_keys").write_text(docs["Secret"]["stringData"]["api_keys"])
+    config = load_config(config_dir / "model_backend.yaml", env={})
+    assert config.backend_provider == "vllm" and config.engine is not None
+    assert config.engine.tensor_parallel_size == proxy["resources"]["limits"]["nvidia.com/gpu"]
+    pre_stop = float(proxy["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config.server.shutdown_grace
