@@ -83,6 +83,24 @@ def create_app(
     app[RELOADER] = reloader = Reloader(runtime)
     app[SCRAPER] = scraper = Scraper(lambda: runtime.served, session, clock)
     reloader.swapped.append(scraper.wake)  # the scraper follows the served set
+    _watch_gauges(runtime, limiter)
+    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_probing)
+    app.cleanup_ctx.append(_scraping)
+    app.cleanup_ctx.append(reloading)
+    app.cleanup_ctx.append(lambda app: cataloguing(runtime.catalog, runtime))
+    app.on_shutdown.append(_drain_requests)
+    _add_routes(app, runtime)
+    if node is not None:
+        runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
+        node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
+    app.router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
+    return app
+
+
+def _watch_gauges(runtime: Runtime, limiter: Limiter) -> None:
+    """The gauges read at scrape time from the live objects (the request path pays nothing)."""
+    metrics = runtime.metrics
     watch(metrics, lambda: runtime.served)
     metrics.watch_gauges(
         in_flight=lambda: limiter.active,
@@ -91,12 +109,10 @@ def create_app(
     )
     metrics.watch_stats(lambda: runtime.backend.adapter.stats(),
                         lambda: runtime.backend.adapter.metric_families())
-    app.cleanup_ctx.append(_lifecycle)
-    app.cleanup_ctx.append(_probing)
-    app.cleanup_ctx.append(_scraping)
-    app.cleanup_ctx.append(reloading)
-    app.cleanup_ctx.append(lambda app: cataloguing(runtime.catalog, runtime))
-    app.on_shutdown.append(_drain_requests)
+
+
+def _add_routes(app: web.Application, runtime: Runtime) -> None:
+    """The proxy's own routes, each with the edge layer around it."""
     router = app.router
     for path, endpoint in routes.ENDPOINTS.items():
         router.add_post(path, layered(runtime, routes.inference, endpoint))
@@ -108,11 +124,6 @@ def create_app(
     for path, handler in (("/healthz", routes.healthz), ("/readyz", routes.readyz)):
         router.add_get(path, layered(runtime, handler, UNCOUNTED))
     router.add_get("/metrics", layered(runtime, routes.metrics, UNCOUNTED), allow_head=False)
-    if node is not None:
-        runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
-        node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
-    router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
-    return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
