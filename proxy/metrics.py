@@ -162,6 +162,11 @@ class Metrics:
             "Attempts at each of a model's several upstreams, by outcome (ok or failed).",
             ("model", "upstream", "outcome"))
         r.register(_FastCollector(self))
+        self._declare_standard(r)
+
+    def _declare_standard(self, r: CollectorRegistry) -> None:
+        """The metrics kept by prometheus-client's own types (events, and gauges read at
+        scrape time)."""
         self.retries = Counter(
             "model_proxy_upstream_retries", "Upstream attempts beyond the first.", registry=r)
         # in_flight / queued / circuit_state are read at scrape time (``watch_gauges``), so the
