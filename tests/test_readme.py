@@ -1,4 +1,5 @@
-"""The README's YAML snippets and the example configs load as they are written."""
+"""The YAML snippets of the README and of docs/, and the example configs, load as they are
+written."""
 
 from __future__ import annotations
 
@@ -15,18 +16,23 @@ from proxy.config import FxnConfig, load_config, parse_yaml
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPETS = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+#: the README and the reference beside it, in docs/
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SNIPPETS = [(page.name, snippet) for page in PAGES
+            for snippet in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S)]
 EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.yaml"))
 KEY = "0x" + "5c" * 31 + "01"
 
 
 def test_there_are_snippets_and_examples() -> None:
     assert len(SNIPPETS) >= 5 and len(EXAMPLES) >= 6
+    assert sum(page == "README.md" for page, _ in SNIPPETS) >= 4
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.split("\n")[0] for s in SNIPPETS])
-def test_every_readme_yaml_snippet_parses(snippet: str, tmp_path: Path) -> None:
-    data = parse_yaml(snippet, "README.md")
+@pytest.mark.parametrize(("page", "snippet"), SNIPPETS,
+                         ids=[f"{page}: {s.splitlines()[0]}" for page, s in SNIPPETS])
+def test_every_readme_yaml_snippet_parses(page: str, snippet: str, tmp_path: Path) -> None:
+    data = parse_yaml(snippet, page)
     # a whole config loads too, unless it reads files a snippet cannot ship (keys, an engine)
     whole = "backend_provider" in data and "engine" not in data
     if whole and not re.search(r"^\s*\w+_file:", snippet, re.M):
@@ -38,7 +44,7 @@ def test_every_readme_yaml_snippet_parses(snippet: str, tmp_path: Path) -> None:
 
 def test_the_flow_list_of_variables_is_quoted_in_the_readme(tmp_path: Path) -> None:
     """``[${A}, ${B}]`` is a YAML error; the README quotes them, and the error says how."""
-    assert '["${KEY1}", "${KEY2}"]' in (ROOT / "README.md").read_text()
+    assert '["${KEY1}", "${KEY2}"]' in (ROOT / "docs" / "security.md").read_text()
     path = tmp_path / "model_backend.yaml"
     path.write_text("backend_provider: mock\nauth:\n  api_keys: [${KEY1}, ${KEY2}]\n")
     with pytest.raises(ConfigError) as caught:

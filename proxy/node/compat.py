@@ -1,7 +1,7 @@
 """Function-node compatibility: its config files as ours, and setups that cannot work.
 
 :func:`translate` maps a function-node home (``config.yaml`` + ``model_backend.yaml``, read as
-plain mappings) onto this proxy's config, key by key (the README's migration table), and
+plain mappings) onto this proxy's config, key by key (docs/node.md's migration table), and
 says what it dropped. :func:`warnings` lists what ``model-proxy check`` should say about
 combinations that pass validation but fail in the network.
 """

@@ -151,7 +151,7 @@ async def test_replicas_share_nonces_and_fail_closed_without_redis(
             async with session.get(url + "/metrics") as resp:
                 assert 'status="503"' in await resp.text()
 
-        await redis_server.start()  # empty: what it knew is gone (see the README on restarts)
+        await redis_server.start()  # empty: what it knew is gone (see docs/deploy.md on restarts)
         for url in (first, second):
             nonce = f"back-{url[-5:]}"
             assert (await post(session, url, gateway_headers(GATEWAY_KEY, BODY, nonce=nonce)))[

@@ -90,7 +90,8 @@ UNTAGGED = re.compile(r"(docker|podman) (build|run|tag|push)\b.*(?<![/\w.-])mode
 
 
 def test_one_image_tag_everywhere() -> None:
-    files = [ROOT / "README.md", DOCKERFILE, ROOT / ".ci" / "container-image",
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), DOCKERFILE,
+             ROOT / ".ci" / "container-image",
              *sorted((ROOT / "deploy").rglob("*.y*ml")),
              *sorted((ROOT / "deploy").rglob("*.yaml.example"))]
     allowed = {IMAGE, IMAGE_VLLM, "model-proxy:VERSION", "model-proxy:VERSION-vllm",
