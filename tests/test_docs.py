@@ -57,3 +57,36 @@ def test_the_node_walkthrough_works_from_a_fresh_directory(tmp_path: Path) -> No
                     "serve -c model_backend.yaml", "test -c model_backend.yaml",
                     "sign -k operator.key -f body.json --format curl"):
         assert command in shell  # the page says what this test ran
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {anchor(h) for h in re.findall(r"^#{1,4} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: p.name)
+def test_every_relative_link_leads_somewhere(page: Path) -> None:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+://", target):
+            continue
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target}"
+        if fragment:
+            assert fragment in anchors(linked), f"{page.name}: {target}"
+
+
+def test_the_readme_contents_list_every_section_and_every_docs_page() -> None:
+    text = (ROOT / "README.md").read_text()
+    contents = text.split("## Contents\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"\]\(#([^)]+)\)", contents)
+    sections = re.findall(r"^## (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
+    assert listed == [anchor(s) for s in sections if s != "Contents"]
+    for page in PAGES:
+        assert f"](docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
