@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import aiohttp
 
 from proxy.adapters.base import Job, UpstreamResponse
-from proxy.adapters.http import HTTPUpstream, release_response
+from proxy.adapters.http import HTTPUpstream
 from proxy.auth.signing import Signer
 from proxy.config import BaseConfig, FxnConfig
 from proxy.errors import UpstreamError
@@ -44,7 +44,7 @@ class FxnAdapter(HTTPUpstream):
         # Any answer below 500 shows the node is up, except a refusal of our credentials,
         # which would refuse every job too. Gateways need not list models, so 404 is fine.
         response = await self.request("GET", "/v1/models")  # a 401 or 403 raises here
-        release_response(response)
+        response.release()
         if response.status >= 500:
             raise UpstreamError(f"the upstream answered /v1/models with {response.status}")
 

@@ -146,7 +146,7 @@ class HTTPUpstream(Adapter):
     def auth_failed(self, response: Answer) -> UpstreamError:
         """The error for an upstream that refused this node's credentials (401, 403): a 502,
         as the client cannot fix it, logged loudly for the operator."""
-        release_response(response)
+        response.release()
         self.note(logging.ERROR, f"the upstream refused this node's credentials with "
                                  f"{response.status}: check the configured api_key, "
                                  "bearer_token or signing key")
@@ -180,17 +180,17 @@ class HTTPUpstream(Adapter):
         idle = t.idle if read_timeout == "idle" else read_timeout
         target = self.base_path + path
         try:
-            try:
-                response = await self.pool.request(
-                    method, target, payload, self._with_signature(sent, payload),
-                    fixed=self.fixed_block, first_byte=t.first_byte, idle=idle, total=t.total,
-                )
-            except lean.StaleConnection:
-                response = await self.pool.request(
-                    method, target, payload, self._with_signature(sent, payload),
-                    fixed=self.fixed_block, first_byte=t.first_byte, idle=idle, total=t.total,
-                    fresh=True,
-                )
+            for fresh in (False, True):
+                try:
+                    response = await self.pool.request(
+                        method, target, payload, self._with_signature(sent, payload),
+                        fixed=self.fixed_block, first_byte=t.first_byte, idle=idle,
+                        total=t.total, fresh=fresh,
+                    )
+                    break
+                except lean.StaleConnection:
+                    if fresh:
+                        raise
         except ValueError as exc:  # a header value HTTP cannot carry
             raise UpstreamError(f"the request cannot be sent: {exc}") from exc
         except CLIENT_FAILURES as exc:
@@ -245,7 +245,7 @@ class HTTPUpstream(Adapter):
         except CLIENT_FAILURES as exc:
             raise self.error(exc, stage) from exc
         finally:
-            release_response(response)
+            response.release()
 
     def _too_large(self, size: str) -> UpstreamError:
         message = (f"the upstream sent an answer of {size}; the limit is "
@@ -337,12 +337,6 @@ def credential_headers(config: BaseConfig) -> dict[str, str]:
     if config.bearer_token is not None and (config.api_key is None or config.bearer_with_api_key):
         headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
     return headers
-
-
-def release_response(response: Answer) -> None:
-    """Done with ``response``: a half-read body closes the connection, so the upstream sees
-    the client go away; a fully read one has gone back to the keep-alive pool."""
-    response.release()
 
 
 def _safe_origin(url: str) -> str:

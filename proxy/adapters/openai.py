@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from proxy.adapters.base import VLLM_SAMPLING, Job, UpstreamResponse
-from proxy.adapters.http import HTTPUpstream, release_response
+from proxy.adapters.http import HTTPUpstream
 from proxy.errors import UpstreamError
 from proxy.wire.models import MAX_MODELS, openai_models
 
@@ -40,7 +40,7 @@ class OpenAIAdapter(HTTPUpstream):
 
     async def check_ready(self) -> None:
         response = await self.request("GET", self.ready_path)
-        release_response(response)
+        response.release()
         if response.status >= 400:
             raise UpstreamError(f"the upstream answered {self.ready_path} with {response.status}")
 
@@ -58,4 +58,4 @@ class VllmServerAdapter(OpenAIAdapter):
         # /health needs no key, so it cannot tell a wrong api_key; /v1/models does (a 401 or
         # 403 raises in ``request``).
         response = await self.request("GET", "/v1/models")
-        release_response(response)
+        response.release()

@@ -34,6 +34,7 @@ from tests.deploy.files import (
     dashboard_expressions,
     tool,
 )
+from tests.deploy.processes import running
 from tests.deploy.scripted_upstream import ScriptedUpstream
 
 #: Metrics the dashboard shows that the proxy does not export yet: their panels may come back
@@ -51,22 +52,9 @@ pytestmark = [
 
 
 @asynccontextmanager
-async def process(log: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``args`` running, its output in ``log``; killed afterwards if still running."""
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(*args, stdout=out, stderr=out)
-        try:
-            yield proc
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-
-
-@asynccontextmanager
 async def proxy(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = free_port()
-    async with process(config.with_suffix(".log"), sys.executable, "-m", "proxy", "serve",
+    async with running(config.with_suffix(".log"), sys.executable, "-m", "proxy", "serve",
                        "-c", str(config), "--port", str(port)) as proc:
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(url, proc)
@@ -85,7 +73,7 @@ async def prometheus(tmp: Path, targets: list[str]) -> AsyncIterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp / "prometheus.log"
-    async with process(
+    async with running(
         log, "prometheus", f"--config.file={tmp / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
         "--log.level=warn",

@@ -15,8 +15,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from aiohttp import web
 
 from tests.conftest import free_port, upstream_url, wait_healthy
 from tests.deploy.files import DEPLOY
+from tests.deploy.processes import running
 
 NGINX_CONF = DEPLOY / "tls" / "nginx.conf"
 API_KEY = "tls-test-key"
@@ -103,18 +102,6 @@ class GatedUpstream:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-
-
-@asynccontextmanager
-async def running(log: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(*args, stdout=out, stderr=out)
-        try:
-            yield proc
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
 
 
 async def until_listening(port: int, proc: asyncio.subprocess.Process, log: Path) -> None:
