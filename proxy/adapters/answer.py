@@ -79,7 +79,7 @@ class Answer:
 
     __slots__ = ("_chunks", "_conn", "_done", "_error", "_fields", "_idle", "_loop", "_size",
                  "_started", "_waiter", "deadline", "framed", "head", "headers", "keep_alive",
-                 "status")
+                 "length", "media", "status")
 
     def __init__(self, conn: Carrier, idle: float | None, deadline: float | None = None,
                  head: bool = False) -> None:
@@ -95,6 +95,10 @@ class Answer:
         self.deadline = deadline
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The first Content-Type and Content-Length values, as the connection read them (so
+        #: that the two looked up on every answer are not sought in ``headers``).
+        self.media: bytes | None = None
+        self.length: bytes | None = None
         self._fields: CIMultiDictProxy[str] | None = None
         self.framed = False  # Content-Length or chunked; otherwise the body ends at close
         self.keep_alive = False
@@ -126,14 +130,14 @@ class Answer:
     @property
     def content_type(self) -> str:
         """The media type, lower-cased, without parameters."""
-        value = self.header(b"content-type")
+        value = self.media
         if value is None:
             return "application/octet-stream"
         return value.partition(b";")[0].strip().lower().decode("latin-1")
 
     @property
     def content_length(self) -> int | None:
-        value = self.header(b"content-length")
+        value = self.length
         return int(value) if value is not None and value.isdigit() else None
 
     @property

@@ -218,8 +218,13 @@ class _Conn(asyncio.Protocol):
         if response.status:
             return  # a trailer: counted, not kept
         lowered = name.lower()
-        if lowered == b"content-length":
+        if lowered == b"content-type":
+            if response.media is None:  # the first one, as ``Answer.header`` finds
+                response.media = value.rstrip(b" \t")
+        elif lowered == b"content-length":
             response.framed = True
+            if response.length is None:
+                response.length = value.rstrip(b" \t")
         elif lowered == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
                 # its body could only be relayed still encoded, and the header is dropped
@@ -241,6 +246,7 @@ class _Conn(asyncio.Protocol):
                 raise _Refused(f"more than {MAX_INTERIM} interim answers")
             self.interim = True
             response.headers.clear()
+            response.media = response.length = None
             response.framed = False
             return
         response.status = status

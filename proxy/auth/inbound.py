@@ -125,6 +125,13 @@ class Authenticator:
         self._check_api_key(headers)
 
     def _check_api_key(self, headers: CIMultiDictProxy[str]) -> None:
+        # The usual request: one "Authorization: Bearer <a key already accepted>" and no
+        # x-api-key. Anything else (spacing, case, both headers, a key not seen yet) takes
+        # the whole way below, which would accept it too.
+        authorization = headers.getall("Authorization", ())
+        if (len(authorization) == 1 and authorization[0].startswith("Bearer ")
+                and authorization[0][7:] in self._accepted and "x-api-key" not in headers):
+            return
         presented: list[str] = []
         for name in ("Authorization", "x-api-key"):
             values = headers.getall(name, ())

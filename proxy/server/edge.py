@@ -82,16 +82,15 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
                 if checking is not None:
                     await checking
                 response = await handler(request, runtime, exchange)
-                # a relayed stream has sent it with its headers already; setting it again then
-                # costs less than asking whether it was prepared
-                response.headers[HEADER] = request_id
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as exc:
                 response = failed(request, exc, request_id)
             status = response.status
-            if not response.prepared:  # a stream has set its own as it started
-                response.headers["Server"] = SERVER
+            if not response.prepared:  # a stream has sent its own as it started
+                headers = response.headers
+                headers[HEADER] = request_id
+                headers["Server"] = SERVER
             return response
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             status = 499
@@ -104,12 +103,9 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
             return client_left()
         finally:
             if label:
-                seconds = time.perf_counter() - start
                 metrics.observe_request(label, exchange.model_label or backend.model_label,
-                                        status, seconds)
-                upstream = exchange.upstream_seconds
-                if upstream >= 0.0:
-                    metrics.observe_overhead(label, seconds - upstream)
+                                        status, time.perf_counter() - start,
+                                        exchange.upstream_seconds)
 
     return handle
 

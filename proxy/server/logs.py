@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 from aiohttp import web
@@ -33,6 +33,19 @@ log = logging.getLogger("model_proxy")
 
 #: Most bytes of a request body put in its access line when bodies are logged.
 BODY_LOG_BYTES = 64 * 1024
+
+
+def _json_line(entry: dict[str, Any]) -> bytes:
+    """``entry`` as one JSON line; a string orjson refuses (a lone surrogate, from a path's
+    undecodable bytes) is written with that character as its escape."""
+    try:
+        return orjson.dumps(entry)
+    except orjson.JSONEncodeError:
+        return orjson.dumps({
+            key: value.encode("utf-8", "backslashreplace").decode()
+            if isinstance(value, str) else value
+            for key, value in entry.items()
+        })
 
 
 def _millis(seconds: float) -> float:
@@ -161,7 +174,9 @@ class AccessLines:
         self._stream = stream or sys.stderr
         self.json = uses_json(settings, self._stream)
         self.bodies = settings.include_bodies
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
+        #: Where the lines go as bytes, when the stream has a binary layer (stderr has).
+        self._binary: BinaryIO | None = getattr(self._stream, "buffer", None)
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
@@ -170,20 +185,21 @@ class AccessLines:
         """One request's line, in text or (when no job is known) JSON."""
         now = time.time()
         if self.json:
-            line = orjson.dumps({
-                "ts": _millis(now), "level": "info", "logger": "model_proxy.access",
+            self._append(_json_line({
+                "ts": int(now * 1000) / 1000, "level": "info", "logger": "model_proxy.access",
                 "request_id": request_id, "method": method, "path": path, "status": status,
                 # whole milliseconds: the event loop's clock (uvloop) has no finer resolution
                 "duration_ms": round(seconds * 1000),
-            }).decode()
-        else:
-            second = int(now)
-            if second != self._second:
-                self._second = second
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            line = (f"{self._stamp},{int((now - second) * 1000):03d} INFO model_proxy.access: "
-                    f"{method} {path} {status} {round(seconds * 1000)}ms request_id={request_id}")
-        self._append(line)
+            }))
+            return
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        self._append(
+            f"{self._stamp},{int((now - second) * 1000):03d} INFO model_proxy.access: "
+            f"{method} {path} {status} {round(seconds * 1000)}ms request_id={request_id}"
+            .encode("utf-8", "backslashreplace"))
 
     def add_job(self, method: str, path: str, status: int, seconds: float, request_id: str,
                 exchange: Exchange) -> None:
@@ -200,9 +216,9 @@ class AccessLines:
         model = job.model
         duration = round(seconds * 1000)
         entry: dict[str, Any] = {
-            "ts": _millis(time.time()), "level": "info", "logger": "model_proxy.access",
-            "request_id": request_id, "method": method, "path": path, "status": status,
-            "duration_ms": duration,
+            "ts": int(time.time() * 1000) / 1000, "level": "info",
+            "logger": "model_proxy.access", "request_id": request_id, "method": method,
+            "path": path, "status": status, "duration_ms": duration,
             "model": model[:200] if model else model, "upstream": exchange.provider,
             "upstream_model": job.upstream_model, "attempts": exchange.attempts,
             "ttfb_ms": round(exchange.ttfb * 1000) if exchange.ttfb >= 0 else duration,
@@ -214,9 +230,9 @@ class AccessLines:
             answer = exchange.answer or b""
             entry["request_body"] = job.body[:BODY_LOG_BYTES].decode(errors="replace")
             entry["response_body"] = bytes(answer).decode(errors="replace")
-        self._append(orjson.dumps(entry).decode())
+        self._append(_json_line(entry))
 
-    def _append(self, line: str) -> None:
+    def _append(self, line: bytes) -> None:
         lines = self._lines
         lines.append(line)
         if len(lines) >= self.FLUSH_LINES:
@@ -229,9 +245,15 @@ class AccessLines:
             self._timer.cancel()
             self._timer = None
         if self._lines:
-            self._stream.write("\n".join(self._lines) + "\n")
-            self._stream.flush()
+            data = b"\n".join(self._lines) + b"\n"
             self._lines.clear()
+            self._stream.flush()  # what other loggers wrote comes first
+            if self._binary is not None:
+                self._binary.write(data)
+                self._binary.flush()
+            else:
+                self._stream.write(data.decode())
+                self._stream.flush()
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -245,7 +267,11 @@ class AccessLogger(AbstractAccessLogger):
         # aiohttp logs in the request's own task, so the edge's context variable is still set
         # there ("": a request aiohttp refused before any handler ran)
         request_id = CURRENT.get() or "-"
-        exchange = request.get(EXCHANGE) if lines.json else None
+        exchange = EXCHANGE.get()
+        if exchange is not None:
+            EXCHANGE.set(None)  # taken: a later request in this task sets its own
+            if exchange.request_id != request_id or not lines.json:
+                exchange = None
         if exchange is None:
             lines.add(request.method, path, response.status, seconds, request_id)
         else:

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.adapters.base import UpstreamResponse
 from proxy.errors import ProxyError
@@ -62,9 +63,15 @@ async def _stream(
     job = exchange.job
     assert job is not None
     answer = exchange.answer
-    response = web.StreamResponse(status=upstream.status, headers=upstream.headers)
-    response.headers[HEADER] = job.request_id
-    response.headers["Server"] = SERVER
+    headers = upstream.headers
+    if isinstance(headers, CIMultiDict):  # a relayed answer's own copy: add to it
+        headers[HEADER] = job.request_id
+        headers["Server"] = SERVER
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+    else:
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        response.headers[HEADER] = job.request_id
+        response.headers["Server"] = SERVER
     await response.prepare(request)
     endpoint = job.endpoint
     clock = time.perf_counter

@@ -107,7 +107,7 @@ async def forward(
     exchange.model_label = backend.model_label
     exchange.upstream_seconds = 0.0
     if runtime.access_jobs:  # JSON access lines tell of the job
-        request[EXCHANGE] = exchange
+        EXCHANGE.set(exchange)
         exchange.handed_on = time.perf_counter()
         exchange.provider = backend.config.backend_provider
         if backend.config.logging.include_bodies:

@@ -113,11 +113,12 @@ class Backend:
     #: Models (LoRA adapters) that only some upstreams list, and those upstreams; kept by
     #: ``proxy.server.scrape`` from each upstream's ``Signals.models``.
     partial: dict[str, tuple[Upstream, ...]] = field(default_factory=dict)
+    #: Whether attempts are spread over several URLs (each with its own breaker).
+    spread: bool = field(init=False)
 
-    @property
-    def spread(self) -> bool:
-        """Whether attempts are spread over several URLs (each with its own breaker)."""
-        return len(self.upstreams) > 1
+    def __post_init__(self) -> None:
+        self.spread = len(self.upstreams) > 1
+
 
     def adapters(self) -> tuple[Adapter, ...]:
         """Every adapter this backend holds (to start and close them)."""
@@ -193,65 +194,59 @@ class Pipeline:
         before the client has seen a byte (:class:`Verdict`). The last one's outcome is the
         attempt's. One URL is a list of one."""
         spread = backend.spread
-        order = _order(backend, self.clock.now(), job) if spread else backend.upstreams
+        now = self.clock.now
+        order = _order(backend, now(), job) if spread else backend.upstreams
         last = len(order) - 1
+        metrics = self.metrics
         for i, upstream in enumerate(order):
-            breaker = upstream.breaker
             probe = False
             if spread:  # one URL's breaker was admitted at the door (``Admission``)
                 try:
-                    probe = breaker.admit()
+                    probe = upstream.breaker.admit()
                 except Unavailable:
                     if i == last:
                         raise
                     continue
                 upstream.active += 1
             held = False
+            start = now()
+            exchange.attempts += 1
             try:
-                response, verdict = await self._send(backend, upstream, job, exchange)
-                if response is None or (verdict.fail_over and i < last):
-                    if response is not None:
-                        await response.release()
+                try:
+                    response = await upstream.adapter.send(job)
+                    if not response.stream and response.body is None:
+                        await response.buffer()
+                except UpstreamError as exc:
+                    exchange.upstream_seconds += now() - start
+                    metrics.count_upstream_error(exc.code or "upstream_error")
+                    self._record(backend, upstream, judge_error(exc))
+                    if i == last or not exc.retryable:
+                        metrics.up = False
+                        raise
                     continue
-                self.metrics.set_upstream_up(verdict.up)
+                elapsed = now() - start
+                exchange.upstream_seconds += elapsed
+                verdict = judge(response.status)
+                breaker = upstream.breaker
+                # an answer from a healthy lone URL changes nothing: not even a call
+                if (verdict is not ANSWERED or spread or breaker.failures
+                        or breaker.state is not State.CLOSED):
+                    self._record(backend, upstream, verdict)
+                metrics.observe_upstream(job.endpoint, elapsed)
+                if verdict.fail_over and i < last:
+                    await response.release()
+                    continue
+                metrics.up = verdict.up
                 if spread and response.stream:
                     _hold(response, upstream)
                     held = True
                 return response
-            except UpstreamError as exc:
-                if i == last or not exc.retryable:
-                    self.metrics.set_upstream_up(False)
-                    raise
             finally:
                 if spread and not held:
                     upstream.active -= 1
                 if probe:
-                    breaker.abandon()
+                    upstream.breaker.abandon()
         raise AssertionError("unreachable: the last upstream returns or raises")  # pragma: no cover
-
-    async def _send(
-        self, backend: Backend, upstream: Upstream, job: Job, exchange: Exchange
-    ) -> tuple[UpstreamResponse | None, Verdict]:
-        """Send ``job`` to one upstream and judge the outcome; raises its error."""
-        now = self.clock.now
-        start = now()
-        exchange.attempts += 1
-        metrics = self.metrics
-        try:
-            response = await upstream.adapter.send(job)
-            if not response.stream and response.body is None:
-                await response.buffer()
-        except UpstreamError as exc:
-            exchange.upstream_seconds += now() - start
-            metrics.count_upstream_error(exc.code or "upstream_error")
-            self._record(backend, upstream, judge_error(exc))
-            raise
-        elapsed = now() - start
-        exchange.upstream_seconds += elapsed
-        verdict = judge(response.status)
-        self._record(backend, upstream, verdict)
-        metrics.observe_upstream(job.endpoint, elapsed)
-        return response, verdict
 
     def _record(self, backend: Backend, upstream: Upstream, verdict: Verdict) -> None:
         """What a verdict does to the upstream's breaker, cool-down and metrics."""

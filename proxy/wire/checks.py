@@ -48,9 +48,11 @@ BOOL_FIELDS = frozenset({"stream", "echo", "parallel_tool_calls"})
 #: field -> the values it may take.
 CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"encoding_format": ("float", "base64")}
 OBJECT_FIELDS = frozenset({"stream_options", "response_format", "logit_bias", "metadata"})
-#: Every top-level field with a rule here; a request's other fields pass untouched.
+#: Every top-level field with a rule here but ``model`` and ``stream`` (which
+#: :func:`check_request` reads first); a request's other fields pass untouched.
 CHECKED_FIELDS = frozenset(
-    {"model", "stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS, *OBJECT_FIELDS, *CHOICE_FIELDS}
+    {"stop", *INT_FIELDS, *NUMBER_FIELDS, *BOOL_FIELDS - {"stream"}, *OBJECT_FIELDS,
+     *CHOICE_FIELDS}
 )
 
 
@@ -66,6 +68,8 @@ def check_request(
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model is required and must be a non-empty string", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
     required = REQUIRED[endpoint]
     if required not in payload:
         raise BadRequest(f"{required} is required", param=required)
@@ -73,7 +77,8 @@ def check_request(
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", param="stream")
     check_payload(endpoint, payload, body, limits)
-    check_members_once(body)
+    if _suspect(body):
+        _members_once(body)
     return model, stream
 
 
@@ -81,13 +86,18 @@ def check_payload(
     endpoint: str, payload: dict[str, Any], body: bytes, limits: LimitsSection
 ) -> None:
     """Raise ``BadRequest`` (with ``param``) for the first problem found in ``payload``."""
-    _check_depth(payload, body, limits.max_json_depth)
+    # Nesting needs brackets: a body with fewer of them than the limit is shallow enough, and
+    # counting bytes is C-speed, so the walk runs only for bodies that might be deep.
+    limit = limits.max_json_depth
+    if body.count(b"[") + body.count(b"{") > limit:
+        _check_depth(payload, limit)
     # Only the fields the request has are looked at (a set intersection, done in C).
     for name in payload.keys() & CHECKED_FIELDS:
         _check_field(name, payload[name])
     if endpoint == "chat":
         _check_messages(payload.get("messages"), limits.max_messages)
-        _check_tools(payload)
+        if "tools" in payload or "tool_choice" in payload:
+            _check_tools(payload)
     elif endpoint == "completions":
         _check_tokens_or_text(payload.get("prompt"), "prompt")
     elif endpoint == "embeddings":
@@ -115,8 +125,11 @@ def check_members_once(body: bytes) -> None:
 
     An ordinary body costs two byte counts and one search: the walk below runs only when a
     guarded name's bytes occur twice anywhere, or a letter is written as an escape."""
-    if not _suspect(body):
-        return
+    if _suspect(body):
+        _members_once(body)
+
+
+def _members_once(body: bytes) -> None:
     try:
         _walk_members(body.decode("utf-8"))
     except RecursionError:  # deeper than the C scanner goes: only with a huge max_json_depth
@@ -205,8 +218,6 @@ def _check_field(name: str, value: Any) -> None:
             raise BadRequest(f"{name} must be an object", param=name)
     elif name == "stop":
         _check_stop(value)
-    elif name == "model" and isinstance(value, str) and len(value) > MAX_MODEL_CHARS:
-        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
 
 
 def _is_int(value: Any) -> bool:
@@ -219,11 +230,7 @@ def _is_number(value: Any) -> bool:
     )
 
 
-def _check_depth(payload: Any, body: bytes, limit: int) -> None:
-    # Nesting needs brackets: a body with fewer of them than the limit is shallow enough, and
-    # counting bytes is C-speed, so the walk below runs only for bodies that might be deep.
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return
+def _check_depth(payload: Any, limit: int) -> None:
     stack: list[tuple[Any, int]] = [(payload, 1)]
     while stack:
         node, depth = stack.pop()
@@ -250,19 +257,25 @@ def _check_messages(messages: Any, limit: int) -> None:
             code="too_many_messages",
         )
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        # the usual message is one dict lookup and two type checks; the words of a refusal
+        # are made only for one
         if not isinstance(message, dict):
-            raise BadRequest(f"{where} must be an object", param=where)
-        if not isinstance(message.get("role"), str) or not message["role"]:
-            raise BadRequest(f"{where}.role must be a non-empty string", param=f"{where}.role")
+            raise BadRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise BadRequest(f"messages[{i}].role must be a non-empty string",
+                             param=f"messages[{i}].role")
         content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
             raise BadRequest(
-                f"{where}.content must be a string, a list of parts or null",
-                param=f"{where}.content",
+                f"messages[{i}].content must be a string, a list of parts or null",
+                param=f"messages[{i}].content",
             )
-        if isinstance(content, list) and not all(isinstance(p, (dict, str)) for p in content):
-            raise BadRequest(f"{where}.content parts must be objects", param=f"{where}.content")
+        if not all(isinstance(p, (dict, str)) for p in content):
+            raise BadRequest(f"messages[{i}].content parts must be objects",
+                             param=f"messages[{i}].content")
 
 
 def _check_tools(payload: dict[str, Any]) -> None:

@@ -120,11 +120,36 @@ class Relayed:
             chunk = events.feed(chunk)
             if not chunk:
                 return chunk
+        if _BACKSLASH not in chunk:
+            # no escape: renamed with one replace when every "model" is the spelling learnt,
+            # usage events included; then each usage but ``null`` is read from the renamed
+            # bytes (the usual stream: one, in its last event)
+            out = self._renamed(chunk)
+            if out is None:
+                return self._events(chunk)
+            usage = out.find(USAGE_KEY)
+            return out if usage < 0 else self._usage_read(out, usage)
         usage = chunk.find(USAGE_KEY)
-        if (usage >= 0 or _BACKSLASH in chunk) and (suspects := _suspects(chunk, usage)):
+        if suspects := _suspects(chunk, usage):
             return self._events(chunk, suspects)
         out = self._renamed(chunk)
         return out if out is not None else self._events(chunk, [])
+
+    def _usage_read(self, data: bytes, at: int) -> bytes:
+        """Renamed whole events without escapes, their usages (from ``at``, the first
+        ``"usage"``) read, and removed where the client did not ask for them."""
+        while at >= 0:
+            if data.startswith(NO_USAGE, at):
+                at = data.find(USAGE_KEY, at + len(NO_USAGE))
+                continue
+            begin, end = span(data, at)
+            event = data[begin:end]
+            kept = self._parsed_event(event)
+            if kept is not event:
+                data = data[:begin] + kept + data[end:]
+                end = begin + len(kept)
+            at = data.find(USAGE_KEY, end)
+        return data
 
     def end(self) -> bytes:
         """What is left of a stream that ended without a blank line."""
@@ -225,10 +250,14 @@ class Relayed:
     def _parsed_event(self, raw: bytes) -> bytes:
         """One event, its JSON renamed and its usage read (and removed when the client did not
         ask for it); an event that carried only that usage is dropped."""
-        lines = split_lines(raw)
-        data = [line[6:] if line[5:6] == b" " else line[5:]
-                for line in lines if line.startswith(b"data:")]
-        event = _object(b"\n".join(data)) if data else None
+        if raw.startswith(b"data: {") and raw.count(b"\n") == 2 and raw.endswith(b"\n\n"):
+            lines = [raw[:-2]]  # the usual event: one data line
+            event = _object(raw[6:-2])
+        else:
+            lines = split_lines(raw)
+            data = [line[6:] if line[5:6] == b" " else line[5:]
+                    for line in lines if line.startswith(b"data:")]
+            event = _object(b"\n".join(data)) if data else None
         if event is None:
             return raw
         changed = self._rename(event)

@@ -143,3 +143,40 @@ def test_auto_is_text_on_a_terminal_and_json_elsewhere(
     format: str, stream: io.StringIO, json_lines: bool
 ) -> None:
     assert uses_json(LoggingSection(format=format), stream) is json_lines  # type: ignore[arg-type]
+
+
+async def test_access_lines_are_json_whatever_the_request_spells() -> None:
+    """The access line is written from a template, not by a JSON encoder: ids, paths and
+    model names with quotes, backslashes, control characters, non-ASCII letters and a path's
+    undecodable bytes (a lone surrogate) still make one valid JSON line each, saying what
+    was sent."""
+    from proxy.adapters.base import Job, Usage
+    from proxy.server.logs import AccessLines
+    from proxy.upstream.exchange import Exchange
+
+    out = io.StringIO()
+    lines = AccessLines(LoggingSection(access_log=True, format="json"), out)
+    odd = ['plain-1', 'q"uote', "back\\slash", "tab\there", "ünï-código", "bad\udcff"]
+    for i, text in enumerate(odd):
+        exchange = Exchange(text)
+        exchange.job = Job(endpoint="chat", method="POST", path="/v1/chat/completions",
+                           body=b"{}", model=text, upstream_model=text, headers={},
+                           request_id=text)
+        exchange.provider, exchange.attempts = "custom", 1
+        exchange.upstream_seconds = 0.0034
+        exchange.usage = Usage(prompt_tokens=7, completion_tokens=None) if i % 2 else None
+        lines.add_job("POST", "/v1/" + text, 200, 0.0125, text, exchange)
+        lines.add("GET", "/" + text, 404, 0.0004, text)
+    lines.flush()
+    entries = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(entries) == 2 * len(odd)
+    for i, text in enumerate(odd):
+        shown = text.encode("utf-8", "backslashreplace").decode()
+        job, plain = entries[2 * i], entries[2 * i + 1]
+        assert job["request_id"] == job["model"] == job["upstream_model"] == shown
+        assert job["path"] == "/v1/" + shown and plain["path"] == "/" + shown
+        assert (job["status"], job["duration_ms"], job["upstream_ms"], job["ttfb_ms"]) == (
+            200, 12, 3, 12)
+        assert (job["tokens_in"], job["tokens_out"]) == ((7, None) if i % 2 else (None, None))
+        assert (plain["status"], plain["duration_ms"], plain["request_id"]) == (404, 0, shown)
+        assert job["logger"] == plain["logger"] == "model_proxy.access"
