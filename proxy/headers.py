@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 #: The ``Server`` header of every answer: no product versions for a scanner to match.
 SERVER = "model-backend-proxy"
@@ -46,7 +46,8 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 
 def request_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The client headers that may be sent upstream."""
-    if not isinstance(incoming, MultiMapping):
+    # aiohttp's own type first: isinstance against the abstract class is a Python call
+    if not isinstance(incoming, CIMultiDictProxy) and not isinstance(incoming, MultiMapping):
         incoming = CIMultiDict(incoming)
     # A handful of case-insensitive lookups, rather than lowering every header the client sent.
     out = {}

@@ -87,7 +87,7 @@ class FastHistogram:
         child[-1] += value
 
     def child(self, labels: Labels) -> list[float]:
-        """One child's counts, for a caller that observes many values (``observe_into``)."""
+        """One child's counts, for a caller that observes many values itself."""
         child = self.children.get(labels)
         if child is None:
             child = self.children[labels] = [0] * (len(self.bounds) + 2)
@@ -104,12 +104,6 @@ class FastHistogram:
                 buckets.append((edge, running))
             family.add_metric(list(labels), buckets, sum_value=child[-1])
         return family
-
-
-def observe_into(child: list[float], bounds: tuple[float, ...], value: float) -> None:
-    """``FastHistogram.observe`` on a child already looked up: for per-chunk observations."""
-    child[bisect_left(bounds, value)] += 1
-    child[-1] += value
 
 
 class Metrics:
@@ -240,11 +234,17 @@ class Metrics:
         child[-1] += seconds
 
     def observe_ttft(self, endpoint: str, seconds: float) -> None:
-        self.ttft.observe((endpoint,), seconds)
+        family = self.ttft
+        key = (endpoint,)
+        child = family.children.get(key) or family.child(key)
+        child[bisect_left(family.bounds, seconds)] += 1
+        child[-1] += seconds
 
     def chunk_gaps(self, endpoint: str) -> tuple[list[float], tuple[float, ...]]:
         """The chunk-gap child of ``endpoint`` and its bounds, for :func:`observe_into`."""
-        return self.chunk_gap.child((endpoint,)), self.chunk_gap.bounds
+        family = self.chunk_gap
+        key = (endpoint,)
+        return family.children.get(key) or family.child(key), family.bounds
 
     def count_attempt(self, model: str, upstream: str, outcome: str) -> None:
         """One attempt at one of a model's upstreams; all three labels come from the config
@@ -287,7 +287,10 @@ class Metrics:
         if extra:
             for phase, seconds in extra.items():
                 if phase == "tokens_per_second":
-                    self.upstream_tokens_per_second.observe((), seconds)
+                    family = self.upstream_tokens_per_second
+                    child = family.children.get(()) or family.child(())
+                    child[bisect_left(family.bounds, seconds)] += 1
+                    child[-1] += seconds
                 elif phase.endswith("_duration"):
                     self.upstream_timings.observe((phase.removesuffix("_duration"),), seconds)
 

@@ -105,6 +105,8 @@ class HTTPUpstream(Adapter):
             for name, value in self.fixed_headers.items()
         )
         self.fixed_names = frozenset(name.lower() for name in self.fixed_headers)
+        #: Whether this adapter makes per-send headers (:meth:`attempt_headers` overridden).
+        self.signs = type(self).attempt_headers is not HTTPUpstream.attempt_headers
         origin = URL(config.url)
         # the base URL's path prefixes every request path
         self.base_path = origin.raw_path.rstrip("/")
@@ -175,7 +177,12 @@ class HTTPUpstream(Adapter):
         sent: list[tuple[str, str]] = []
         if headers:
             fixed = self.fixed_names
-            sent = [item for item in headers.items() if item[0].lower() not in fixed]
+            # the usual job's headers name none of the credential headers: checked in C
+            if fixed.isdisjoint(map(str.lower, headers)):
+                sent = list(headers.items())
+            else:
+                sent = [item for item in headers.items() if item[0].lower() not in fixed]
+        signs = self.signs
         t = self.timeouts
         idle = t.idle if read_timeout == "idle" else read_timeout
         target = self.base_path + path
@@ -183,7 +190,8 @@ class HTTPUpstream(Adapter):
             for fresh in (False, True):
                 try:
                     response = await self.pool.request(
-                        method, target, payload, self._with_signature(sent, payload),
+                        method, target, payload,
+                        self._with_signature(sent, payload) if signs else sent,
                         fixed=self.fixed_block, first_byte=t.first_byte, idle=idle,
                         total=t.total, fresh=fresh,
                     )
@@ -217,7 +225,8 @@ class HTTPUpstream(Adapter):
         return body
 
     def attempt_headers(self, body: bytes) -> Mapping[str, str] | None:
-        """Headers made afresh for each request sent (e.g. a signature over ``body``)."""
+        """Headers made afresh for each request sent (e.g. a signature over ``body``); called
+        only where an adapter overrides it."""
         return None
 
     async def read_all(self, response: Answer, stage: Stage = "body") -> bytes:

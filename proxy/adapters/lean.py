@@ -143,7 +143,8 @@ class _Conn(asyncio.Protocol):
                 self.closed = True
                 if self.transport is not None:
                     self.transport.close()
-            response._wake()
+        # once per read, not per callback: a read of a chunked stream holds many pieces
+        response._wake()
 
     def watch(self, until: float, timeout: type[TimeoutError]) -> None:
         """Bound the wait that begins now to ``until`` (loop time), then ``timeout``."""
@@ -256,7 +257,7 @@ class _Conn(asyncio.Protocol):
             # connection (HEAD is rare; a new parser state is not worth the risk)
             self._finish(response)
             self.abort()
-        response._wake()
+        # the reader is woken as the read that held the head ends (data_received)
 
     def _finish(self, response: Answer) -> None:
         """``response`` has arrived whole: it and this connection part."""
@@ -273,7 +274,6 @@ class _Conn(asyncio.Protocol):
         if response._size > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        response._wake()
 
     def on_message_complete(self) -> None:
         if self.interim:

@@ -15,7 +15,7 @@ from proxy.headers import request_headers
 from proxy.metrics import CONTENT_TYPE
 from proxy.server import catalog
 from proxy.server.edge import method_not_allowed, read_body
-from proxy.server.relay import relay
+from proxy.server.relay import relay, relay_stream
 from proxy.server.runtime import EXCHANGE, Runtime
 from proxy.upstream import determinism
 from proxy.upstream.exchange import Exchange
@@ -117,7 +117,10 @@ async def forward(
         upstream = await pipeline.call(backend, job, exchange)
         if backend.config.determinism.enforce and job.endpoint in STAMPED:
             determinism.stamp(upstream)
-        return await relay(request, upstream, exchange, runtime.metrics, runtime.drain)
+        if upstream.stream:
+            return await relay_stream(request, upstream, exchange, runtime.metrics,
+                                      runtime.drain)
+        return await relay(request, upstream, exchange, runtime.metrics)
 
 
 def routed(runtime: Runtime, exchange: Exchange, model: str) -> Backend:

@@ -30,27 +30,28 @@ class Limiter:
     path pays no gauge updates.
     """
 
-    __slots__ = ("_waiters", "active", "clock", "max_active", "max_waiting", "queue_timeout")
+    __slots__ = ("active", "clock", "max_active", "max_waiting", "queue_timeout", "waiters")
 
     def __init__(self, limits: LimitsSection, clock: Clock = SYSTEM) -> None:
         #: Its ``sleep`` times the wait in the queue.
         self.clock = clock
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        #: The queue, first come first served (its length is ``waiting``).
+        self.waiters: deque[asyncio.Future[None]] = deque()
         self.max_active = limits.max_concurrency
         self.max_waiting = limits.max_queue
         self.queue_timeout = limits.queue_timeout
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self.waiters)
 
     def configure(self, limits: LimitsSection) -> None:
         """Apply new sizes; waiters that now fit get their slot at once."""
         self.max_active = limits.max_concurrency
         self.max_waiting = limits.max_queue
         self.queue_timeout = limits.queue_timeout
-        while self._waiters and self.active < self.max_active:
+        while self.waiters and self.active < self.max_active:
             if self._hand_over():
                 self.active += 1
 
@@ -60,10 +61,10 @@ class Limiter:
         Cancellation while waiting leaves no trace: the waiter is removed, and a slot that was
         handed over in the same instant is passed on.
         """
-        if self.active < self.max_active and not self._waiters:
+        if self.active < self.max_active and not self.waiters:
             self.active += 1
             return
-        if len(self._waiters) >= self.max_waiting:
+        if len(self.waiters) >= self.max_waiting:
             raise Overloaded(
                 f"the upstream is at its limit of {self.max_active} concurrent requests and "
                 f"{self.max_waiting} waiting; try again shortly",
@@ -71,7 +72,7 @@ class Limiter:
             )
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(waiter)
+        self.waiters.append(waiter)
         # only a request that queues pays for a timer task
         timer = asyncio.ensure_future(self.clock.sleep(self.queue_timeout))
 
@@ -96,20 +97,20 @@ class Limiter:
             if not waiter.done():
                 waiter.cancel()
             try:
-                self._waiters.remove(waiter)
+                self.waiters.remove(waiter)
             except ValueError:
                 pass  # already taken off by ``release``
 
     def release(self) -> None:
         """Give a slot back: to the oldest waiter if there is one, else to the pool."""
         if self.active <= self.max_active:
-            while self._waiters:
+            while self.waiters:
                 if self._hand_over():
                     return  # the slot moves on; ``active`` is unchanged
         self.active -= 1
 
     def _hand_over(self) -> bool:
-        waiter = self._waiters.popleft()
+        waiter = self.waiters.popleft()
         if waiter.done():
             return False  # timed out or cancelled in the meantime
         waiter.set_result(None)

@@ -324,7 +324,7 @@ class Admission:
     def __aenter__(self) -> Awaitable[None]:
         limiter, backend = self.limiter, self.backend
         self.probe = backend.breaker.admit()
-        if limiter.active < limiter.max_active and not limiter.waiting:
+        if limiter.active < limiter.max_active and not limiter.waiters:
             limiter.active += 1  # a free slot and nobody queued
             backend.active += 1
             return DONE

@@ -200,11 +200,13 @@ def _check_field(name: str, value: Any) -> None:
         return
     if name in INT_FIELDS:
         low, high = INT_FIELDS[name]
-        if not (_is_int(value) and low <= value <= high):
+        if not (type(value) is int and low <= value <= high):  # a bool is not one
             raise BadRequest(f"{name} must be an integer from {low} to {high}", param=name)
     elif name in NUMBER_FIELDS:
         low_f, high_f = NUMBER_FIELDS[name]
-        if not (_is_number(value) and low_f <= value <= high_f):
+        kind = type(value)
+        if not ((kind is int or (kind is float and math.isfinite(value)))
+                and low_f <= value <= high_f):
             raise BadRequest(f"{name} must be a number from {low_f:g} to {high_f:g}", param=name)
     elif name in BOOL_FIELDS:
         if not isinstance(value, bool):
@@ -222,12 +224,6 @@ def _check_field(name: str, value: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, float) and math.isfinite(value)
-    )
 
 
 def _check_depth(payload: Any, limit: int) -> None:

@@ -32,7 +32,7 @@ import orjson
 
 from proxy.wire.events import HeldBack, span, split
 from proxy.wire.events import lines as split_lines
-from proxy.wire.tokens import token_count
+from proxy.wire.tokens import MAX_TOKENS
 
 MODEL = b'"model":'
 MODEL_KEY = b'"model"'
@@ -59,6 +59,12 @@ _MAX_BRACES = 8
 MAX_EVENT = 16 * 1024 * 1024
 
 
+#: ``"model":<name>`` for the names clients asked for lately (the same few, request after
+#: request), at most ``_MEMBERS_KEPT`` of them.
+_MEMBERS: dict[str, bytes] = {}
+_MEMBERS_KEPT = 256
+
+
 def ask_usage(payload: dict[str, Any]) -> bool:
     """Set ``stream_options.include_usage`` in a stream request whose client did not ask for
     the usage event; whether ``payload`` changed."""
@@ -83,7 +89,12 @@ class Relayed:
     def __init__(self, model: str, *, drop_usage: bool = False,
                  max_event: int = MAX_EVENT) -> None:
         self.model = model
-        self.member = MODEL + orjson.dumps(model)
+        member = _MEMBERS.get(model)
+        if member is None:
+            if len(_MEMBERS) >= _MEMBERS_KEPT:
+                _MEMBERS.clear()
+            member = _MEMBERS[model] = MODEL + orjson.dumps(model)
+        self.member = member
         #: The member as the upstream spelled it in its first event, proven top-level.
         self.seen: bytes | None = None
         #: How many bytes one replacement of ``seen`` adds (0: as many as it takes away).
@@ -145,8 +156,9 @@ class Relayed:
             begin, end = span(data, at)
             event = data[begin:end]
             kept = self._parsed_event(event)
-            if kept is not event:
-                data = data[:begin] + kept + data[end:]
+            if kept is not event:  # one copy: the pieces around it are views
+                view = memoryview(data)
+                data = b"".join((view[:begin], kept, view[end:]))
                 end = begin + len(kept)
             at = data.find(USAGE_KEY, end)
         return data
@@ -171,9 +183,11 @@ class Relayed:
         usage = self.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         invalid = False
-        if prompt is not None and token_count(prompt) is None:
+        # token_count, written out: it runs for every answer
+        if prompt is not None and not (type(prompt) is int and 0 <= prompt <= MAX_TOKENS):
             prompt, invalid = None, True
-        if completion is not None and token_count(completion) is None:
+        if completion is not None and not (
+                type(completion) is int and 0 <= completion <= MAX_TOKENS):
             completion, invalid = None, True
         extra: dict[str, float] = {}
         if completion and self.usage_at > self.first > 0:
