@@ -6,6 +6,7 @@ import json
 
 import orjson
 
+from proxy.wire.events import HeldBack
 from proxy.wire.relayed import Relayed, ask_usage
 
 
@@ -125,3 +126,37 @@ def test_an_embeddings_list_naming_its_model_last_is_renamed_on_its_bytes() -> N
     nested = b'{"data":[{"x":1,"model":"up-emb"}],"model":"up-emb","usage":{"a":{"b":{}}}}'
     out = orjson.loads(Relayed("public").body(nested))
     assert out["model"] == "public" and out["data"][0]["model"] == "up-emb"
+
+
+def walked(relayed: Relayed, parts: list[bytes]) -> bytes:
+    """What the event-by-event walk (``Relayed._events``) makes of ``parts``, each read cut
+    into whole events as ``Relayed.chunk`` cuts them."""
+    out = b""
+    for part in parts:
+        if relayed.events is not None or not part.endswith(b"\n\n"):
+            if relayed.events is None:
+                relayed.events = HeldBack(relayed.max_event)
+            part = relayed.events.feed(part)
+        if part:
+            out += relayed._events(part)
+    return out + relayed.end()
+
+
+def test_reads_without_escapes_come_out_as_the_event_by_event_walk_makes_them() -> None:
+    """A read with no backslash is renamed with one replace and its usages read from the
+    renamed bytes; it must give what the event-by-event walk gives, wherever the stream is
+    cut, with ``"usage":null`` on every event, a usage on a content event and a usage-only
+    event, whether or not the client asked for the usage."""
+    plain = {"id": "c", "object": "chat.completion.chunk", "model": "up-7b", "usage": None,
+             "choices": [{"index": 0, "delta": {"content": "plain words"}}]}
+    data = (event(plain) + event({**plain, "usage": USAGE}) + event(plain) + event(LAST)
+            + b"data: [DONE]\n\n")
+    assert b"\\" not in data
+    for drop in (True, False):
+        for cut in range(1, len(data)):
+            fast = Relayed("public", drop_usage=drop)
+            slow = Relayed("public", drop_usage=drop)
+            out = fast.chunk(data[:cut]) + fast.chunk(data[cut:]) + fast.end()
+            assert out == walked(slow, [data[:cut], data[cut:]]), (drop, cut)
+            assert b'"up-7b"' not in out
+            assert fast.usage == slow.usage == USAGE, (drop, cut)
