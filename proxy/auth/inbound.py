@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from multidict import CIMultiDictProxy
 
-from proxy.auth.journal import JournaledNonces
 from proxy.auth.nonces import NonceCache
 from proxy.auth.shared_nonces import RedisNonces
 from proxy.auth.signing import (
@@ -239,7 +238,7 @@ class AuthState:
                 # A shared store or a journal remembers across restarts; a memory-only cache
                 # starts empty, so what may have been signed before this process started is
                 # refused.
-                lasting = shared is not None or isinstance(self._nonces, JournaledNonces)
+                lasting = shared is not None or self._nonces.lasting
                 self._nonces.not_before = float("-inf") if lasting else self._started
             auth = Authenticator(
                 section, nonces=self._nonces, shared=shared,
@@ -255,6 +254,8 @@ class AuthState:
         window, size = signatures.window_seconds, signatures.nonce_cache_size
         if not (signatures.journaled and signatures.state_dir):
             return NonceCache(window, size)  # memory, or Redis (checked first), or no file
+        from proxy.auth.journal import JournaledNonces  # sqlite3: with a journal only
+
         try:
             return JournaledNonces.open(signatures.state_dir, window, size, now=self._clock())
         except ConfigError as exc:
@@ -278,7 +279,7 @@ class AuthState:
         stores, self._retired = [*self._retired, self._shared], []
         self._shared = None
         self._shared_url = None
-        if isinstance(self._nonces, JournaledNonces):
+        if self._nonces is not None:
             self._nonces.close()
         for store in stores:
             if store is not None:

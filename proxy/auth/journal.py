@@ -51,6 +51,8 @@ class JournaledNonces(NonceCache):
 
     __slots__ = ("_db", "_purged", "path")
 
+    lasting = True
+
     def __init__(self, db: sqlite3.Connection, path: Path, window: float,
                  max_entries: int) -> None:
         super().__init__(window, max_entries)

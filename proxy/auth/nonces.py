@@ -26,6 +26,9 @@ class NonceCache:
 
     __slots__ = ("_heap", "_seen", "horizon", "max_entries", "not_before", "window")
 
+    #: Whether what it remembers outlives the process (a journal's does).
+    lasting = False
+
     def __init__(
         self, window: float, max_entries: int, *, not_before: float = float("-inf")
     ) -> None:
@@ -36,6 +39,9 @@ class NonceCache:
         self._seen: set[tuple[str, str]] = set()
         self._heap: list[tuple[int, tuple[str, str]]] = []
         self.retune(window, max_entries)
+
+    def close(self) -> None:
+        """Let go of what it holds beyond memory (nothing, here)."""
 
     def retune(self, window: float, max_entries: int) -> None:
         """Adopt new limits, keeping every entry (a smaller size takes effect on next add)."""

@@ -19,7 +19,7 @@ from pydantic.alias_generators import to_camel, to_snake
 from proxy.config.base import SECRET_KEYS
 from proxy.config.build import ProxyConfig, build_config
 from proxy.config.describe import Loc, _describe, _path
-from proxy.config.providers import adapter_entry_points
+from proxy.config.providers import InstalledEntryPoints
 from proxy.config.yamlfile import parse_yaml
 from proxy.errors import ConfigError, reason
 
@@ -98,7 +98,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(problems)
     files = [f"{name}: {problem}" for problem in files_problems(data)]
     try:
-        config = build_config(data, entry_points=adapter_entry_points())
+        config = build_config(data, entry_points=InstalledEntryPoints())
     except ValidationError as exc:
         raise ConfigError(_describe(exc, data, name) + files) from None
     if files:

@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -124,8 +123,33 @@ class PluginConfig(BaseConfig):
 
 def adapter_entry_points() -> dict[str, str]:
     """The adapters installed packages register: name -> ``module:Class``."""
+    import importlib.metadata  # here: reading every package's metadata is for plugins only
+
     eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     return {ep.name: ep.value for ep in eps}
+
+
+class InstalledEntryPoints(Mapping[str, str]):
+    """:func:`adapter_entry_points`, looked up the first time it is read: a config naming a
+    built-in provider never reads it, so the installed packages' metadata is not scanned (nor
+    ``importlib.metadata`` imported) for it."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, str] | None = None
+
+    def _eps(self) -> dict[str, str]:
+        if self._found is None:
+            self._found = adapter_entry_points()
+        return self._found
+
+    def __getitem__(self, name: str) -> str:
+        return self._eps()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._eps())
+
+    def __len__(self) -> int:
+        return len(self._eps())
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,9 @@ from proxy.upstream.clock import SYSTEM, Clock
 from proxy.upstream.limiter import Limiter
 from proxy.upstream.pipeline import Pipeline
 from proxy.upstream.routing import Served
+
+if TYPE_CHECKING:
+    from proxy.server.node import Node  # numpy and eth-abi: imported in node mode only
 
 log = logging.getLogger("model_proxy")
 
@@ -52,27 +56,7 @@ def create_app(
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     try:
-        node = None
-        if config.node is not None:
-            from proxy.server import node as node_mode  # numpy and eth-abi: node mode only
-
-            node = node_mode.build(config, NodeMetrics(metrics.registry))
-        runtime = Runtime(
-            config=config,
-            metrics=metrics,
-            pipeline=pipeline,
-            drain=Drain(),
-            auth=AuthState(
-                config,
-                refused=metrics.count_auth_failure,
-                allowed=node.registry.inference if node is not None else None,
-            ),
-            readiness=Readiness(config, metrics),
-            catalog=Catalog(),
-            session=session,
-            served=Served([pipeline.build(entry, session) for entry in config.entries]),
-            config_path=config_path,
-        )
+        runtime, node = _build_runtime(config, metrics, pipeline, session, config_path)
     except BaseException:
         # A config that fails here (an adapter that cannot be imported, ...) must not leave
         # an unclosed session behind; unused, it closes without a turn of the loop.
@@ -92,10 +76,44 @@ def create_app(
     app.on_shutdown.append(_drain_requests)
     _add_routes(app, runtime)
     if node is not None:
+        from proxy.server import node as node_mode
+
         runtime.public_paths = runtime.public_paths | node_mode.NODE_PATHS
         node_mode.install(app, node, lambda handler, label: layered(runtime, handler, label))
     app.router.add_route("*", "/{tail:.*}", layered(runtime, routes.not_found, None))
     return app
+
+
+def _build_runtime(
+    config: BaseConfig,
+    metrics: Metrics,
+    pipeline: Pipeline,
+    session: aiohttp.ClientSession,
+    config_path: str | None,
+) -> tuple[Runtime, Node | None]:
+    """The runtime for ``config``, and node mode's parts when it has a ``node:`` section."""
+    node = None
+    if config.node is not None:
+        from proxy.server import node as node_mode  # numpy and eth-abi: node mode only
+
+        node = node_mode.build(config, NodeMetrics(metrics.registry))
+    runtime = Runtime(
+        config=config,
+        metrics=metrics,
+        pipeline=pipeline,
+        drain=Drain(),
+        auth=AuthState(
+            config,
+            refused=metrics.count_auth_failure,
+            allowed=node.registry.inference if node is not None else None,
+        ),
+        readiness=Readiness(config, metrics),
+        catalog=Catalog(),
+        session=session,
+        served=Served([pipeline.build(entry, session) for entry in config.entries]),
+        config_path=config_path,
+    )
+    return runtime, node
 
 
 def _watch_gauges(runtime: Runtime, limiter: Limiter) -> None:

@@ -17,8 +17,6 @@ With neither set, nothing happens.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import os
@@ -53,6 +51,9 @@ def trace_memory(loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGUSR1, dump)
         log.warning("tracing memory allocations (%s): snapshots to %s on SIGUSR1", ENV, folder)
     if os.environ.get(TRIM_ENV) == "1":
+        import ctypes  # here: imported by every process, used by few
+        import ctypes.util
+
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
 
         def trim() -> None:

@@ -57,7 +57,9 @@ async def inference(
     asks = stream and backend.adapter.asks_usage and endpoint != "embeddings"
     asked = asks and ask_usage(payload)
     if renamed or forced or asked:
-        body = orjson.dumps(payload)
+        # copied out of orjson's 4 KiB write buffer, which its result keeps: the body is held
+        # for the whole exchange (a resend needs it), so 500 streams would hold 2 MB of slack
+        body = bytes(memoryview(orjson.dumps(payload)))
     request_id = exchange.request_id
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id

@@ -225,19 +225,8 @@ class OllamaAdapter(HTTPUpstream):
         self, resp: Answer, translator: StreamTranslator, first_byte_by: float
     ) -> UpstreamResponse:
         lines = NDJSONLines()
-        first: list[bytes] = []
         try:
-            # The first line is read before answering (see send), by the first-byte deadline.
-            while not first:
-                chunk = await self._read(resp, first_byte_by, before_first_byte=True)
-                if not chunk:
-                    first = [lines.flush()]
-                    if not first[0].strip():
-                        raise UpstreamError(
-                            "Ollama ended the stream without a line", retryable=True
-                        )
-                    break
-                first = [line for line in lines.feed(chunk) if line and not line.isspace()]
+            first = await self._first_lines(resp, lines, first_byte_by)
             head = b"".join(translator.line(obj) for obj in map(parse_line, first) if obj)
         except BaseException:
             resp.close()
@@ -282,6 +271,22 @@ class OllamaAdapter(HTTPUpstream):
         out = UpstreamResponse.from_sse(events(), release)
         out.usage = usage
         return out
+
+    async def _first_lines(
+        self, resp: Answer, lines: NDJSONLines, first_byte_by: float
+    ) -> list[bytes]:
+        """The stream's first non-blank lines, read before answering (see send) by the
+        first-byte deadline; a stream that ends without one is a retryable failure."""
+        while True:
+            chunk = await self._read(resp, first_byte_by, before_first_byte=True)
+            if not chunk:
+                last = lines.flush()
+                if not last.strip():
+                    raise UpstreamError("Ollama ended the stream without a line", retryable=True)
+                return [last]
+            first = [line for line in lines.feed(chunk) if line and not line.isspace()]
+            if first:
+                return first
 
     async def _read(
         self, resp: Answer, until: float, *, before_first_byte: bool
