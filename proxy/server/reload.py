@@ -26,7 +26,9 @@ A reload runs the checks ``serve`` runs at start-up (``proxy.server.preflight``)
 that ``serve`` would refuse (no inbound auth on a non-loopback address) is refused. Writing
 the new file beside the old one and renaming it over it is the atomic way to change a watched
 file, and the one to use: an editor that pauses longer than ``SETTLE`` mid-write could
-otherwise leave a partial file in place that long.
+otherwise leave a partial file in place that long, and a file deleted and then written anew
+has a new inode, so it is taken as replaced and may be read before it is whole (it is read
+again once it is, as a file rewritten in place).
 
 Some settings cannot change in a running process (the bound address, the header size limit,
 logging); a change to them is reported and the running value kept.
