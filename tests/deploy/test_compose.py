@@ -204,8 +204,10 @@ def test_a_node_has_its_key_as_a_secret_and_its_journal_on_a_volume(tmp_path: Pa
     assert f"key_file: {tmp_path / 'nodekey.json'}" in checked.stdout  # the file, not the key
     private = json.loads((tmp_path / "nodekey.json").read_text())["private_key"]
     assert private.removeprefix("0x") not in checked.stdout + checked.stderr
-    config = load_config(config_file, env=env)
+    config = load_config(config_file, env={**env, "MODEL_PROXY_STATE_DIR": state})
     assert config.node is not None and config.node.chain is not None
+    signatures = config.auth.fxn_signatures  # node mode's, with no section written
+    assert signatures is not None and signatures.journaled and signatures.state_dir == state
     assert config.fxn_id == "2" and config.url == "http://host.docker.internal:8000"
     grace = float(service["stop_grace_period"].removesuffix("s"))
     assert grace > config.server.shutdown_grace
