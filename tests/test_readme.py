@@ -111,7 +111,8 @@ def test_check_says_how_to_make_a_missing_signing_key(tmp_path: Path) -> None:
 def test_what_the_readme_has_an_operator_make_is_ignored_by_git() -> None:
     made = ["model_backend.yaml", "fxn.key", "config/examples/fxn.key", "nodekey.json",
             "inbound.keys", "body.json", "model-proxy-nonces.sqlite3",
-            "deploy/kubernetes/secret.yaml"]
+            "deploy/kubernetes/secret.yaml", "deploy/kubernetes/node/secret.yaml",
+            "deploy/compose/node/nodekey.json"]
     done = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     assert sorted(done.stdout.split()) == sorted(made)

@@ -262,8 +262,13 @@ def _anchor_key_file(data: dict[str, Any], base: Path) -> None:
 
 def _anchor_state_dir(data: dict[str, Any], base: Path, env: Mapping[str, str]) -> None:
     """``auth.fxn_signatures.state_dir``: relative to the config file; unset, the directory
-    ``$MODEL_PROXY_STATE_DIR`` names (the container image's), else the config file's."""
+    ``$MODEL_PROXY_STATE_DIR`` names (the container image's), else the config file's. Node mode
+    checks signatures with no ``auth.fxn_signatures`` section written: the section it gets
+    keeps its journal where a written one would."""
     auth = data.get("auth")
+    if isinstance(data.get("node"), dict) and (auth is None or isinstance(auth, dict)) and not {
+            "fxn_signatures", "fxnSignatures"} & set(auth or {}):
+        auth = data["auth"] = {**(auth or {}), "fxn_signatures": {}}
     signatures = auth.get("fxn_signatures", auth.get("fxnSignatures")) if isinstance(
         auth, dict) else None
     if not isinstance(signatures, dict):

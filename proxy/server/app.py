@@ -48,7 +48,8 @@ def create_app(
 
     Call it with an event loop running (the upstream connection pool belongs to it). Raises
     ``ConfigError`` if the configured adapter cannot be imported. ``clock`` times the
-    breakers, the limiter's queue, retries and cool-downs (tests pass one they move).
+    breakers, the limiter's queue, retries, cool-downs, the reading of the upstreams' load and
+    the watching of the config and secret files (tests pass one they move).
     """
     metrics = Metrics(registry)
     limiter = Limiter(config.limits, clock)
@@ -64,7 +65,7 @@ def create_app(
         raise
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[RUNTIME] = runtime
-    app[RELOADER] = reloader = Reloader(runtime)
+    app[RELOADER] = reloader = Reloader(runtime, clock=clock)
     app[SCRAPER] = scraper = Scraper(lambda: runtime.served, session, clock)
     reloader.swapped.append(scraper.wake)  # the scraper follows the served set
     _watch_gauges(runtime, limiter)

@@ -2,10 +2,18 @@
 
 The files watched are the config file and every ``*_file`` secret it was read with
 (``BaseConfig.secret_files``), each through its symlinks: a Kubernetes Secret mount, whose
-``..data`` link is swapped by a rename to a new directory, is seen as the change it is. So a
-rotated API key, upstream credential or signing key applies within about two watch intervals
-(one to see the change, one to see that it has settled); a secret file that has become
-unreadable or empty is refused as any broken edit is, and the old value keeps serving.
+``..data`` link is swapped by a rename to a new directory, is seen as the change it is.
+
+The watcher looks every ``WATCH_INTERVAL`` (0.75 s). A file that was replaced (its resolved
+path or its inode changed: a Secret mount's swap, a new file renamed over the old one) is
+complete the moment it appears, and is applied at that look. A file rewritten in place may be
+caught half-written, so it is looked at again ``SETTLE`` (0.25 s) later and applied if it has
+not changed since; if it has, it is looked at again after another ``SETTLE``. So a rotated API
+key, upstream credential or signing key applies within one watch interval of 1 s at most
+(0.75 s until the look that sees it, plus 0.25 s for a file rewritten in place), and a file
+written to while it was read is not applied (it is read again once it stays unchanged). A
+secret file that has become unreadable or empty is refused as any broken edit is, and the old
+value keeps serving. Every wait is on the clock the Reloader is given.
 
 A reload reads and validates the file (``load_config``), builds and starts a new adapter, and
 hands both to ``Runtime.configure``, the one reload hook of every long-lived part: new
@@ -15,10 +23,12 @@ serving and one log line says why. Both outcomes are counted in
 ``model_proxy_config_reloads{result="ok"|"error"}``.
 
 A reload runs the checks ``serve`` runs at start-up (``proxy.server.preflight``): a config
-that ``serve`` would refuse (no inbound auth on a non-loopback address) is refused. With
-``watch: true`` a changed file is read once it has stayed unchanged for ``settle`` seconds,
-and a file written to while it was read is not applied; writing the new file beside the old
-one and renaming it over it is the atomic way, and the one to use.
+that ``serve`` would refuse (no inbound auth on a non-loopback address) is refused. Writing
+the new file beside the old one and renaming it over it is the atomic way to change a watched
+file, and the one to use: an editor that pauses longer than ``SETTLE`` mid-write could
+otherwise leave a partial file in place that long, and a file deleted and then written anew
+has a new inode, so it is taken as replaced and may be read before it is whole (it is read
+again once it is, as a file rewritten in place).
 
 Some settings cannot change in a running process (the bound address, the header size limit,
 logging); a change to them is reported and the running value kept.
@@ -29,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -40,13 +49,16 @@ from proxy.errors import ConfigError, ProxyError, reason
 from proxy.server.preflight import check_servable
 from proxy.server.runtime import Runtime
 from proxy.server.tasks import running
+from proxy.upstream.clock import SYSTEM, Clock
 from proxy.upstream.pipeline import Backend
 from proxy.upstream.routing import Served
 
 log = logging.getLogger("model_proxy")
 
-#: How often a watched file's modification time is looked at, in seconds.
-WATCH_INTERVAL = 1.0
+#: How often the watched files are looked at, in seconds.
+WATCH_INTERVAL = 0.75
+#: Seconds a file rewritten in place must stay unchanged before it is read: the second look.
+SETTLE = 0.25
 #: A file's resolved path, modification and change times (ns), size and inode: what tells
 #: that it changed (the change time, so that a file made unreadable is looked at again).
 FileStamp = tuple[str, int, int, int, int]
@@ -59,15 +71,17 @@ RETIRE_INTERVAL = 0.5
 class Reloader:
     """Reloads the application's configuration; one per application under ``RELOADER``."""
 
-    def __init__(
-        self, runtime: Runtime, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, runtime: Runtime, *, clock: Clock = SYSTEM) -> None:
         self.runtime = runtime
         self.watch_interval = WATCH_INTERVAL
-        #: Seconds a changed watched file must stay unchanged before it is read.
-        self.settle = WATCH_INTERVAL
+        #: Seconds a file rewritten in place must stay unchanged before it is read.
+        self.settle = SETTLE
+        #: Times the looks and every wait of the background task (tests pass one they move).
         self.clock = clock
-        #: The watched files' stamp when a change was first seen, and when that was.
+        #: Looks the background task has taken; ``looked`` is set after each (tests wait on it).
+        self.looks = 0
+        self.looked = asyncio.Event()
+        #: The watched files' stamp when an in-place change was seen, and when that was.
         self._changed: tuple[Stamp | None, float] | None = None
         #: Backends replaced by a reload that still have requests in flight.
         self.retired: list[Backend] = []
@@ -108,7 +122,8 @@ class Reloader:
             if self._file_stamp(running_config) != self._stamp:  # written to while it was read
                 log.warning("config reload skipped: %s or a secret file changed while it was "
                             "read; it is read again once it stays unchanged", path)
-                self._stamp = None  # so that a watcher looks at it again
+                self._stamp = None  # so that a watcher reads it again once it has settled
+                self._changed = (self._file_stamp(running_config), self.clock.now())
                 return False
             # the files this config was read with, as read: the ones a watcher looks at next
             stamp = self._file_stamp(config)
@@ -190,34 +205,59 @@ class Reloader:
         """Background task: reload on ``trigger`` or a changed watched file; close retirees."""
         while True:
             watching = self.runtime.config.watch
-            wait = self.watch_interval if watching else None
+            wait = self._next_look() if watching else None
             if self.retired:
-                wait = min(wait or RETIRE_INTERVAL, RETIRE_INTERVAL)
-            try:
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+                wait = min(wait if wait is not None else RETIRE_INTERVAL, RETIRE_INTERVAL)
+            woken = await self._wait(wait)
             self._wake.clear()
             if self._requested:
                 self._requested = False
                 await self.reload()
-            elif watching:
+            elif watching and not woken:  # woken early: only to take a new wait
                 await self.poll()
+                self.looks += 1
+                self.looked.set()
+                self.looked.clear()
             await self._close_idle()
 
+    def _next_look(self) -> float:
+        """Seconds until the next look: ``settle`` after an in-place change, else the interval."""
+        if self._changed is None:
+            return self.watch_interval
+        return max(0.0, self._changed[1] + self.settle - self.clock.now())
+
+    async def _wait(self, seconds: float | None) -> bool:
+        """Until ``seconds`` of the clock have passed (``None``: for ever) or ``_wake`` is set;
+        whether it was woken."""
+        if seconds is None or self._wake.is_set():
+            await self._wake.wait()
+            return True
+        sleep = asyncio.ensure_future(self.clock.sleep(seconds))
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleep, wake), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (sleep, wake):
+                waiting.cancel()
+            await asyncio.gather(sleep, wake, return_exceptions=True)
+        return sleep.cancelled()
+
     async def poll(self) -> bool:
-        """One look at the watched file: reload it if it has changed and then stayed as it is
-        (size, modification time, inode) for ``settle`` seconds of ``clock``, so that a file
-        caught half-written is not applied; whether it was reloaded."""
-        stamp, now = self._file_stamp(self.runtime.config), self.clock()
+        """One look at the watched files; whether it reloaded them.
+
+        A file replaced since the running config was read (its resolved path or inode changed:
+        a rename over it, a Secret mount's ``..data`` swap) was whole when it appeared, and is
+        read at once. A file rewritten in place may be caught half-written: it is read once a
+        look ``settle`` seconds of ``clock`` later finds it unchanged (size, times, inode)."""
+        stamp, now = self._file_stamp(self.runtime.config), self.clock.now()
         if stamp == self._stamp:
             self._changed = None
             return False
-        if self._changed is None or self._changed[0] != stamp:
-            self._changed = (stamp, now)  # changed since the last look: wait for it to settle
-            return False
-        if now - self._changed[1] < self.settle:
+        if self._changed is not None and self._changed[0] == stamp:
+            if now - self._changed[1] < self.settle:
+                return False  # looked at again before it could settle
+        elif not _replaced(self._stamp, stamp):
+            self._changed = (stamp, now)  # changed in place since the last look: let it settle
             return False
         self._changed = None
         return await self.reload()
@@ -252,6 +292,18 @@ def _stamp(path: str) -> FileStamp | None:
         return None
     # the inode too: a file renamed over the old one may keep its size and time
     return resolved, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
+
+
+def _replaced(before: Stamp | None, now: Stamp | None) -> bool:
+    """Whether every watched file that changed between the two stamps was replaced whole
+    (a new resolved path or inode): nothing changed in place that could be half-written."""
+    if before is None or now is None or len(before) != len(now):
+        return False
+    changed = [(old, new) for old, new in zip(before, now, strict=True) if old != new]
+    return bool(changed) and all(
+        old is not None and new is not None and (old[0] != new[0] or old[4] != new[4])
+        for old, new in changed
+    )
 
 
 async def _close_quietly(adapter: Adapter) -> None:

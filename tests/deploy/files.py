@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -85,3 +87,29 @@ INSTALL_HINT = "run .ci/deploy-checks, which installs it"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"model-proxy:{VERSION}"
 IMAGE_VLLM = f"{IMAGE}-vllm"
+
+
+def model_proxy(*args: str, cwd: Path, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """``model-proxy ARGS`` as an operator runs it, in ``cwd``, with ``env`` added to an
+    environment that has none of the caller's ``FXN_*`` / ``MODEL_*`` / ``NODE_*``."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("FXN_", "MODEL_", "NODE_"))}
+    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def keygen(path: Path) -> str:
+    """A new node key at ``path`` (``model-proxy keygen``); its address."""
+    made = model_proxy("keygen", "-o", path.name, cwd=path.parent)
+    assert made.returncode == 0, made.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    return made.stdout.strip()
+
+
+def git_ignored(*paths: str) -> list[str]:
+    """Which of ``paths`` (relative to the repository) git would leave out of a commit."""
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    return sorted(done.stdout.split())

@@ -6,7 +6,8 @@ in ``tests.fakes.faulty_upstream``, cannot say which concurrent request gets wha
 ``ok`` a completion; ``stream`` three SSE chunks; ``slow_first_token`` SSE whose first chunk
 comes after ``first_token_delay``; ``long_stream`` chunks ``chunk_gap`` apart for
 ``long_chunks`` chunks (it holds a concurrency slot that long); ``fail`` a 500; ``busy`` a
-503 (retried by the proxy); ``stall`` no status line for ``stall_seconds``.
+503 (retried by the proxy); ``stall`` no status line for ``stall_seconds``. ``GET /health``
+answers 200, as ``vllm serve`` does (the proxy's readiness probe of a vllm upstream).
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class ScriptedUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.completion)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})

@@ -20,13 +20,16 @@ from tests.deploy.files import (
     INSTALL_HINT,
     PROMETHEUS_CONFIG,
     ROOT,
+    git_ignored,
+    keygen,
+    model_proxy,
 )
 
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.yml"
-#: every compose file shipped: the main one, in-process vLLM on a GPU, TLS in front
+#: every compose file shipped: the main one, in-process vLLM on a GPU, TLS in front, a node
 COMPOSE_FILES = (COMPOSE, COMPOSE_DIR / "vllm" / "docker-compose.yml",
-                 DEPLOY / "tls" / "docker-compose.yml")
+                 DEPLOY / "tls" / "docker-compose.yml", COMPOSE_DIR / "node" / "docker-compose.yml")
 
 
 def compose(path: Path = COMPOSE) -> dict[str, Any]:
@@ -147,3 +150,76 @@ def test_tls_terminator_in_front_of_an_unpublished_proxy() -> None:
     assert f"listen {published.split(':')[-1]} ssl;" in nginx
     config = load_config(path.parent / "model_backend.yaml", env={"PROXY_API_KEY": "k"})
     assert config.auth.api_keys and set(proxy["environment"]) == {"PROXY_API_KEY"}
+
+
+def defaults(text: str) -> dict[str, str]:
+    """``${NAME:-default}`` in ``text``: each name's default."""
+    return dict(re.findall(r"\$\{(\w+):-([^}]*)\}", text))
+
+
+def test_a_node_has_its_key_as_a_secret_and_its_journal_on_a_volume(tmp_path: Path) -> None:
+    path = COMPOSE_FILES[3]
+    whole = compose(path)
+    service = whole["services"]["proxy"]
+    assert service["image"] == IMAGE
+    assert (path.parent / service["build"]["context"] / service["build"]["dockerfile"]).exists()
+    image = parse(ROOT / "Dockerfile")[-1]
+    config_file = path.parent / "model_backend.yaml"
+    assert bind_mounts(service, path.parent)[config_file.resolve()] == \
+        image.env["MODEL_BACKEND_CONFIG"]
+    assert f"{config_file.name}:{image.env['MODEL_BACKEND_CONFIG']}:ro" in \
+        " ".join(service["volumes"])
+    # the key: a compose secret from a file beside the compose file, which git ignores
+    (secret,) = service["secrets"]
+    key_in_container = f"/run/secrets/{secret['target']}"
+    key_on_host = whole["secrets"][secret["source"]]["file"]
+    assert git_ignored((path.parent / key_on_host).relative_to(ROOT).as_posix())
+    text = path.read_text()
+    assert f"keygen -o {PurePosixPath(key_on_host).name}" in text
+    assert "chown 10001:10001" in text and image.user == "10001:10001"
+    # the config reads the key where the secret is mounted, unless told another path
+    config_text = config_file.read_text()
+    assert defaults(config_text)["NODE_KEY_FILE"] == key_in_container
+    # the nonce journal: a named volume at the image's state directory, writable
+    named = {target: source for source, target, *_ in
+             (v.split(":") for v in service["volumes"]) if not source.startswith(".")}
+    state = image.env["MODEL_PROXY_STATE_DIR"]
+    assert named[state] in whole["volumes"] and f"{state}:ro" not in service["volumes"]
+    # the variables the YAML reads: the ones compose passes in, with the same defaults, and
+    # the key's path
+    used = set(re.findall(r"\$\{(\w+)", config_text))
+    assert used == set(service["environment"]) | {"NODE_KEY_FILE"}
+    for name, default in defaults(config_text).items():
+        if name in service["environment"]:
+            assert defaults(service["environment"][name]) == {name: default}
+    # the port the network reaches, the image's
+    (published,) = service["ports"]
+    assert published.split(":")[-1] in image.expose
+    # it passes check as the container reads it, with a key made as the header says
+    keygen(tmp_path / "nodekey.json")
+    env = {"NODE_KEY_FILE": str(tmp_path / "nodekey.json"), "FXN_ID": "2"}
+    checked = model_proxy("check", "-c", str(config_file), cwd=tmp_path, env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith(f"# {config_file}: valid")
+    assert f"key_file: {tmp_path / 'nodekey.json'}" in checked.stdout  # the file, not the key
+    private = json.loads((tmp_path / "nodekey.json").read_text())["private_key"]
+    assert private.removeprefix("0x") not in checked.stdout + checked.stderr
+    config = load_config(config_file, env={**env, "MODEL_PROXY_STATE_DIR": state})
+    assert config.node is not None and config.node.chain is not None
+    signatures = config.auth.fxn_signatures  # node mode's, with no section written
+    assert signatures is not None and signatures.journaled and signatures.state_dir == state
+    assert config.fxn_id == "2" and config.url == "http://host.docker.internal:8000"
+    grace = float(service["stop_grace_period"].removesuffix("s"))
+    assert grace > config.server.shutdown_grace
+    assert "/readyz" in service["healthcheck"]["test"][-1]
+    # without the model's id, or without the key, check says what is missing in one line
+    refused = model_proxy("check", "-c", str(config_file), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        f"{config_file}: fxn_id: environment variable FXN_ID is not set (use ${{FXN_ID:-default}}"
+        " for a fallback)"]
+    refused = model_proxy("check", "-c", str(config_file), cwd=tmp_path, env={"FXN_ID": "2"})
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        f"{config_file}: node.key_file: cannot read key file {key_in_container}: No such file "
+        f"or directory (make one with: model-proxy keygen -o {key_in_container})"]

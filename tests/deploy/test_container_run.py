@@ -6,6 +6,8 @@ a change). Here that image runs as its numeric user with a read-only root, the
 config mounted read-only, the inbound keys in a mounted secret and port 8080 published on
 loopback; its HEALTHCHECK must pass, a request must reach a scripted upstream on this machine
 through it, and ``podman stop`` (SIGTERM) must let a stream in flight finish and exit 0.
+The node recipe (``deploy/compose/node``) runs in it as compose runs it: its config as
+shipped, the key a read-only secret, the nonce journal on a named volume.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import aiohttp
 import pytest
 import yaml
 
+from proxy.auth.journal import FILE_NAME
 from tests.conftest import free_port
 from tests.deploy.dockerfile import parse
-from tests.deploy.files import IMAGE, ROOT
+from tests.deploy.files import DEPLOY, IMAGE, ROOT, keygen
 from tests.deploy.scripted_upstream import ScriptedUpstream
+from tests.fakes.fxn_node import gateway_headers
 
 #: runc (crun refuses hybrid cgroups), no systemd here (cgroupfs, events in a file), and
 #: limits below this kind of machine's hard ones (above them every start fails in setrlimit).
@@ -170,3 +174,64 @@ async def test_the_image_serves_checks_health_and_drains(
     streamed = [i for i, line in enumerate(lines)
                 if line.get("path") == "/v1/chat/completions" and line.get("status") == 200]
     assert len(streamed) == 2 and streamed[0] < drain < streamed[1], logs[-2000:]
+
+
+@pytest.fixture
+def volume_name() -> Iterator[str]:
+    name = f"model-proxy-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    podman("volume", "rm", "--force", name)
+
+
+async def test_the_image_runs_the_node_recipe(
+        tmp_path: Path, aiohttp_server: Any, container_name: str, volume_name: str) -> None:
+    assert image_present(), f"no podman image {IMAGE}: run .ci/container-image first"
+    recipe = DEPLOY / "compose" / "node"
+    service = yaml.safe_load((recipe / "docker-compose.yml").read_text())["services"]["proxy"]
+    final = parse(ROOT / "Dockerfile")[-1]
+    # the key as the recipe has the operator make it: keygen, then owned by the image's user
+    key = tmp_path / "nodekey.json"
+    keygen(key)
+    uid, gid = (int(n) for n in str(final.user).split(":"))
+    os.chown(key, uid, gid)
+    (secret,) = service["secrets"]
+    state = final.env["MODEL_PROXY_STATE_DIR"]
+    upstream = await aiohttp_server(ScriptedUpstream().app())
+    env = {"FXN_ID": "2", "BACKEND_URL": f"http://{HOST_LOOPBACK}:{upstream.port}",
+           "NODE_PUBLIC_IP": "192.0.2.1"}  # not the default URL: nothing outside is reached
+    assert set(env) == set(service["environment"])
+    port = free_port()
+    started = podman(
+        "run", "--detach", "--name", container_name, *LIMITS, *NETWORK,
+        "--user", str(final.user), "--read-only", "--cap-drop", "ALL",
+        "--publish", f"127.0.0.1:{port}:8080",
+        *(f"--env={name}={value}" for name, value in env.items()),
+        "--volume", f"{recipe / 'model_backend.yaml'}:{final.env['MODEL_BACKEND_CONFIG']}:ro",
+        "--volume", f"{key}:/run/secrets/{secret['target']}:ro",
+        "--volume", f"{volume_name}:{state}", IMAGE)
+    assert started.returncode == 0, started.stderr
+    start_period = float(final.healthcheck_options["start-period"].removesuffix("s"))
+    await until_healthy(container_name, start_period)
+
+    base = f"http://127.0.0.1:{port}"
+    body = json.dumps({"model": "2", "messages": [{"role": "user", "content": "ok"}]}).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/health") as resp:
+            assert (resp.status, await resp.text()) == (200, "OK")  # as function-node answers
+        async with session.get(base + "/readyz") as resp:
+            assert resp.status == 200, await resp.text()  # the backend behind it answers
+        # jobs: signed by the scheduler or a gateway on the chain, nobody else
+        async with session.post(base + "/v1/chat/completions", data=body) as resp:
+            assert resp.status == 401
+        stranger = gateway_headers(bytes.fromhex("11" * 32), body, nonce="n-1")
+        async with session.post(base + "/v1/chat/completions", data=body,
+                                headers=stranger) as resp:
+            assert resp.status == 401, await resp.text()
+    stopped = await asyncio.to_thread(podman, "stop", "--time", "40", container_name)
+    assert stopped.returncode == 0, stopped.stderr
+    state_on_host = podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume_name)
+    assert (Path(state_on_host.stdout.strip()) / FILE_NAME).exists()  # the journal, kept
+    logs = podman("logs", container_name).stderr
+    private = json.loads(key.read_text())["private_key"].removeprefix("0x")
+    assert private not in logs
+    assert "Traceback" not in logs, logs[-2000:]

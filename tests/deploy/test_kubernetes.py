@@ -14,11 +14,23 @@ import yaml
 
 from proxy.config import load_config
 from tests.deploy.dockerfile import parse
-from tests.deploy.files import ALERTS, DEPLOY, IMAGE, IMAGE_VLLM, INSTALL_HINT, ROOT
+from tests.deploy.files import (
+    ALERTS,
+    DEPLOY,
+    IMAGE,
+    IMAGE_VLLM,
+    INSTALL_HINT,
+    ROOT,
+    git_ignored,
+    keygen,
+    model_proxy,
+)
 
 MANIFESTS = DEPLOY / "kubernetes"
 #: the GPU variant: its Deployment and ConfigMap take the place of the CPU ones
 VLLM_MANIFESTS = MANIFESTS / "vllm"
+#: a Function Network node: a set of its own (model-proxy-node), beside or instead of the rest
+NODE_MANIFESTS = MANIFESTS / "node"
 #: Oldest and newest Kubernetes the manifests must be valid for.
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
 #: Prometheus Operator kinds: their schemas come with the operator, not with Kubernetes.
@@ -30,11 +42,24 @@ def documents(variant: Path | None = None) -> dict[str, dict[str, Any]]:
     found = {}
     # secret.yaml.example: copied to secret.yaml with a real key, never applied as shipped
     paths = sorted(p for p in [*MANIFESTS.rglob("*.yaml"), *MANIFESTS.rglob("*.yaml.example")]
-                   if not p.is_relative_to(VLLM_MANIFESTS))
+                   if not p.is_relative_to(VLLM_MANIFESTS) and not p.is_relative_to(NODE_MANIFESTS))
     for path in [*paths, *(sorted(variant.glob("*.yaml")) if variant else [])]:
         for document in yaml.safe_load_all(path.read_text()):
             if document:
                 found[document["kind"]] = document
+    return found
+
+
+def node_manifests() -> list[Path]:
+    """The node's set, the Secret's example among them."""
+    return sorted([*NODE_MANIFESTS.glob("*.yaml"), *NODE_MANIFESTS.glob("*.yaml.example")])
+
+
+def node_documents() -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in node_manifests():
+        for document in yaml.safe_load_all(path.read_text()):
+            found[document["kind"]] = document
     return found
 
 
@@ -56,7 +81,7 @@ def test_valid_against_kubernetes_schemas(version: str) -> None:
     for kind, document in documents().items():
         if kind not in OPERATOR_KINDS:
             kubernetes_validate.validate(document, version, strict=True)
-    for path in sorted(VLLM_MANIFESTS.glob("*.yaml")):
+    for path in [*sorted(VLLM_MANIFESTS.glob("*.yaml")), *node_manifests()]:
         for document in yaml.safe_load_all(path.read_text()):
             kubernetes_validate.validate(document, version, strict=True)
     broken = documents()["Deployment"]
@@ -231,5 +256,82 @@ def test_vllm_variant_has_a_gpu_shared_memory_and_a_model_cache(tmp_path: Path) 
     config = load_config(config_dir / "model_backend.yaml", env={})
     assert config.backend_provider == "vllm" and config.engine is not None
     assert config.engine.tensor_parallel_size == proxy["resources"]["limits"]["nvidia.com/gpu"]
+    pre_stop = float(proxy["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config.server.shutdown_grace
+
+
+def test_a_node_has_one_pod_its_key_in_a_secret_and_its_journal_on_a_volume(
+    tmp_path: Path
+) -> None:
+    from proxy.auth.signing import Signer
+
+    docs = node_documents()
+    assert {p.name for p in node_manifests()} == {
+        "deployment.yaml", "configmap.yaml", "service.yaml", "pvc.yaml", "secret.yaml.example"}
+    assert set(docs) == {"Deployment", "ConfigMap", "Service", "PersistentVolumeClaim",
+                         "Secret"}
+    names = {doc["metadata"]["name"] for kind, doc in docs.items()
+             if kind != "PersistentVolumeClaim"}
+    assert names == {"model-proxy-node"}  # apart from the set in ../: both can run
+    deployment = docs["Deployment"]["spec"]
+    # one pod per key, the old one gone before the new one starts (the journal is its own)
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pod = deployment["template"]["spec"]
+    (proxy,) = pod["containers"]
+    image = parse(ROOT / "Dockerfile")[-1]
+    assert proxy["image"] == IMAGE and proxy["args"] == image.cmd
+    uid, _, gid = (image.user or "").partition(":")
+    context = pod["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (
+        int(uid), int(gid), int(gid))
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    # the key: the Secret's one file, read-only, readable by the group fsGroup sets, not by
+    # others
+    secret_volume = volumes["node-key"]["secret"]
+    assert secret_volume["secretName"] == docs["Secret"]["metadata"]["name"]
+    mode = secret_volume["defaultMode"]
+    assert mode & 0o040 and not mode & 0o007
+    assert mounts["node-key"]["readOnly"] is True
+    (item,) = secret_volume["items"]
+    assert item["key"] in docs["Secret"]["stringData"]
+    key_file = f"{mounts['node-key']['mountPath']}/{item['path']}"
+    # the journal: the image's state directory on the claim, writable
+    state = image.env["MODEL_PROXY_STATE_DIR"]
+    (journal,) = [m for m in proxy["volumeMounts"] if m["mountPath"] == state]
+    assert not journal.get("readOnly", False)
+    claim = volumes[journal["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    # the port the network reaches
+    labels = deployment["template"]["metadata"]["labels"]
+    service = docs["Service"]["spec"]
+    assert service["selector"].items() <= labels.items()
+    assert deployment["selector"]["matchLabels"].items() <= labels.items()
+    (port,) = service["ports"]
+    assert port["targetPort"] in {p["name"] for p in proxy["ports"]}
+    assert service["type"] == "LoadBalancer"
+    # the example Secret holds no key, and the copy made from it is ignored by git
+    placeholder = docs["Secret"]["stringData"][item["key"]]
+    with pytest.raises(ValueError):
+        Signer.from_text(placeholder)
+    assert git_ignored("deploy/kubernetes/node/secret.yaml")
+    # the ConfigMap passes check with a key made by keygen where the Secret puts it
+    config_dir = tmp_path / mounts["config"]["mountPath"].lstrip("/")
+    key_dir = tmp_path / mounts["node-key"]["mountPath"].lstrip("/")
+    config_dir.mkdir(parents=True)
+    key_dir.mkdir(parents=True)
+    text = docs["ConfigMap"]["data"]["model_backend.yaml"]
+    assert f"key_file: {key_file}\n" in text
+    config_file = config_dir / "model_backend.yaml"
+    config_file.write_text(text.replace(mounts["node-key"]["mountPath"], str(key_dir)))
+    keygen(key_dir / item["path"])
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    assert env["MODEL_BACKEND_CONFIG"] == f"{mounts['config']['mountPath']}/{config_file.name}"
+    checked = model_proxy("check", "-c", str(config_file), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    config = load_config(config_file, env={})
+    assert config.node is not None and config.node.chain is not None and config.fxn_id
     pre_stop = float(proxy["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pod["terminationGracePeriodSeconds"] > pre_stop + config.server.shutdown_grace

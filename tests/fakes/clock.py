@@ -41,6 +41,12 @@ class FakeClock(Clock):
         """How many sleeps wait for the clock to move."""
         return len(self._sleepers)
 
+    @property
+    def due(self) -> float | None:
+        """When the first sleep still waiting for the clock ends; ``None`` if none waits."""
+        pending = [due for due, waiter in self._sleepers if not waiter.done()]
+        return min(pending) if pending else None
+
     def advance(self, seconds: float) -> None:
         self.time += seconds
         for due, waiter in self._sleepers:

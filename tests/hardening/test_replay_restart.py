@@ -54,6 +54,29 @@ async def test_the_journal_remembers_the_window_across_a_restart(tmp_path: Path)
         assert status == 401 and b"replayed" in body
 
 
+async def test_a_node_journals_its_nonces_with_no_signature_section_written(
+    tmp_path: Path,
+) -> None:
+    """Node mode checks signatures whether or not ``auth.fxn_signatures`` is written; its
+    nonces go to the journal all the same (``$MODEL_PROXY_STATE_DIR``, else beside the config),
+    so what a restart must not reopen stays shut and what it must not refuse is accepted."""
+    (tmp_path / "nodekey.key").write_text("0x" + "5c" * 31 + "01")
+    config = write_config(tmp_path / "c.yaml", (
+        "backend_provider: mock\n"
+        f"node: {{key_file: nodekey.key, scheduler_address: '{GATEWAY}', public_ip: 192.0.2.1}}\n"))
+    async with serving(config) as (_, url):
+        captured = signed("captured-1")
+        status, _, body = await exchange(url, captured)
+        assert status == 200, body
+        unused = signed("unused-1", int(time.time()))
+    assert (tmp_path / FILE_NAME).exists()
+    async with serving(config) as (_, url):
+        status, _, body = await exchange(url, captured)
+        assert status == 401 and json.loads(body)["error"]["code"] == "replayed", body
+        status, _, body = await exchange(url, unused)
+        assert status == 200, body
+
+
 async def test_a_signature_made_as_the_node_answers_its_first_probe_is_accepted(
     tmp_path: Path,
 ) -> None:

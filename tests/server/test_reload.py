@@ -1,7 +1,8 @@
 """Hot reload: in-flight work survives, broken edits change nothing, good edits apply next.
 
-Most tests drive ``Reloader.reload`` on an in-process app; one runs ``model-proxy serve`` as a
-real process and sends it SIGHUP and SIGTERM.
+Most tests drive ``Reloader.reload`` on an in-process app, or its watcher on a clock they
+move (``elapse``); one runs ``model-proxy serve`` as a real process and sends it SIGHUP and
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import load_config
 from proxy.server.app import create_app
-from proxy.server.reload import RELOADER
+from proxy.server.reload import RELOADER, Reloader
 from proxy.server.runtime import RUNTIME
+from proxy.upstream.clock import SYSTEM, Clock
 from tests.conftest import free_port, upstream_url, wait_healthy
+from tests.fakes.clock import FakeClock
 from tests.fakes.faulty_upstream import Faulty, sse_events
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -37,11 +40,33 @@ def write(path: Path, data: dict[str, Any]) -> None:
     os.utime(path, ns=(stamp, stamp))
 
 
-async def start(aiohttp_client: Any, path: Path) -> TestClient:
+async def start(aiohttp_client: Any, path: Path, clock: Clock = SYSTEM) -> TestClient:
     client: TestClient = await aiohttp_client(
-        create_app(load_config(path), config_path=str(path))
+        create_app(load_config(path), config_path=str(path), clock=clock)
     )
     return client
+
+
+async def waiting(clock: FakeClock) -> float:
+    """Wait until the watcher waits on the clock again (turns of the loop, then, should it be
+    closing an adapter meanwhile, a little real time: 10 s at most); when that wait ends."""
+    for turn in range(2000):
+        if clock.due is not None:
+            return clock.due
+        await asyncio.sleep(0 if turn < 1000 else 0.01)
+    raise AssertionError("the watcher does not wait on the clock")
+
+
+async def elapse(reloader: Reloader, clock: FakeClock, seconds: float) -> int:
+    """Move the clock ``seconds`` on, letting the watcher take each look that falls due
+    meanwhile and waiting for each to end (reload included); how many it took."""
+    end, looks = clock.time + seconds, reloader.looks
+    while (due := await waiting(clock)) <= end + 1e-9:
+        looked = asyncio.ensure_future(reloader.looked.wait())
+        clock.advance(due - clock.time)
+        await asyncio.wait_for(looked, 10)
+    clock.advance(end - clock.time)
+    return reloader.looks - looks
 
 
 def chat(model: str, stream: bool = False) -> dict[str, Any]:
@@ -152,8 +177,8 @@ async def test_watched_file_is_reloaded_when_it_changes(
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "one"}})
     client = await start(aiohttp_client, path)
     client.app[RELOADER].watch_interval = 0.05
-    client.app[RELOADER].settle = 0.0  # a second look suffices (tests/server/test_reload_checks)
-    await asyncio.sleep(1.1)  # the first wait began with the default interval
+    client.app[RELOADER].settle = 0.0  # in place: a second look at once (test_reload_checks)
+    await asyncio.sleep(1.1)  # the first wait began with the default interval (real time)
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "two"}})
     for _ in range(40):
         if client.app[RUNTIME].config.public_name == "two":

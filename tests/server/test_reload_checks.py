@@ -1,5 +1,8 @@
 """A reload passes the checks ``serve`` runs at start-up, and a watched file is read only once
-it has stopped changing: neither a refused config nor a half-written file is ever applied."""
+it is whole: replaced by a rename (applied at the look that sees it) or, rewritten in place,
+unchanged a ``SETTLE`` later. Neither a refused config nor a half-written file is applied.
+
+The watcher runs on a clock the test moves (``elapse``)."""
 
 from __future__ import annotations
 
@@ -10,20 +13,15 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.server.reload import RELOADER
+from proxy.config import load_config
+from proxy.server import reload as reload_module
+from proxy.server.reload import RELOADER, SETTLE, WATCH_INTERVAL
 from proxy.server.runtime import RUNTIME
-from tests.server.test_reload import chat, reloads, start, write
+from tests.fakes.clock import FakeClock
+from tests.server.test_reload import chat, elapse, reloads, start, write
 
 KEY = "reload-checks-key"
 AUTHED = {"Authorization": f"Bearer {KEY}"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def status(client: TestClient, model: str, headers: dict[str, str] | None = None) -> int:
@@ -60,37 +58,38 @@ async def test_a_reload_refuses_what_serve_refuses(
     assert await status(client, "two") == 200
 
 
-async def test_a_watched_file_is_applied_only_once_it_stops_changing(
+async def test_a_file_rewritten_in_place_is_applied_only_once_it_stops_changing(
     aiohttp_client: Any, tmp_path: Path
 ) -> None:
     path = tmp_path / "model_backend.yaml"
     whole = {"backend_provider": "mock", "watch": True, "model": {"name": "one"},
              "auth": {"api_keys": [KEY]}}
     write(path, whole)
-    client = await start(aiohttp_client, path)
+    client = await start(aiohttp_client, path, clock := FakeClock())
     reloader = client.app[RELOADER]
-    reloader.clock = clock = Clock()
-    reloader.settle = 1.0
 
     # caught while being written: the auth section is not there yet
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "two"}})
-    assert not await reloader.poll()
+    assert await elapse(reloader, clock, WATCH_INTERVAL) == 1
     assert await status(client, "one") == 401
-    clock.now += 0.5
-    assert not await reloader.poll()  # not yet settled
     assert await status(client, "two") == 401
+    assert await status(client, "two", AUTHED) == 404  # seen, not read: left to settle
 
-    write(path, {**whole, "model": {"name": "two"}})  # the write completes
-    clock.now += 0.9
-    assert not await reloader.poll()  # changed since the last look: it starts to settle again
+    write(path, {**whole, "model": {"name": "two"}})  # the write completes before the next look
+    assert await elapse(reloader, clock, SETTLE) == 1
     assert await status(client, "two") == 401
-    clock.now += 1.0
-    assert await reloader.poll()
+    assert await status(client, "two", AUTHED) == 404  # changed since the last look: settling
+    assert await elapse(reloader, clock, SETTLE) == 1
     assert client.app[RUNTIME].config.public_name == "two"
     assert await status(client, "two") == 401
     assert await status(client, "two", AUTHED) == 200
-    assert not await reloader.poll()  # nothing changed since
+    assert await elapse(reloader, clock, 10 * WATCH_INTERVAL) == 10  # nothing changed since
+    assert await reloads(client, "ok") == 1
     assert await reloads(client, "error") == 0
+    # the watcher's waits: one interval to see the change, one settle per look that found it
+    # moving or still to settle, then intervals again
+    assert clock.slept[:3] == [WATCH_INTERVAL, SETTLE, SETTLE]
+    assert set(clock.slept[3:]) == {WATCH_INTERVAL}
 
 
 async def test_a_half_written_file_is_never_even_read(
@@ -98,20 +97,61 @@ async def test_a_half_written_file_is_never_even_read(
 ) -> None:
     path = tmp_path / "model_backend.yaml"
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "one"}})
-    client = await start(aiohttp_client, path)
+    client = await start(aiohttp_client, path, clock := FakeClock())
     reloader = client.app[RELOADER]
-    reloader.clock = clock = Clock()
-    for part in ("backend_provider: mock\nwatch: true\nmodel: {na",
-                 "backend_provider: mock\nwatch: true\nmodel: {name: tw"):
+    for part, wait in (("backend_provider: mock\nwatch: true\nmodel: {na", WATCH_INTERVAL),
+                       ("backend_provider: mock\nwatch: true\nmodel: {name: tw", SETTLE)):
         path.write_text(part)
-        assert not await reloader.poll()
-        clock.now += 0.5
-    # renamed over the old file: the atomic way, applied once it has settled
+        assert await elapse(reloader, clock, wait) == 1
+    # renamed over the old file: the atomic way, applied at the first look that sees it
     new = tmp_path / "model_backend.yaml.new"
     new.write_text("backend_provider: mock\nwatch: true\nmodel: {name: two}\n")
     new.rename(path)
-    assert not await reloader.poll()
-    clock.now += reloader.settle
-    assert await reloader.poll()
+    assert await elapse(reloader, clock, SETTLE) == 1
     assert await status(client, "two") == 200
     assert await reloads(client, "error") == 0  # the partial files were never parsed
+
+
+async def test_a_file_renamed_over_the_old_one_applies_at_the_next_look(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "model_backend.yaml"
+    write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "one"}})
+    client = await start(aiohttp_client, path, clock := FakeClock())
+    reloader = client.app[RELOADER]
+    assert await elapse(reloader, clock, WATCH_INTERVAL) == 1
+    new = tmp_path / "model_backend.yaml.new"
+    write(new, {"backend_provider": "mock", "watch": True, "model": {"name": "two"}})
+    new.rename(path)
+    assert await elapse(reloader, clock, WATCH_INTERVAL) == 1
+    assert await status(client, "two") == 200
+    assert await status(client, "one") == 404
+    assert set(clock.slept) == {WATCH_INTERVAL}  # no second look was needed
+
+
+async def test_a_file_written_to_while_it_was_read_is_not_applied(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "model_backend.yaml"
+    write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "one"}})
+    client = await start(aiohttp_client, path, clock := FakeClock())
+    reloader = client.app[RELOADER]
+
+    def read_while_written(name: str) -> Any:
+        # another writer rewrites the file in place while the reloader reads it
+        config = load_config(name)
+        write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "three"}})
+        monkeypatch.setattr(reload_module, "load_config", load_config)  # once
+        return config
+
+    monkeypatch.setattr(reload_module, "load_config", read_while_written)
+    new = tmp_path / "model_backend.yaml.new"
+    write(new, {"backend_provider": "mock", "watch": True, "model": {"name": "two"}})
+    new.rename(path)
+    assert await elapse(reloader, clock, WATCH_INTERVAL) >= 1
+    assert await status(client, "one") == 200  # what was read is not applied
+    assert await status(client, "two") == 404
+    assert await elapse(reloader, clock, SETTLE) == 1  # read again once unchanged
+    assert await status(client, "three") == 200
+    assert await reloads(client, "ok") == 1
+    assert await reloads(client, "error") == 0

@@ -3,7 +3,9 @@
 mount whose ``..data`` link is swapped to a new directory by a rename. A secret file that
 becomes empty or unreadable changes nothing: the old value serves, one log line says why.
 
-The reloader's clock is the test's; each look at the files is one ``poll``.
+The watcher runs on a clock the test moves (``elapse``): a revoked key is refused, and the
+new one accepted, within one watch interval of that clock (``WATCH_INTERVAL`` to the look
+that sees a swapped mount; ``SETTLE`` more for a file rewritten in place).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from proxy.server.reload import RELOADER, Reloader
+from proxy.server.reload import RELOADER, SETTLE, WATCH_INTERVAL, Reloader
 from tests.conftest import free_port, upstream_url, wait_healthy
+from tests.fakes.clock import FakeClock
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.server.test_reload import ROOT, chat, reloads, start, write
-from tests.server.test_reload_checks import Clock
+from tests.server.test_reload import ROOT, chat, elapse, reloads, start, write
+
+#: The longest a rotated secret waits before it applies, on the watcher's clock.
+ONE_INTERVAL = 1.0
 
 
 class SecretMount:
@@ -58,11 +63,10 @@ class SecretMount:
         shutil.rmtree(old)
 
 
-async def settled(reloader: Reloader, clock: Clock) -> bool:
-    """Two looks, ``settle`` apart: what the background task does in two watch intervals."""
-    first = await reloader.poll()
-    clock.now += reloader.settle
-    return first or await reloader.poll()
+def test_the_watch_interval_is_the_one_documented() -> None:
+    assert WATCH_INTERVAL + SETTLE == ONE_INTERVAL
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert "within one second" in docs
 
 
 async def status(client: TestClient, key: str) -> int:
@@ -72,12 +76,10 @@ async def status(client: TestClient, key: str) -> int:
 
 
 async def watching(aiohttp_client: Any, path: Path, config: dict[str, Any]
-                   ) -> tuple[TestClient, Reloader, Clock]:
+                   ) -> tuple[TestClient, Reloader, FakeClock]:
     write(path, {**config, "watch": True})
-    client = await start(aiohttp_client, path)
-    reloader = client.app[RELOADER]
-    reloader.clock = clock = Clock()
-    return client, reloader, clock
+    client = await start(aiohttp_client, path, clock := FakeClock())
+    return client, client.app[RELOADER], clock
 
 
 async def test_a_rotated_api_key_in_a_secret_mount_applies_without_touching_the_config(
@@ -89,14 +91,17 @@ async def test_a_rotated_api_key_in_a_secret_mount_applies_without_touching_the_
         "backend_provider": "mock", "model": {"name": "m"},
         "auth": {"api_keys_file": "secrets/api_keys"}})
     assert await status(client, "old-key") == 200
-    assert not await settled(reloader, clock)  # nothing changed
+    assert await elapse(reloader, clock, ONE_INTERVAL) == 1  # nothing changed
+    assert await reloads(client, "ok") == 0
 
     mount.update({"api_keys": "new-key\n"})
-    assert await settled(reloader, clock)
+    assert await status(client, "new-key") == 401  # not looked at yet
+    assert await elapse(reloader, clock, WATCH_INTERVAL) == 1  # the look that sees the swap
     assert await status(client, "old-key") == 401  # revoked
     assert await status(client, "new-key") == 200
-    assert not await settled(reloader, clock)
+    assert await elapse(reloader, clock, 4 * WATCH_INTERVAL) == 4
     assert await reloads(client, "ok") == 1
+    assert set(clock.slept) == {WATCH_INTERVAL}  # a swap needs no second look
 
 
 async def test_a_secret_file_rewritten_in_place_applies_too(
@@ -108,12 +113,37 @@ async def test_a_secret_file_rewritten_in_place_applies_too(
     client, reloader, clock = await watching(aiohttp_client, path, {
         "backend_provider": "mock", "model": {"name": "m"},
         "auth": {"api_keys_file": str(keys)}})
+    assert await elapse(reloader, clock, WATCH_INTERVAL / 2) == 0
     keys.write_text("new-key\n")
     stamp = keys.stat().st_mtime_ns + 10_000_000  # a new mtime even within one clock tick
     os.utime(keys, ns=(stamp, stamp))
-    assert await settled(reloader, clock)
+    assert await elapse(reloader, clock, WATCH_INTERVAL / 2) == 1  # seen: left to settle
+    assert await status(client, "old-key") == 200
+    assert await elapse(reloader, clock, SETTLE) == 1  # unchanged since: read
     assert await status(client, "old-key") == 401
     assert await status(client, "new-key") == 200
+    assert clock.slept[:2] == [WATCH_INTERVAL, SETTLE]
+    assert await reloads(client, "ok") == 1
+
+
+async def test_a_secret_rewritten_in_place_applies_within_one_interval_wherever_it_falls(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    keys = tmp_path / "api_keys"
+    keys.write_text("key-0\n")
+    path = tmp_path / "model_backend.yaml"
+    client, reloader, clock = await watching(aiohttp_client, path, {
+        "backend_provider": "mock", "model": {"name": "m"},
+        "auth": {"api_keys_file": str(keys)}})
+    for n, offset in enumerate((0.0, 0.1, 0.5, WATCH_INTERVAL - 0.01, 0.3), start=1):
+        await elapse(reloader, clock, offset)  # the rewrite falls anywhere in an interval
+        keys.write_text(f"key-{n}\n")
+        stamp = keys.stat().st_mtime_ns + 10_000_000 * n
+        os.utime(keys, ns=(stamp, stamp))
+        await elapse(reloader, clock, ONE_INTERVAL)
+        assert await status(client, f"key-{n - 1}") == 401, offset
+        assert await status(client, f"key-{n}") == 200, offset
+    assert await reloads(client, "ok") == 5
 
 
 async def test_a_rotated_upstream_key_is_the_one_sent_next(
@@ -128,7 +158,7 @@ async def test_a_rotated_upstream_key_is_the_one_sent_next(
         "bearer_token_file": "secrets/upstream"})
     assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
     mount.update({"upstream": "second-secret"})
-    assert await settled(reloader, clock)
+    assert await elapse(reloader, clock, WATCH_INTERVAL) == 1
     assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
     sent = [seen.headers["Authorization"] for seen in fake.seen
             if seen.path == "/v1/chat/completions"]
@@ -150,7 +180,7 @@ async def test_a_rotated_signing_key_signs_the_next_request(
         "fxn": {"private_key_file": "secrets/fxn.key"}})
     assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
     mount.update({"fxn.key": second})
-    assert await settled(reloader, clock)
+    assert await elapse(reloader, clock, WATCH_INTERVAL) == 1
     assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
     signers = [seen.headers["X-Address"] for seen in fake.seen
                if seen.path == "/v1/chat/completions"]
@@ -171,8 +201,8 @@ async def test_an_empty_or_unreadable_secret_keeps_the_old_one_with_one_log_line
     else:  # the directory ..data points to is gone: the link dangles
         shutil.rmtree(mount.current)
     with caplog.at_level(logging.INFO, logger="model_proxy"):
-        assert not await settled(reloader, clock)
-        assert not await settled(reloader, clock)  # looked at again: no second line
+        assert await elapse(reloader, clock, ONE_INTERVAL) >= 1
+        assert await elapse(reloader, clock, ONE_INTERVAL) >= 1  # looked at again: no 2nd line
     lines = [r.getMessage() for r in caplog.records if r.name == "model_proxy"]
     assert len(lines) == 1, lines
     assert "reload rejected, still serving the previous config" in lines[0]
@@ -186,7 +216,7 @@ async def test_an_empty_or_unreadable_secret_keeps_the_old_one_with_one_log_line
     if broken == "gone":
         mount.current.mkdir()
     mount.update({"api_keys": "new-key\n"})  # mended: applied as any rotation
-    assert await settled(reloader, clock)
+    assert await elapse(reloader, clock, ONE_INTERVAL) >= 1
     assert await status(client, "new-key") == 200
     assert await status(client, "old-key") == 401
 
