@@ -131,19 +131,7 @@ class Reloader:
             exposure = check_servable(config, path)
             if exposure:
                 log.warning(exposure)
-            backends = [runtime.pipeline.build(entry, runtime.session) for entry in config.entries]
-            previous = {b.config.public_name: b for b in runtime.served.backends}
-            for backend in backends:
-                before = previous.get(backend.config.public_name)
-                if before is None and len(backends) == 1 == len(previous):
-                    before = runtime.backend  # one model renamed: still the same upstream
-                for i, adapter in enumerate(backend.adapters()):
-                    if before is not None and i < len(before.adapters()):
-                        adapter.take_over(before.adapters()[i])
-                    adapters.append(adapter)
-                    await adapter.start()
-            for adapter in adapters:
-                await adapter.until_started()
+            backends = await self._start_backends(config, adapters)
         except (ConfigError, ProxyError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [exc.message]
             log.error("config reload rejected, still serving the previous config: %s",
@@ -170,6 +158,26 @@ class Reloader:
         log.info("config reloaded from %s (%s)", path, config.backend_provider)
         await self._close_idle()
         return True
+
+    async def _start_backends(self, config: BaseConfig, adapters: list[Adapter]) -> list[Backend]:
+        """Build and start ``config``'s backends, each adapter taking over what its predecessor
+        keeps (pooled connections, readings); every adapter started is added to ``adapters``,
+        so that a failure part-way can close them."""
+        runtime = self.runtime
+        backends = [runtime.pipeline.build(entry, runtime.session) for entry in config.entries]
+        previous = {b.config.public_name: b for b in runtime.served.backends}
+        for backend in backends:
+            before = previous.get(backend.config.public_name)
+            if before is None and len(backends) == 1 == len(previous):
+                before = runtime.backend  # one model renamed: still the same upstream
+            for i, adapter in enumerate(backend.adapters()):
+                if before is not None and i < len(before.adapters()):
+                    adapter.take_over(before.adapters()[i])
+                adapters.append(adapter)
+                await adapter.start()
+        for adapter in adapters:
+            await adapter.until_started()
+        return backends
 
     def _keep_fixed(self, config: BaseConfig) -> BaseConfig:
         """Keep the settings a running process cannot change, saying which ones were asked."""

@@ -175,15 +175,17 @@ async def test_watched_file_is_reloaded_when_it_changes(
 ) -> None:
     path = tmp_path / "model_backend.yaml"
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "one"}})
-    client = await start(aiohttp_client, path)
-    client.app[RELOADER].watch_interval = 0.05
-    client.app[RELOADER].settle = 0.0  # in place: a second look at once (test_reload_checks)
-    await asyncio.sleep(1.1)  # the first wait began with the default interval (real time)
+    clock = FakeClock()
+    client = await start(aiohttp_client, path, clock)
+    reloader = client.app[RELOADER]
+    await elapse(reloader, clock, reloader.watch_interval)  # a look at the unchanged file
+    assert client.app[RUNTIME].config.public_name == "one"
     write(path, {"backend_provider": "mock", "watch": True, "model": {"name": "two"}})
-    for _ in range(40):
-        if client.app[RUNTIME].config.public_name == "two":
-            break
-        await asyncio.sleep(0.05)
+    # rewritten in place: seen at the next look, applied once it has stayed so for `settle`
+    await elapse(reloader, clock, reloader.watch_interval)
+    assert client.app[RUNTIME].config.public_name == "one"
+    await elapse(reloader, clock, reloader.settle)
+    assert client.app[RUNTIME].config.public_name == "two"
     assert (await client.post("/v1/chat/completions", json=chat("two"))).status == 200
 
 
