@@ -9,7 +9,8 @@ Three targets, one after the other (never two engines at once: they would share 
 :func:`bench.replicas.server_flags` gives ``vllm serve``). At each concurrency, ``--rounds``
 times as many streamed chat completions as streams go out, that many at a time; the table gives
 generated tokens per second (usage's completion tokens over the wall time) and the time to first
-token, p50 and p99. One request warms each target first.
+token, p50 and p99, each the median of ``--repeats`` runs (tokens/s with its range: on a
+shared machine they move by a factor of several). One request warms each target first.
 """
 
 from __future__ import annotations
@@ -85,9 +86,14 @@ async def measure(url: str, streams: int, rounds: int, tokens: int, seed: str
             "failed": run.failed}
 
 
-def row(target: str, streams: int, r: dict[str, float]) -> None:
-    print(f"| {target} | {streams} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.0f} | "
-          f"{r['ttft_p99_ms']:.0f} | {r['failed']:.0f} |", flush=True)
+def row(target: str, streams: int, runs: list[dict[str, float]]) -> None:
+    """Medians over the repeats; tokens/s with its range."""
+    def mid(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+    rates = [r["tokens_per_s"] for r in runs]
+    print(f"| {target} | {streams} | {mid('tokens_per_s'):,.0f} ({min(rates):,.0f}-"
+          f"{max(rates):,.0f}) | {mid('ttft_p50_ms'):.0f} | {mid('ttft_p99_ms'):.0f} | "
+          f"{sum(r['failed'] for r in runs):.0f} |", flush=True)
 
 
 def main() -> None:
@@ -96,20 +102,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="requests per stream at each concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each point; the table gives medians")
     args = parser.parse_args()
     replicas.exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="proxy-engines-"))
     model = replicas.tiny_model()
-    print(f"tiny model, {args.rounds} requests per stream, {args.max_tokens} tokens each "
-          f"(logs in {work})")
-    print("| target | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | failed |\n"
+    print(f"tiny model, {args.rounds} requests per stream, {args.max_tokens} tokens each, "
+          f"medians of {args.repeats} runs (logs in {work})")
+    print("| target | streams | tokens/s (range) | TTFT p50 ms | TTFT p99 ms | failed |\n"
           "|---|---|---|---|---|---|", flush=True)
 
     def each(target: str, url: str) -> None:
         for streams in args.streams:
-            result = asyncio.run(measure(url, streams, args.rounds, args.max_tokens,
-                                         f"{target}-{streams}"))
-            row(target, streams, result)
+            runs = [asyncio.run(measure(url, streams, args.rounds, args.max_tokens,
+                                        f"{target}-{streams}-{i}"))
+                    for i in range(args.repeats)]
+            row(target, streams, runs)
 
     with replicas.replicas(model, 1, work, [["--served-model-name", MODEL]]) as (server,):
         behind = start_proxy(work, "proxy-url", {"url": server.url})
