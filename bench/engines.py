@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each point; the table gives medians")
+    parser.add_argument("--engine-first", action="store_true",
+                        help="the in-process engine before vllm serve (the order is a bias "
+                             "on a shared machine)")
     args = parser.parse_args()
     replicas.exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="proxy-engines-"))
@@ -120,22 +123,27 @@ def main() -> None:
                     for i in range(args.repeats)]
             row(target, streams, runs)
 
-    with replicas.replicas(model, 1, work, [["--served-model-name", MODEL]]) as (server,):
-        behind = start_proxy(work, "proxy-url", {"url": server.url})
-        try:
-            wait_ready(behind)
-            each("vllm serve, direct", server.url)
-            each("vllm serve, behind the proxy", behind.url)
-        finally:
-            replicas.stop(behind)
-    engine = start_proxy(work, "proxy-engine",
-                         {"engine": replicas.engine_section(model, frontend=True)})
-    try:
-        wait_ready(engine)
-        each("in-process engine", engine.url)
-    finally:
-        replicas.stop(engine)
+    def served() -> None:
+        with replicas.replicas(model, 1, work, [["--served-model-name", MODEL]]) as (server,):
+            behind = start_proxy(work, "proxy-url", {"url": server.url})
+            try:
+                wait_ready(behind)
+                each("vllm serve, direct", server.url)
+                each("vllm serve, behind the proxy", behind.url)
+            finally:
+                replicas.stop(behind)
 
+    def in_process() -> None:
+        engine = start_proxy(work, "proxy-engine",
+                             {"engine": replicas.engine_section(model, frontend=True)})
+        try:
+            wait_ready(engine)
+            each("in-process engine", engine.url)
+        finally:
+            replicas.stop(engine)
+
+    for phase in (in_process, served) if args.engine_first else (served, in_process):
+        phase()
 
 if __name__ == "__main__":
     main()
