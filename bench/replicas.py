@@ -45,6 +45,11 @@ MAX_MODEL_LEN = 512
 #: vLLM's KV cache: unbounded, it would take most of the RAM.
 KV_CACHE_BYTES = 64 * 1024 * 1024
 MAX_NUM_SEQS = 16
+#: A server whose port was taken before it could bind it is started again, this many times.
+PORT_TRIES = 3
+PORT_TAKEN = "Address already in use"
+#: Seconds a replica has to stop on SIGTERM before its group is killed.
+STOP_GRACE = 15
 #: The frontend settings of the shared engine and of the vLLM server it is compared with.
 #: Tool calls in the pythonic format and the granite reasoning parser: both find their
 #: markers in text, so they work with the tiny model's made-up vocabulary. Structured
@@ -195,12 +200,26 @@ def replicas(model: Path, count: int, work: Path, extra: Sequence[Sequence[str]]
         for i in range(count):
             flags = extra[i] if i < len(extra) else ()
             started.append(start(model, work / f"vllm-{i}.log", flags, max_model_len))
-        for replica in started:
-            wait_healthy(replica, timeout)
+        for i, replica in enumerate(started):
+            for _ in range(PORT_TRIES):
+                try:
+                    wait_healthy(replica, timeout)
+                    break
+                except RuntimeError:
+                    if PORT_TAKEN not in replica.tail():
+                        raise
+                # its port was taken between free_port() and its bind (the servers starting
+                # beside it pick ports of their own): again, on another port
+                stop(replica)
+                flags = extra[i] if i < len(extra) else ()
+                replica = started[i] = start(model, replica.log, flags, max_model_len)
+            else:
+                raise RuntimeError(f"vLLM server found no free port: {replica.tail()}")
         yield started
     finally:
+        # a server still loading does not act on SIGTERM: do not wait a minute for it
         for replica in started:
-            stop(replica)
+            stop(replica, grace=STOP_GRACE)
 
 
 def main() -> None:
