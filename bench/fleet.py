@@ -2,6 +2,7 @@
 and on one without, as vLLM itself reports it.
 
     python -m bench.fleet --urls http://127.0.0.1:8001,http://127.0.0.1:8002 --model tiny
+    python -m bench.fleet --serve 2 [--requests 40]    # starts 2 real `vllm serve` replicas
     python -m bench.fleet --fake [--replicas 3]        # against fake vLLM servers: a smoke run
 
 For each mode (``single``: the first URL alone, the baseline a cache-aware router aims at;
@@ -17,7 +18,10 @@ Workloads: ``shared``, a few long system prompts times many one-turn questions, 
 conversations (each turn sends the history and the previous real answer, with its session in
 ``X-Session-ID``); ``unique``, every prompt its own. ``--fake`` serves them from in-process
 fake vLLM servers (``tests/fakes/vllm_server.py``) whose toy prefix cache delays the first token
-by the blocks it missed: it checks the script, it measures no GPU.
+by the blocks it missed: it checks the script, it measures no GPU. ``--serve N`` starts N
+``vllm serve`` replicas of the tiny test model (``bench.replicas``: prefix caching on, the
+vLLM suite's flags, a context of ``--max-model-len`` tokens for the long system prompts) and
+stops them, process groups whole, when the run ends however it ends.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench import replicas
 from bench.targets import free_port, stop_all, wait_up
 
 MODES = ("single", "round_robin", "least_busy", "prefix", "session")
@@ -236,14 +241,12 @@ async def fakes(replicas: int) -> tuple[list[str], list[Any]]:
     return urls, runners
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace, work: Path, urls: list[str]) -> None:
     runners: list[Any] = []
     if args.fake:
         urls, runners = await fakes(args.replicas)
-    else:
-        urls = [u.strip().rstrip("/") for u in args.urls.split(",") if u.strip()]
-    work = Path(tempfile.mkdtemp(prefix="proxy-fleet-"))
-    print(f"{len(urls)} replicas{' (fake)' if args.fake else ''}; {args.requests} requests "
+    what = " (fake)" if args.fake else " (started here)" if args.serve else ""
+    print(f"{len(urls)} replicas{what}; {args.requests} requests "
           f"per workload, {args.concurrency} at a time, {args.max_tokens} tokens each")
     head = ("workload", "mode", "hit rate", "TTFT p50 ms", "TTFT p99 ms", "tokens/s",
             "max÷mean", "agreement", "failed")
@@ -268,6 +271,9 @@ def main() -> None:
     parser.add_argument("--model", default="base", help="the model name they serve")
     parser.add_argument("--fake", action="store_true", help="fake vLLM servers (a smoke run)")
     parser.add_argument("--replicas", type=int, default=3, help="with --fake")
+    parser.add_argument("--serve", type=int, default=0, metavar="N",
+                        help="start N vllm serve replicas of the tiny model and use them")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="with --serve")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -275,9 +281,21 @@ def main() -> None:
                         help="requests sent to both proxies to compare their choice")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = parser.parse_args()
-    if not args.fake and not args.urls:
-        parser.error("give --urls (the vLLM servers) or --fake")
-    asyncio.run(main_async(args))
+    if not (args.fake or args.urls or args.serve):
+        parser.error("give --urls (the vLLM servers), --serve N or --fake")
+    work = Path(tempfile.mkdtemp(prefix="proxy-fleet-"))
+    urls = [u.strip().rstrip("/") for u in args.urls.split(",") if u.strip()]
+    if not args.serve:
+        asyncio.run(main_async(args, work, urls))
+        return
+    replicas.exit_on_sigterm()
+    started = time.perf_counter()
+    flags = ["--served-model-name", args.model]
+    with replicas.replicas(replicas.tiny_model(), args.serve, work, [flags] * args.serve,
+                           max_model_len=args.max_model_len) as up:
+        print(f"{args.serve} vllm serve replicas up in {time.perf_counter() - started:.0f} s "
+              f"(logs in {work})", flush=True)
+        asyncio.run(main_async(args, work, [r.url for r in up]))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,7 @@ so these tests and fixtures all run on the session loop (``LOOP`` marks).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,27 +23,19 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from bench import replicas
+from bench.replicas import engine_section, quiet_environment
 from proxy.config import build_config
 from proxy.server.app import create_app
 from proxy.server.runtime import RUNTIME
 
 # Quiet, offline and telemetry-free, for this process and every process it starts.
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-# It would override kv_cache_memory_bytes (vLLM's legacy CPU setting).
-os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+quiet_environment()
 
-HERE = Path(__file__).resolve().parent
 PUBLIC = "tiny"
-#: float32 on CPU; a GPU's attention kernels want half precision (scripts/gpu-check.sh).
-DTYPE = os.environ.get("MODEL_PROXY_TEST_VLLM_DTYPE", "float32")
 #: The vLLM server's other served name, and its API key.
 SERVED_NAME = "tiny-llama"
 SERVER_KEY = "sekret"
-MAX_MODEL_LEN = 512
 #: Marks for every test module here: slow, and on the loop the shared engine lives on.
 LOOP = pytest.mark.asyncio(loop_scope="session")
 SLOW = [
@@ -70,47 +56,6 @@ ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")
 FIGURES: dict[str, str] = {}
 
 
-#: The frontend settings of the shared engine and of the vLLM server it is compared with.
-#: Tool calls in the pythonic format and the granite reasoning parser: both find their
-#: markers in text, so they work with the tiny model's made-up vocabulary. Structured
-#: outputs apply from the first token (else they would wait for the reasoning to end) and
-#: allow no free whitespace (the tiny model would fill max_tokens with it).
-FRONTEND: dict[str, Any] = {
-    "tool_call_parser": "pythonic",
-    "enable_auto_tool_choice": True,
-    "reasoning_parser": "granite",
-}
-FRONTEND_ARGS: dict[str, Any] = {
-    "structured_outputs_config": {"backend": "xgrammar", "enable_in_reasoning": True,
-                                  "disable_any_whitespace": True}}
-
-
-def engine_section(model: Path, frontend: bool = False) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "dtype": DTYPE,
-        "max_model_len": MAX_MODEL_LEN,
-        "kv_cache_memory_bytes": 64 * 1024 * 1024,  # unbounded, it takes most of the RAM
-        "seed": 0,
-        # No torch.compile: a quick load.
-        "args": {"enforce_eager": True, "max_num_seqs": 16,
-                 **(FRONTEND_ARGS if frontend else {})},
-        **(FRONTEND if frontend else {}),
-    }
-
-
-def server_flags(model: Path) -> list[str]:
-    """``vllm serve`` flags for what ``engine_section(model, frontend=True)`` sets."""
-    return [
-        "--model", str(model), "--dtype", DTYPE, "--max-model-len", str(MAX_MODEL_LEN),
-        "--kv-cache-memory-bytes", str(64 * 1024 * 1024), "--enforce-eager",
-        "--max-num-seqs", "16", "--seed", "0",
-        "--tool-call-parser", FRONTEND["tool_call_parser"], "--enable-auto-tool-choice",
-        "--reasoning-parser", FRONTEND["reasoning_parser"],
-        "--structured-outputs-config", json.dumps(FRONTEND_ARGS["structured_outputs_config"]),
-    ]
-
-
 def engine_pids() -> list[int]:
     """This process's descendants that are vLLM engine processes."""
     found = []
@@ -125,14 +70,8 @@ def engine_pids() -> list[int]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random Llama, built offline by the project's script (a separate process,
-    so torch's and transformers' import-time warnings stay out of this one)."""
-    out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    subprocess.run(
-        [sys.executable, str(HERE / "build_tiny_model.py"), "--out", str(out)],
-        check=True, timeout=300,
-    )
-    return out
+    """The tiny random Llama, built offline by the project's script."""
+    return replicas.tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
 @dataclass
@@ -205,53 +144,19 @@ async def engine_proxy(tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
-                free_port: Any) -> Iterator[str]:
-    """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` CLI looks for a
-    distribution named vllm, which vllm-cpu is not), in its own process group."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "vllm-server.log"
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", *server_flags(tiny_model),
-        # The proxy's public name first (the model of the answers), then another one.
-        "--served-model-name", PUBLIC, SERVED_NAME,
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", SERVER_KEY,
-        "--uvicorn-log-level", "warning",
-    ]
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``vllm serve`` of the tiny model (:func:`bench.replicas.start`), in its own process
+    group, with the proxy's public name first (the model of the answers), then another one."""
+    log = tmp_path_factory.mktemp("server") / "vllm-server.log"
     started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    family: list[psutil.Process] = []
+    server = replicas.start(tiny_model, log, ["--served-model-name", PUBLIC, SERVED_NAME,
+                                              "--api-key", SERVER_KEY])
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"vLLM server exited {process.returncode}: "
-                                     f"{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM server not healthy: {log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        replicas.wait_healthy(server)
         FIGURES["vLLM OpenAI server start to /health"] = f"{time.perf_counter() - started:.1f} s"
-        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
-        yield url
+        yield server.url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        _gone, alive = psutil.wait_procs(family, timeout=15)
-        for straggler in alive:
-            straggler.kill()
+        alive = replicas.stop(server)
         assert not alive, f"vLLM server processes outlived it: {alive}"
 
 
