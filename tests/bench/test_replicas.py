@@ -4,6 +4,7 @@ real replicas with it: tests/adapters/vllm/test_replicas.py.)"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,11 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     except psutil.NoSuchProcess:
         pass
     leader.stdout.close()
+
+
+def test_each_replica_engine_gets_a_cpu_of_its_own_in_turn() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    assert replicas.spread_cores(1) == [None]  # one replica: vLLM's own binding
+    cores = replicas.spread_cores(len(cpus) + 1)
+    assert cores[: len(cpus)] == [str(cpu) for cpu in cpus]  # side by side, then round again
+    assert cores[-1] == str(cpus[0])
