@@ -522,3 +522,19 @@ def test_a_value_where_an_entrys_section_belongs_names_the_entry(tmp_path: Path)
     assert caught.value.problems == [
         f"{path}: models[0].model: is a section of keys, not a single value: write "
         "model: {name: m1}"]
+
+
+def test_several_vllm_urls_default_to_prefix_routing_and_nothing_else_does() -> None:
+    urls = ["http://a:8000", "http://b:8000"]
+    assert build_config({"backend_provider": "vllm", "url": urls}).routing == "prefix"
+    assert build_config({"backend_provider": "vllm", "url": urls[:1]}).routing == "round_robin"
+    assert build_config({"backend_provider": "vllm", "url": urls[0]}).routing == "round_robin"
+    assert build_config({"backend_provider": "custom", "url": urls}).routing == "round_robin"
+    assert build_config({"backend_provider": "ollama", "url": urls}).routing == "round_robin"
+    written = {"backend_provider": "vllm", "url": urls, "routing": "round_robin"}
+    assert build_config(written).routing == "round_robin"
+    several = build_config({"models": [
+        {"backend_provider": "vllm", "url": urls, "model": {"name": "a"}},
+        {"backend_provider": "vllm", "url": urls, "routing": "least_busy", "model": {"name": "b"}},
+    ]})
+    assert [entry.routing for entry in several.entries] == ["prefix", "least_busy"]

@@ -85,6 +85,16 @@ class VllmConfig(BaseConfig):
     engine: EngineSection | None = None
     default_api_key_header: ClassVar[str] = "Authorization"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prefix_over_several_urls(cls, data: Any) -> Any:
+        # Several vLLM servers: unless told otherwise, a prompt goes where its prefix is
+        # cached (docs/routing.md: measured against round_robin on real vllm serve replicas).
+        if (isinstance(data, dict) and "routing" not in data
+                and isinstance(data.get("url"), list | tuple) and len(data["url"]) > 1):
+            return {**data, "routing": "prefix"}
+        return data
+
     @model_validator(mode="after")
     def _url_or_engine(self) -> VllmConfig:
         if self.url is None and self.engine is None:

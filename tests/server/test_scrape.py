@@ -190,9 +190,22 @@ async def test_a_lora_adapter_reaches_only_the_backend_that_serves_it(
         assert await gauge(client, "models_served", 1) == 2
         for i in range(6):
             assert await send(client, chat(f"q{i}", model="sql-lora"), fakes) == 1, routing
-    client, _ = await start_fleet(start_proxy, aiohttp_server, fakes)
+    client, _ = await start_fleet(start_proxy, aiohttp_server, fakes, routing="round_robin")
     # a name no URL lists goes to all of them, as before
     assert {await send(client, chat("q", model="other"), fakes) for _ in range(6)} == {0, 1, 2}
+
+
+async def test_several_vllm_urls_route_by_prefix_unless_told_otherwise(
+    start_proxy: StartProxy, aiohttp_server: Any
+) -> None:
+    fakes = [FakeVllm() for _ in range(3)]
+    client, _ = await start_fleet(start_proxy, aiohttp_server, fakes)  # no routing: written
+    # the same prompt, again and again: one backend (its prefix cache), not each in turn
+    assert len({await send(client, chat("the same question"), fakes) for _ in range(6)}) == 1
+    assert len({await send(client, chat(f"system prompt {i}: q"), fakes)
+                for i in range(30)}) == 3  # and different prompts spread
+    client, _ = await start_fleet(start_proxy, aiohttp_server, fakes, routing="round_robin")
+    assert {await send(client, chat("the same question"), fakes) for _ in range(6)} == {0, 1, 2}
 
 
 async def test_failover_and_cool_down_in_prefix_mode(
