@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -53,18 +52,7 @@ def start_proxy(work: Path, name: str, section: dict[str, object]) -> replicas.R
 
 def wait_ready(server: replicas.Replica, timeout: float = 300) -> None:
     """Poll the proxy's ``/readyz`` until 200 (its engine loaded), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"proxy exited {server.process.returncode}: {server.tail()}")
-        try:
-            with urllib.request.urlopen(server.url + "/readyz", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"proxy not ready in {timeout} s: {server.tail()}")
+    replicas.wait_answering(server, "/readyz", "proxy", timeout)
 
 
 async def measure(url: str, streams: int, rounds: int, tokens: int, seed: str

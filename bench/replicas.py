@@ -163,22 +163,27 @@ def spread_cores(count: int) -> list[str | None]:
     return [str(cpus[i % len(cpus)]) for i in range(count)]
 
 
-def wait_healthy(replica: Replica, timeout: float = 300, poll: float = 0.5) -> None:
-    """Poll ``/health`` until 200, with a deadline; a server that exits fails at once."""
+def wait_answering(server: Replica, path: str, what: str, timeout: float = 300,
+                   poll: float = 0.5) -> None:
+    """Poll ``path`` until 200, with a deadline; a server that exits fails at once."""
     deadline = time.monotonic() + timeout
     while True:
-        if replica.process.poll() is not None:
-            raise RuntimeError(f"vLLM server exited {replica.process.returncode}: "
-                               f"{replica.tail()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{what} exited {server.process.returncode}: {server.tail()}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM server not healthy in {timeout} s: {replica.tail()}")
+            raise RuntimeError(f"{what} did not answer {path} in {timeout} s: {server.tail()}")
         try:
-            with urllib.request.urlopen(replica.url + "/health", timeout=2) as answer:
+            with urllib.request.urlopen(server.url + path, timeout=2) as answer:
                 if answer.status == 200:
-                    break
+                    return
         except OSError:
             pass
         time.sleep(poll)
+
+
+def wait_healthy(replica: Replica, timeout: float = 300, poll: float = 0.5) -> None:
+    """Poll ``/health`` until 200 (see :func:`wait_answering`); then note its family."""
+    wait_answering(replica, "/health", "vLLM server", timeout, poll)
     leader = psutil.Process(replica.process.pid)
     replica.family = [leader, *leader.children(recursive=True)]
 
