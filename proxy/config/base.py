@@ -61,6 +61,18 @@ def _check_url(url: str | None) -> str | None:
     return url.rstrip("/")
 
 
+def with_node_signatures(data: Any) -> Any:
+    """``data`` with the (empty) ``auth.fxn_signatures`` section node mode checks signatures by,
+    where a node config leaves it out: node mode always checks signatures on /v1/*. The model
+    and the loader (which anchors the section's journal directory) both go by it."""
+    if not isinstance(data, dict) or not isinstance(data.get("node"), dict):
+        return data
+    auth = data.get("auth", {})
+    if not isinstance(auth, dict) or "fxn_signatures" in auth or "fxnSignatures" in auth:
+        return data
+    return {**data, "auth": {**auth, "fxn_signatures": {}}}
+
+
 class BaseConfig(Section):
     backend_provider: str
     #: The upstream's base URL, or a list of them (the same model behind each; see ``routing``).
@@ -110,13 +122,7 @@ class BaseConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _node_verifies_signatures(cls, data: Any) -> Any:
-        # Node mode always checks signatures on /v1/*; its section may be left out.
-        if not isinstance(data, dict) or not isinstance(data.get("node"), dict):
-            return data
-        auth = data.get("auth", {})
-        if not isinstance(auth, dict) or "fxn_signatures" in auth or "fxnSignatures" in auth:
-            return data
-        return {**data, "auth": {**auth, "fxn_signatures": {}}}
+        return with_node_signatures(data)
 
     @model_validator(mode="after")
     def _someone_may_sign(self) -> BaseConfig:

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel, to_snake
 
-from proxy.config.base import SECRET_KEYS
+from proxy.config.base import SECRET_KEYS, with_node_signatures
 from proxy.config.build import ProxyConfig, build_config
 from proxy.config.describe import Loc, _describe, _path
 from proxy.config.providers import InstalledEntryPoints
@@ -265,10 +265,8 @@ def _anchor_state_dir(data: dict[str, Any], base: Path, env: Mapping[str, str]) 
     ``$MODEL_PROXY_STATE_DIR`` names (the container image's), else the config file's. Node mode
     checks signatures with no ``auth.fxn_signatures`` section written: the section it gets
     keeps its journal where a written one would."""
+    data.update(with_node_signatures(data))
     auth = data.get("auth")
-    if isinstance(data.get("node"), dict) and (auth is None or isinstance(auth, dict)) and not {
-            "fxn_signatures", "fxnSignatures"} & set(auth or {}):
-        auth = data["auth"] = {**(auth or {}), "fxn_signatures": {}}
     signatures = auth.get("fxn_signatures", auth.get("fxnSignatures")) if isinstance(
         auth, dict) else None
     if not isinstance(signatures, dict):
