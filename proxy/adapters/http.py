@@ -89,7 +89,9 @@ class HTTPUpstream(Adapter):
         #: The upstream's address, for the log only: messages that clients see never carry it.
         self.where = _safe_origin(config.url)
         self._noted: dict[str, float] = {}
-        self.timeouts = config.timeouts
+        self.timeouts = t = config.timeouts
+        # read on every send: plain copies, as a pydantic model's attribute reads cost more
+        self._first_byte, self._idle, self._total = t.first_byte, t.idle, t.total
         self.max_response_bytes = config.limits.max_response_bytes
         self.auth_headers = credential_headers(config)
         #: Credential values an upstream error body could quote back; redacted before relay.
@@ -183,8 +185,7 @@ class HTTPUpstream(Adapter):
             else:
                 sent = [item for item in headers.items() if item[0].lower() not in fixed]
         signs = self.signs
-        t = self.timeouts
-        idle = t.idle if read_timeout == "idle" else read_timeout
+        idle = self._idle if read_timeout == "idle" else read_timeout
         target = self.base_path + path
         try:
             for fresh in (False, True):
@@ -192,8 +193,8 @@ class HTTPUpstream(Adapter):
                     response = await self.pool.request(
                         method, target, payload,
                         self._with_signature(sent, payload) if signs else sent,
-                        fixed=self.fixed_block, first_byte=t.first_byte, idle=idle,
-                        total=t.total, fresh=fresh,
+                        fixed=self.fixed_block, first_byte=self._first_byte, idle=idle,
+                        total=self._total, fresh=fresh,
                     )
                     break
                 except lean.StaleConnection:

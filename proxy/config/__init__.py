@@ -47,6 +47,7 @@ from proxy.config.sections import (
     OllamaSection,
     PassthroughSection,
     PricingSection,
+    RequestLimits,
     RetriesSection,
     Section,
     ServerSection,
@@ -61,7 +62,8 @@ __all__ = [
     "DeterminismSection", "EngineSection", "FxnConfig", "FxnSection", "FxnSignaturesSection",
     "LimitsSection", "LoggingSection", "MetricsSection", "MockConfig", "ModelConfig",
     "ModelSection", "ModelSetConfig", "NodeSection", "OllamaConfig", "OllamaSection",
-    "PassthroughSection", "PluginConfig", "PricingSection", "ProxyConfig", "RetriesSection",
-    "Section", "ServerSection", "TimeoutsSection", "VllmConfig", "adapter_entry_points",
-    "build_config", "default_path", "load_config", "parse_yaml", "read_bounded"
+    "PassthroughSection", "PluginConfig", "PricingSection", "ProxyConfig", "RequestLimits",
+    "RetriesSection", "Section", "ServerSection", "TimeoutsSection", "VllmConfig",
+    "adapter_entry_points", "build_config", "default_path", "load_config", "parse_yaml",
+    "read_bounded",
 ]

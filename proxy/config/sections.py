@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -223,6 +224,24 @@ class LimitsSection(Section):
     max_header_bytes: int = Field(16 * 1024, ge=1024)
     #: Largest non-streamed upstream answer the proxy holds in memory; over it, 502.
     max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The limits every request is checked against (``limits:`` and ``server.body_timeout``),
+    copied out of the config once: a pydantic model's attribute reads cost about ten times a
+    slot's (its ``__getattr__`` hook), and each request reads these."""
+
+    max_body_bytes: int
+    max_header_bytes: int
+    max_json_depth: int
+    max_messages: int
+    body_timeout: float
+
+    @classmethod
+    def of(cls, limits: LimitsSection, server: ServerSection) -> RequestLimits:
+        return cls(limits.max_body_bytes, limits.max_header_bytes, limits.max_json_depth,
+                   limits.max_messages, server.body_timeout)
 
 
 class PassthroughSection(Section):

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.config import BaseConfig, LimitsSection
+from proxy.config import LimitsSection, RequestLimits
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
@@ -78,7 +78,7 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
         status = 500
         try:
             try:
-                checking = guard(request, runtime, backend.config)
+                checking = guard(request, runtime)
                 if checking is not None:
                     await checking
                 response = await handler(request, runtime, exchange)
@@ -110,7 +110,7 @@ def layered(runtime: Runtime, handler: RuntimeHandler, endpoint: str | None) -> 
     return handle
 
 
-def guard(request: web.Request, runtime: Runtime, config: BaseConfig) -> Awaitable[None] | None:
+def guard(request: web.Request, runtime: Runtime) -> Awaitable[None] | None:
     """Refuse a request before its handler runs: a path another server could read otherwise,
     oversized headers, missing or wrong credentials. Returns the signature check to await
     when the credentials are signatures over the body."""
@@ -119,12 +119,13 @@ def guard(request: web.Request, runtime: Runtime, config: BaseConfig) -> Awaitab
     # separator is looked at closely.
     if "%" in raw or "/." in raw or "//" in raw or "\\" in raw:
         check_path(request)
-    check_headers(request, config.limits)
+    limits = runtime.limits
+    check_headers(request, limits)
     auth = runtime.auth
     if auth.enabled and request.path not in runtime.public_paths:
         if auth.needs_body:
             return auth.verify(request.headers, partial(
-                read_body, request, config.limits.max_body_bytes, config.server.body_timeout))
+                read_body, request, limits.max_body_bytes, limits.body_timeout))
         auth.check_keys(request.headers)
     return None
 
@@ -210,7 +211,7 @@ def check_path(request: web.BaseRequest) -> None:
         )
 
 
-def check_headers(request: web.BaseRequest, limits: LimitsSection) -> None:
+def check_headers(request: web.BaseRequest, limits: LimitsSection | RequestLimits) -> None:
     """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
     raw = request.raw_headers
     size = _HEADER_OVERHEAD * len(raw)

@@ -9,7 +9,6 @@ import orjson
 from aiohttp import web
 
 from proxy.adapters.base import Endpoint, Job
-from proxy.config import BaseConfig
 from proxy.errors import NotFound
 from proxy.headers import request_headers
 from proxy.metrics import CONTENT_TYPE
@@ -39,18 +38,17 @@ async def inference(
     request: web.Request, runtime: Runtime, exchange: Exchange
 ) -> web.StreamResponse:
     served = runtime.served
-    limits = runtime.config.limits
+    limits = runtime.limits
     endpoint = ENDPOINTS[request.path]
-    body = await read_body(request, limits.max_body_bytes, runtime.config.server.body_timeout)
+    body = await read_body(request, limits.max_body_bytes, limits.body_timeout)
     payload = parse_object(body)
     model, stream = check_request(endpoint, payload, body, limits)
     backend = served.only or routed(runtime, exchange, model)
-    config = backend.config
-    upstream_model = resolve_model(config, model)
+    upstream_model = resolve_model(backend, model)
     renamed = upstream_model != model
-    forced = config.determinism.enforce and endpoint != "embeddings"
+    forced = backend.enforce and endpoint != "embeddings"
     if forced:
-        determinism.force(payload, config.determinism, backend.adapter.top_k_off)
+        determinism.force(payload, backend.config.determinism, backend.adapter.top_k_off)
     if renamed or forced:
         payload["model"] = upstream_model
     # a pass-through upstream's tokens are read from its usage event, asked for if need be
@@ -67,8 +65,8 @@ async def inference(
     # an upstream that goes by the header (FastAPI: vLLM's server) must be told so.
     headers["content-type"] = "application/json"
     # the session header reaches the router only, never the upstream (unless allow-listed)
-    session = (request.headers.get(config.balance.session_header)
-               if config.routing == "session" and backend.spread else None)
+    session_header = backend.session_header
+    session = request.headers.get(session_header) if session_header is not None else None
     job = Job(endpoint=endpoint, method="POST", path=request.path, body=body, payload=payload,
               model=model, upstream_model=upstream_model, stream=stream, headers=headers,
               request_id=request_id, usage_asked=asked, session=session)
@@ -89,8 +87,8 @@ async def passthrough(
         allowed.prefixes and not request.path.startswith(allowed.prefixes)
     ):
         raise NotFound(f"no such path: {request.path[:200]}", code="unknown_path")
-    config = backend.config
-    body = await read_body(request, config.limits.max_body_bytes, config.server.body_timeout)
+    limits = runtime.limits
+    body = await read_body(request, limits.max_body_bytes, limits.body_timeout)
     request_id = exchange.request_id
     headers = request_headers(request.headers)
     headers["x-request-id"] = request_id
@@ -111,13 +109,13 @@ async def forward(
     if runtime.access_jobs:  # JSON access lines tell of the job
         EXCHANGE.set(exchange)
         exchange.handed_on = time.perf_counter()
-        exchange.provider = backend.config.backend_provider
-        if backend.config.logging.include_bodies:
+        exchange.provider = backend.provider
+        if backend.include_bodies:
             exchange.answer = bytearray()
     pipeline = runtime.pipeline
     async with pipeline.admitted(backend):
         upstream = await pipeline.call(backend, job, exchange)
-        if backend.config.determinism.enforce and job.endpoint in STAMPED:
+        if backend.enforce and job.endpoint in STAMPED:
             determinism.stamp(upstream)
         if upstream.stream:
             return await relay_stream(request, upstream, exchange, runtime.metrics,
@@ -184,13 +182,14 @@ async def not_found(
     raise NotFound(f"no such path: {request.method} {request.path[:200]}", code="unknown_path")
 
 
-def resolve_model(config: BaseConfig, requested: str) -> str:
+def resolve_model(backend: Backend, requested: str) -> str:
     """The upstream name for a requested public name; 404 for a name this node does not serve."""
-    public = config.public_name
-    if public is not None and requested != public and requested not in config.model.aliases:
+    public = backend.public_name
+    if public is not None and requested != public and requested not in (
+            backend.config.model.aliases):
         raise NotFound(
             f"model {requested[:200]!r} is not served here; this node serves {public!r}",
             param="model",
             code="model_not_found",
         )
-    return config.upstream_name or requested
+    return backend.upstream_name or requested

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from proxy.config.sections import RequestLimits
 from proxy.server.requestid import RequestIds
 from proxy.upstream.exchange import Exchange
 
@@ -48,6 +49,8 @@ class Runtime:
     served: Served
     #: The first backend of ``served`` (the only one of a single-model config).
     backend: Backend = field(init=False)
+    #: ``config``'s limits, as each request reads them.
+    limits: RequestLimits = field(init=False)
     config_path: str | None = None
     #: Paths that need no inbound credentials: liveness, readiness and metrics, for
     #: orchestrators and Prometheus; in node mode the node's own (``proxy.server.node``).
@@ -59,6 +62,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.backend = self.served.backends[0]
+        self.limits = RequestLimits.of(self.config.limits, self.config.server)
 
     @property
     def shutting_down(self) -> bool:
@@ -75,6 +79,7 @@ class Runtime:
     def configure(self, config: BaseConfig, served: Served) -> None:
         """Swap in ``config`` and the backends built from it; every long-lived part follows."""
         self.config = config
+        self.limits = RequestLimits.of(config.limits, config.server)
         self.served = served
         self.backend = served.backends[0]
         self.pipeline.configure(config)

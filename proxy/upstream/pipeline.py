@@ -115,9 +115,30 @@ class Backend:
     partial: dict[str, tuple[Upstream, ...]] = field(default_factory=dict)
     #: Whether attempts are spread over several URLs (each with its own breaker).
     spread: bool = field(init=False)
+    # What every request reads of ``config``, copied out once: a pydantic model's attribute
+    # reads cost about ten times a slot's (its ``__getattr__`` hook), and a request made two
+    # dozen of them.
+    #: ``config.public_name`` and ``config.upstream_name``.
+    public_name: str | None = field(init=False)
+    upstream_name: str | None = field(init=False)
+    #: ``config.determinism.enforce``.
+    enforce: bool = field(init=False)
+    #: ``config.backend_provider``; ``config.logging.include_bodies``.
+    provider: str = field(init=False)
+    include_bodies: bool = field(init=False)
+    #: The header that names a session, where ``routing: session`` spreads over several URLs.
+    session_header: str | None = field(init=False)
 
     def __post_init__(self) -> None:
+        config = self.config
         self.spread = len(self.upstreams) > 1
+        self.public_name = config.public_name
+        self.upstream_name = config.upstream_name
+        self.enforce = config.determinism.enforce
+        self.provider = config.backend_provider
+        self.include_bodies = config.logging.include_bodies
+        self.session_header = (config.balance.session_header
+                               if config.routing == "session" and self.spread else None)
 
 
     def adapters(self) -> tuple[Adapter, ...]:

@@ -153,6 +153,42 @@ async def test_good_edit_applies_to_the_next_request(
     assert client.app[RUNTIME].pipeline.limiter.max_active == 3
 
 
+async def test_request_limits_and_copied_settings_follow_a_reload(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """Each request reads plain copies of the limits and of its backend's settings (not the
+    pydantic models): a reload that changes them applies to the next request."""
+    path = tmp_path / "model_backend.yaml"
+    write(path, {"backend_provider": "mock", "model": {"name": "one"}})
+    client = await start(aiohttp_client, path)
+    two_messages = {"model": "one", "messages": [{"role": "user", "content": "x" * 2000}] * 2}
+    big_header = {"X-Padding": "p" * 3000}
+    assert (await client.post("/v1/chat/completions", json=two_messages)).status == 200
+    assert (await client.post("/v1/chat/completions", json=chat("one"),
+                              headers=big_header)).status == 200
+    assert (await client.post("/v1/chat/completions", json=chat("two"))).status == 404
+
+    write(path, {"backend_provider": "mock", "model": {"name": "two"},
+                 "determinism": {"enforce": True},
+                 "limits": {"max_messages": 1, "max_body_bytes": 2048,
+                            "max_header_bytes": 2048}})
+    assert await client.app[RELOADER].reload()
+    many = await client.post("/v1/chat/completions", json={**two_messages, "model": "two"})
+    assert many.status == 413  # over max_body_bytes before the messages are counted
+    assert (await client.post("/v1/chat/completions", json={
+        "model": "two", "messages": [{"role": "user", "content": "a"}] * 2})).status == 400
+    # the header limit needs a restart (aiohttp's parser holds it): the running one stays
+    assert (await client.post("/v1/chat/completions", json=chat("two"),
+                              headers=big_header)).status == 200
+    assert client.app[RUNTIME].limits.max_header_bytes == 16 * 1024
+    answer = await client.post("/v1/chat/completions", json=chat("two"))
+    assert answer.status == 200
+    assert "X-Output-SHA256" in answer.headers  # determinism.enforce, now on
+    backend = client.app[RUNTIME].current()
+    assert (backend.public_name, backend.enforce) == ("two", True)
+    assert (await client.post("/v1/chat/completions", json=chat("one"))).status == 404
+
+
 async def test_settings_that_need_a_restart_are_reported(
     aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
