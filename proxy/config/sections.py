@@ -62,6 +62,9 @@ _PLAIN_PATH = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?")
 
 class Section(BaseModel):
     model_config = ConfigDict(
+        # built when first used: a file is validated through build_config's union, which holds
+        # its own copy of every schema, so building each class on its own too cost 0.75 MB
+        defer_build=True,
         frozen=True,
         extra="forbid",
         alias_generator=to_camel,
