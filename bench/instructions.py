@@ -1,6 +1,6 @@
 """Instructions per request of each proxy process, counted by valgrind's callgrind.
 
-    python -m bench.instructions [--requests 600] [--stream | --slow] [--lean]
+    python -m bench.instructions [--requests 600] [--stream | --slow] [--lean] [--core]
                                  [--only TARGET ...] [--set YAML_LINE ...]
 
 A second figure beside ``bench.overhead``'s CPU time: instruction counts do not move with
@@ -57,8 +57,20 @@ def count(cmd: list[str], url: str, health: str, requests: int, stream: bool | s
 
 
 #: What can be counted: the bare pass-through (on aiohttp's client, and on the proxy's own
-#: upstream client), and this proxy.
-TARGETS = ("bare", "bare-lean", "ours")
+#: upstream client), this proxy with every optional feature off (``ours-core``), and this
+#: proxy as users run it.
+TARGETS = ("bare", "bare-lean", "ours-core", "ours")
+
+#: ``ours-core``: the config lines that turn off what a node may go without (inbound keys, the
+#: access log, the model alias, retries), leaving what every request pays for: the request
+#: checks, request ids, admission, the upstream client, usage and metrics.
+CORE = [
+    "auth: {}",
+    'logging: {"access_log": false, "format": "json"}',
+    "model_name_alias: null",
+    "model: {}",
+    'retries: {"attempts": 1}',
+]
 
 
 def instruction_counts(
@@ -88,12 +100,13 @@ def instruction_counts(
                                      f"http://127.0.0.1:{port}/", requests, stream, "", work,
                                      name)
                 continue
+            core = name == "ours-core"
             config = work / f"{name}.yaml"
-            config.write_text(config_text(upstream, port, auth, extra))
+            config.write_text(config_text(upstream, port, auth, [*extra, *CORE] if core else extra))
             counts[name] = count([py, "-m", "proxy", "serve", "-c", str(config)],
                                  f"http://127.0.0.1:{port}{path}",
                                  f"http://127.0.0.1:{port}/healthz", requests, stream,
-                                 INBOUND_KEY if auth else "", work, name)
+                                 INBOUND_KEY if auth and not core else "", work, name)
     finally:
         upstream_proc.terminate()
         upstream_proc.wait(timeout=10)
@@ -109,13 +122,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="YAML_LINE")
     parser.add_argument("--lean", action="store_true",
                         help="also the bare pass-through on the lean upstream client")
+    parser.add_argument("--core", action="store_true",
+                        help="also this proxy with every optional feature off (ours-core)")
     parser.add_argument("--only", action="append", choices=TARGETS, metavar="TARGET",
                         help=f"count only these ({', '.join(TARGETS)}); repeatable")
     args = parser.parse_args()
     if args.only:
         targets = tuple(args.only)
     else:
-        targets = ("bare", *(("bare-lean",) if args.lean else ()), "ours")
+        targets = ("bare", *(("bare-lean",) if args.lean else ()),
+                   *(("ours-core",) if args.core else ()), "ours")
     stream: bool | str = "slow" if args.slow else args.stream
     counts, auth = instruction_counts(args.requests, stream, args.set, targets)
     kind = "slow stream" if args.slow else "stream" if args.stream else "non-stream"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -60,3 +62,25 @@ def test_table_cells_are_medians_with_spread_and_ratios_of_medians() -> None:
     assert head[:5] == ["test", "metric", "direct", "bare", "ours"]
     assert row[2:5] == ["20.0 (10.0-30.0)", "5.00 (4.00-6.00)", "6.00 (5.00-7.00)"]
     assert row[5:8] == ["1.20x", "0.30x", "0.25x"]
+
+
+def test_core_target_is_the_same_proxy_with_its_optional_features_off(tmp_path: Path) -> None:
+    """``bench.instructions``' ``ours-core`` (``--core``): what every request pays for, measured
+    beside ``ours``; its config must load and differ from ``ours`` only where it says."""
+    from bench.instructions import CORE
+    from bench.overhead import config_text
+    from proxy.config import load_config
+
+    def loaded(extra: list[str]) -> Any:
+        path = tmp_path / "model_backend.yaml"
+        path.write_text(config_text("http://127.0.0.1:9", 8080, True, extra))
+        return load_config(path)
+
+    ours, core = loaded([]), loaded(CORE)
+    assert ours.auth.api_keys and not core.auth.api_keys
+    assert ours.logging.access_log and not core.logging.access_log
+    assert (ours.upstream_name, ours.public_name) == ("bench-upstream", "bench")
+    assert (core.upstream_name, core.public_name) == (None, None)
+    assert (ours.retries.attempts, core.retries.attempts) == (3, 1)
+    same = ("url", "api_key", "limits", "metrics", "timeouts", "circuit", "determinism")
+    assert all(getattr(ours, key) == getattr(core, key) for key in same)
