@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.config import LimitsSection, RequestLimits
+from proxy.config import RequestLimits
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from proxy.headers import SERVER
 from proxy.server.requestid import CURRENT, HEADER
@@ -211,7 +211,7 @@ def check_path(request: web.BaseRequest) -> None:
         )
 
 
-def check_headers(request: web.BaseRequest, limits: LimitsSection | RequestLimits) -> None:
+def check_headers(request: web.BaseRequest, limits: RequestLimits) -> None:
     """Refuse requests whose headers together exceed ``limits.max_header_bytes`` (431)."""
     raw = request.raw_headers
     size = _HEADER_OVERHEAD * len(raw)

@@ -185,8 +185,8 @@ async def not_found(
 def resolve_model(backend: Backend, requested: str) -> str:
     """The upstream name for a requested public name; 404 for a name this node does not serve."""
     public = backend.public_name
-    if public is not None and requested != public and requested not in (
-            backend.config.model.aliases):
+    if public is not None and requested != public and (
+            requested not in backend.config.model.aliases):  # read only for another name
         raise NotFound(
             f"model {requested[:200]!r} is not served here; this node serves {public!r}",
             param="model",

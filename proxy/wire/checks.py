@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config import LimitsSection, RequestLimits
+from proxy.config import RequestLimits
 from proxy.errors import BadRequest
 
 #: Longest model name accepted; real ones are far shorter, and names end up in messages.
@@ -62,7 +62,7 @@ REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embedd
 
 def check_request(
     endpoint: str, payload: dict[str, Any], body: bytes,
-    limits: LimitsSection | RequestLimits,
+    limits: RequestLimits,
 ) -> tuple[str, bool]:
     """The requested model and whether a stream is asked for; ``BadRequest`` (with ``param``)
     for the first problem found in ``payload``."""
@@ -85,7 +85,7 @@ def check_request(
 
 def check_payload(
     endpoint: str, payload: dict[str, Any], body: bytes,
-    limits: LimitsSection | RequestLimits,
+    limits: RequestLimits,
 ) -> None:
     """Raise ``BadRequest`` (with ``param``) for the first problem found in ``payload``."""
     # Nesting needs brackets: a body with fewer of them than the limit is shallow enough, and

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from proxy.adapters.ollama import requests as wire
-from proxy.config import LimitsSection
+from proxy.config import LimitsSection, RequestLimits, ServerSection
 from proxy.errors import BadRequest
 from proxy.wire.checks import check_request
 from tests.fakes.openapi import problems
@@ -32,7 +32,8 @@ DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
 
 def checked(endpoint: str, payload: dict[str, Any]) -> None:
     """The request-field rules every request passes before an adapter sees it."""
-    check_request(endpoint, payload, orjson.dumps(payload), LimitsSection())
+    check_request(endpoint, payload, orjson.dumps(payload),
+                  RequestLimits.of(LimitsSection(), ServerSection()))
 
 
 def chat(payload: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
